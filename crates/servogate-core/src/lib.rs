@@ -1,0 +1,1 @@
+//! servogate-core

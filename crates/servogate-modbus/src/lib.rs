@@ -1,0 +1,2 @@
+//! Modbus RTU for servogate.
+pub mod timing;
