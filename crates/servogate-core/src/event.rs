@@ -1,0 +1,312 @@
+//! Typed events (DESIGN.md section 2).
+//!
+//! Every event names its device, belongs to one [`Stream`], carries a sequence number that
+//! grows by exactly one per (device, stream) since start-up, and the acquisition time: when
+//! the bytes arrived from the field, not when they were published.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::cia402::DriveState;
+
+/// The MQTT streams of a device, each with its own sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Telemetry,
+    Availability,
+    Events,
+    CommandResult,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 4] = [
+        Stream::Telemetry,
+        Stream::Availability,
+        Stream::Events,
+        Stream::CommandResult,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One event, ready for the ring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub device: Arc<str>,
+    pub seq: u64,
+    /// Acquisition time (UTC wall clock).
+    pub ts: SystemTime,
+    pub body: EventBody,
+}
+
+impl Event {
+    pub fn stream(&self) -> Stream {
+        match self.body {
+            EventBody::Telemetry(_) => Stream::Telemetry,
+            EventBody::Availability(_) => Stream::Availability,
+            EventBody::Notice(_) => Stream::Events,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventBody {
+    Telemetry(Telemetry),
+    Availability(Availability),
+    Notice(Notice),
+}
+
+/// Why a reading is not `good`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QualityReason {
+    /// The reply came after the device's `late_after`.
+    Late,
+    /// A value fell outside the range its profile declares.
+    OutOfRange,
+}
+
+impl QualityReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Late => "late",
+            Self::OutOfRange => "out_of_range",
+        }
+    }
+}
+
+/// `good`, or `uncertain` with its reasons.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quality {
+    pub late: bool,
+    pub out_of_range: bool,
+}
+
+impl Quality {
+    pub fn is_good(&self) -> bool {
+        !self.late && !self.out_of_range
+    }
+
+    pub fn reasons(&self) -> impl Iterator<Item = QualityReason> {
+        let late = self.late.then_some(QualityReason::Late);
+        let range = self.out_of_range.then_some(QualityReason::OutOfRange);
+        late.into_iter().chain(range)
+    }
+}
+
+/// Servo telemetry in canonical fields, already scaled to the profile's units.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Telemetry {
+    pub quality: Quality,
+    pub position: Option<f64>,
+    pub velocity: Option<f64>,
+    pub torque: Option<f64>,
+    pub current: Option<f64>,
+    pub temperature: Option<f64>,
+    pub statusword: Option<u16>,
+    /// Decoded from `statusword` when there is one.
+    pub state: Option<DriveState>,
+    pub fault_code: Option<u16>,
+    /// Other named readings the profile defines, in profile order.
+    pub values: Vec<(Arc<str>, f64)>,
+}
+
+impl Telemetry {
+    /// Names of the canonical fields; a profile field with any other name goes to `values`.
+    pub const CANONICAL: [&'static str; 7] = [
+        "position",
+        "velocity",
+        "torque",
+        "current",
+        "temperature",
+        "statusword",
+        "fault_code",
+    ];
+
+    /// Stores a value under its field name: a canonical field, or `values`.
+    pub fn set(&mut self, name: &Arc<str>, value: f64) {
+        match &**name {
+            "position" => self.position = Some(value),
+            "velocity" => self.velocity = Some(value),
+            "torque" => self.torque = Some(value),
+            "current" => self.current = Some(value),
+            "temperature" => self.temperature = Some(value),
+            "statusword" => {
+                // Register values are integral; clamp so a scaled value cannot wrap.
+                let sw = value.clamp(0.0, f64::from(u16::MAX)) as u16;
+                self.statusword = Some(sw);
+                self.state = Some(DriveState::from_statusword(sw));
+            }
+            "fault_code" => self.fault_code = Some(value.clamp(0.0, f64::from(u16::MAX)) as u16),
+            _ => self.values.push((name.clone(), value)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AvailabilityState {
+    Online,
+    Offline,
+}
+
+impl AvailabilityState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Availability {
+    pub state: AvailabilityState,
+    pub since: SystemTime,
+    pub reason: String,
+}
+
+/// Something that happened, for the `events` topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub kind: EventKind,
+    /// Human-readable detail, for logs and dashboards.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// The drive reported a fault (CiA 402 error code; CANopen error register if known).
+    Fault { code: u16, register: Option<u8> },
+    /// The drive's fault is gone.
+    FaultCleared { code: u16 },
+    /// A reply arrived after `late_after`.
+    Late {
+        elapsed: Duration,
+        late_after: Duration,
+    },
+    /// A transaction failed: `error` is a short machine-readable kind
+    /// (`timeout`, `crc`, `exception`, `wrong_reply`, `io`).
+    CommError { error: &'static str },
+    /// The CiA 402 state changed.
+    StateChange {
+        from: Option<DriveState>,
+        to: DriveState,
+    },
+    /// The device went offline or came back (the availability topic has the state).
+    Availability { state: AvailabilityState },
+}
+
+impl EventKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Fault { .. } => "fault",
+            Self::FaultCleared { .. } => "fault_cleared",
+            Self::Late { .. } => "late",
+            Self::CommError { .. } => "comm_error",
+            Self::StateChange { .. } => "state_change",
+            Self::Availability { state } => state.as_str(),
+        }
+    }
+}
+
+/// Sequence counters of one device: each stream starts at 1 and grows by exactly 1.
+#[derive(Debug, Clone, Default)]
+pub struct SeqCounters {
+    last: [u64; 4],
+}
+
+impl SeqCounters {
+    /// Takes the next sequence number of `stream`.
+    pub fn next(&mut self, stream: Stream) -> u64 {
+        let slot = &mut self.last[stream.index()];
+        *slot += 1;
+        *slot
+    }
+
+    /// The last number handed out on `stream` (0 before the first).
+    pub fn last(&self, stream: Stream) -> u64 {
+        self.last[stream.index()]
+    }
+}
+
+/// Builds events for one device, numbering them per stream.
+#[derive(Debug, Clone)]
+pub struct DeviceEvents {
+    device: Arc<str>,
+    seq: SeqCounters,
+}
+
+impl DeviceEvents {
+    pub fn new(device: impl Into<Arc<str>>) -> Self {
+        Self {
+            device: device.into(),
+            seq: SeqCounters::default(),
+        }
+    }
+
+    pub fn device(&self) -> &Arc<str> {
+        &self.device
+    }
+
+    /// Wraps `body` into the next event of its stream.
+    pub fn event(&mut self, ts: SystemTime, body: EventBody) -> Event {
+        let mut event = Event {
+            device: self.device.clone(),
+            seq: 0,
+            ts,
+            body,
+        };
+        event.seq = self.seq.next(event.stream());
+        event
+    }
+
+    pub fn notice(&mut self, ts: SystemTime, kind: EventKind, message: String) -> Event {
+        self.event(ts, EventBody::Notice(Notice { kind, message }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_grow_by_one_per_stream_independently() {
+        let mut dev = DeviceEvents::new("axis-1");
+        let t = SystemTime::UNIX_EPOCH;
+        let a = dev.event(t, EventBody::Telemetry(Telemetry::default()));
+        let b = dev.notice(t, EventKind::CommError { error: "timeout" }, String::new());
+        let c = dev.event(t, EventBody::Telemetry(Telemetry::default()));
+        assert_eq!((a.seq, b.seq, c.seq), (1, 1, 2));
+        assert_eq!(a.stream(), Stream::Telemetry);
+        assert_eq!(b.stream(), Stream::Events);
+    }
+
+    #[test]
+    fn a_field_outside_the_canonical_names_goes_to_values() {
+        let mut t = Telemetry::default();
+        t.set(&Arc::from("dc_bus"), 48.2);
+        t.set(&Arc::from("position"), 1.5);
+        assert_eq!(t.position, Some(1.5));
+        assert_eq!(t.values, vec![(Arc::from("dc_bus"), 48.2)]);
+    }
+
+    #[test]
+    fn statusword_field_also_sets_the_decoded_state() {
+        let mut t = Telemetry::default();
+        t.set(&Arc::from("statusword"), f64::from(0x0237u16));
+        assert_eq!(t.statusword, Some(0x0237));
+        assert_eq!(t.state, Some(DriveState::OperationEnabled));
+    }
+
+    #[test]
+    fn quality_is_uncertain_with_each_reason() {
+        let q = Quality {
+            late: true,
+            out_of_range: false,
+        };
+        assert!(!q.is_good());
+        assert_eq!(q.reasons().collect::<Vec<_>>(), vec![QualityReason::Late]);
+        assert!(Quality::default().is_good());
+    }
+}
