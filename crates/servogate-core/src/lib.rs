@@ -16,6 +16,6 @@ pub mod ring;
 pub use cia402::DriveState;
 pub use event::{
     Availability, AvailabilityState, DeviceEvents, Event, EventBody, EventKind, Notice,
-    Quality, QualityReason, SeqCounters, Stream, Telemetry,
+    EventSink, Quality, QualityReason, SeqCounters, Stream, Telemetry,
 };
 pub use ring::{OnFull, Ring, RingStats};

@@ -12,9 +12,10 @@
 //!
 //! Everything but `line`, `bus` and `timing` is plain logic with time passed in.
 //! This crate does not publish anything: events go to an [`servogate_core::EventSink`].
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: timing::PreciseTimer::new
 
 pub mod crc;
+pub mod line;
 pub mod plan;
 pub mod profile;
 pub mod timing;

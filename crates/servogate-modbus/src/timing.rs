@@ -19,11 +19,15 @@ pub struct PreciseTimer {
 
 impl PreciseTimer {
     /// Creates the timer. Must be called inside a tokio runtime with IO enabled.
+    #[allow(unsafe_code)]
     pub fn new() -> io::Result<Self> {
         let fd = TimerFd::new_custom(ClockId::Monotonic, true, true)?;
-        Ok(Self {
-            fd: AsyncFd::new(fd)?,
-        })
+        // SAFETY: the TimerFd owns its descriptor and closes it only when dropped, which
+        // happens after the AsyncFd that owns it deregisters it; `as_raw_fd` always returns
+        // that one descriptor.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self { fd })
     }
 
     /// Waits until `deadline`; returns at once when it has passed.
