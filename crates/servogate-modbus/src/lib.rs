@@ -14,8 +14,10 @@
 //! This crate does not publish anything: events go to an [`servogate_core::EventSink`].
 #![deny(unsafe_code)] // one audited exception: timing::PreciseTimer::new
 
+pub mod bus;
 pub mod crc;
 pub mod line;
 pub mod plan;
+pub mod poll;
 pub mod profile;
 pub mod timing;

@@ -276,10 +276,7 @@ mod tests {
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.0).poll_flush(cx)
         }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<io::Result<()>> {
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.0).poll_shutdown(cx)
         }
     }
@@ -295,7 +292,9 @@ mod tests {
         let monitor = Arc::new(LineMonitor::default());
         let mut line = RtuLine::new(Port(a, 0), monitor.clone());
         // Given a read request for 2 registers of unit 1
-        line.write_all(&with_crc(&[1, 3, 0, 0, 0, 2])).await.unwrap();
+        line.write_all(&with_crc(&[1, 3, 0, 0, 0, 2]))
+            .await
+            .unwrap();
         let mut req = [0u8; 8];
         b.read_exact(&mut req).await.unwrap();
         // When the peer answers

@@ -117,7 +117,11 @@ mod tests {
 
     #[test]
     fn adjacent_fields_merge_into_one_read() {
-        let fields = [f(0, DataType::I32), f(2, DataType::I32), f(4, DataType::U16)];
+        let fields = [
+            f(0, DataType::I32),
+            f(2, DataType::I32),
+            f(4, DataType::U16),
+        ];
         let plan = ReadPlan::new(&fields, 0, 125);
         assert_eq!(plan.blocks.len(), 1);
         assert_eq!((plan.blocks[0].start, plan.blocks[0].count), (0, 5));
@@ -154,12 +158,19 @@ mod tests {
         assert_eq!(plan.blocks[0].fields, vec![1, 0]);
         assert_eq!(plan.blocks[0].count, 5);
         let reply = [0, 7, 0, 0, 9];
-        assert_eq!(field_registers(&plan.blocks[0], &fields[0], &reply), Some(&[9][..]));
+        assert_eq!(
+            field_registers(&plan.blocks[0], &fields[0], &reply),
+            Some(&[9][..])
+        );
     }
 
     #[test]
     fn illegal_address_splits_a_block_until_single_fields_remain() {
-        let fields = [f(0, DataType::U16), f(0x20, DataType::U16), f(0x40, DataType::U16)];
+        let fields = [
+            f(0, DataType::U16),
+            f(0x20, DataType::U16),
+            f(0x40, DataType::U16),
+        ];
         let mut plan = ReadPlan::new(&fields, 0x40, 125);
         assert_eq!(plan.blocks.len(), 1);
         assert_eq!(plan.split(0, &fields), SplitOutcome::Split);

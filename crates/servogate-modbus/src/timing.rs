@@ -94,7 +94,10 @@ mod tests {
     fn t35_is_three_and_a_half_characters_at_9600_baud() {
         // 11 bits / 9600 baud = 1.1458 ms per character; x 3.5 = 4.010 ms.
         let t = t35(9_600);
-        assert!(t > Duration::from_micros(4_000) && t < Duration::from_micros(4_020), "{t:?}");
+        assert!(
+            t > Duration::from_micros(4_000) && t < Duration::from_micros(4_020),
+            "{t:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,307 @@
+//! The task that owns one RS-485 port and polls every device on it.
+//!
+//! Modbus RTU is half duplex: one transaction at a time. The task picks the device that is
+//! due first, runs its poll cycle (one or more reads), and hands every outcome to that
+//! device's [`DevicePoller`]. Rules it enforces (DESIGN.md section 5):
+//!
+//! - every request has a timeout, and a bad CRC or a reply from the wrong unit ends the
+//!   request at once (the [`RtuLine`] raises it; tokio-modbus would wait for the timeout);
+//! - the input queue is discarded before each request (in [`RtuLine`]), so a late reply
+//!   is never taken for the answer to the next request;
+//! - t3.5 of silence separates the end of one reply and the next request, timed with a
+//!   [`PreciseTimer`] because tokio's 1 ms timer would eat 15 % of a fast transaction;
+//! - a dead device is backed off by its poller and never stalls the others;
+//! - an IO error on the port closes it and reopens it, with a capped back-off, while the
+//!   devices on it count failures and go offline.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use servogate_core::EventSink;
+use tokio::time::Instant;
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::slave::{Slave, SlaveContext};
+use tokio_modbus::ExceptionCode;
+use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, SerialStream, StopBits};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::line::{LineFault, LineMonitor, RtuLine};
+use crate::poll::{DevicePoller, DeviceSettings, Failure, ReadRequest};
+use crate::profile::RegisterKind;
+use crate::timing::{t35, PreciseTimer};
+
+/// How the port is opened (from the config).
+#[derive(Debug, Clone)]
+pub struct BusSettings {
+    pub name: Arc<str>,
+    pub port: PathBuf,
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: DataBits,
+    pub stop_bits: StopBits,
+    /// Inter-frame silence; `None` computes t3.5 from the baud rate. A pty has no baud
+    /// rate, so tests and the demo may set zero.
+    pub t35: Option<Duration>,
+    /// Longest wait between attempts to reopen a failed port.
+    pub reopen_max: Duration,
+}
+
+/// Counters of one bus, shared with the daemon for logs and metrics.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    pub transactions: AtomicU64,
+    pub replies: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub crc_errors: AtomicU64,
+    pub exceptions: AtomicU64,
+    pub wrong_replies: AtomicU64,
+    pub io_errors: AtomicU64,
+    pub late_replies: AtomicU64,
+    pub reopens: AtomicU64,
+    /// Sum of reply times in microseconds (mean = this / replies).
+    pub reply_micros: AtomicU64,
+}
+
+impl BusStats {
+    fn count(&self, failure: &Failure) {
+        let counter = match failure {
+            Failure::Timeout => &self.timeouts,
+            Failure::Crc => &self.crc_errors,
+            Failure::Exception(_) => &self.exceptions,
+            Failure::WrongReply => &self.wrong_replies,
+            Failure::Io => &self.io_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Why the bus task stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus {bus}: the precise timer is not available: {source}")]
+    Timer {
+        bus: Arc<str>,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The outcome of one read.
+enum Outcome {
+    Reply(Vec<u16>),
+    IllegalAddress,
+    Failed(Failure),
+}
+
+struct Line {
+    ctx: Context,
+    monitor: Arc<LineMonitor>,
+}
+
+/// Polls every device in `devices` on the port of `settings` until `cancel` fires.
+pub async fn run_bus(
+    settings: BusSettings,
+    devices: Vec<DeviceSettings>,
+    sink: Arc<dyn EventSink>,
+    stats: Arc<BusStats>,
+    cancel: CancellationToken,
+) -> Result<(), BusError> {
+    let mut timer = PreciseTimer::new().map_err(|source| BusError::Timer {
+        bus: settings.name.clone(),
+        source,
+    })?;
+    let silence = settings.t35.unwrap_or_else(|| t35(settings.baud));
+    // After a timeout the silent device may still be sending; wait at least one real
+    // t3.5 (even on a pty) before the next request, then its bytes are discarded.
+    let guard = silence.max(t35(settings.baud));
+    let start = Instant::now();
+    let mut pollers: Vec<DevicePoller> = devices
+        .into_iter()
+        .map(|d| DevicePoller::new(d, start.into_std()))
+        .collect();
+    if pollers.is_empty() {
+        cancel.cancelled().await;
+        return Ok(());
+    }
+
+    let mut line: Option<Line> = None;
+    let mut reopen_at = start;
+    let mut reopen_wait = Duration::from_millis(100);
+    // When the line last fell quiet: the next request waits `silence` after it.
+    let mut quiet_since = start;
+    let mut extra_guard = Duration::ZERO;
+
+    loop {
+        let (index, due) = pollers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.next_due()))
+            .min_by_key(|&(_, due)| due)
+            .expect("at least one device"); // checked non-empty above
+        let due = Instant::from_std(due);
+        if due > Instant::now() {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+        } else if cancel.is_cancelled() {
+            break;
+        }
+
+        if line.is_none() && Instant::now() >= reopen_at {
+            match open(&settings) {
+                Ok(l) => {
+                    info!(bus = %settings.name, port = %settings.port.display(), "port open");
+                    line = Some(l);
+                    reopen_wait = Duration::from_millis(100);
+                    quiet_since = Instant::now();
+                }
+                Err(e) => {
+                    warn!(bus = %settings.name, port = %settings.port.display(),
+                          retry_in = ?reopen_wait, "cannot open port: {e}");
+                    reopen_at = Instant::now() + reopen_wait;
+                    reopen_wait = (reopen_wait * 2).min(settings.reopen_max);
+                }
+            }
+        }
+
+        let poller = &mut pollers[index];
+        let Some(l) = line.as_mut() else {
+            // No port: the device's poll fails, so it goes offline and backs off.
+            poller.next_request();
+            poller.on_failure(
+                Instant::now().into_std(),
+                SystemTime::now(),
+                Failure::Io,
+                &*sink,
+            );
+            continue;
+        };
+
+        // One poll cycle: every read the device needs, back to back.
+        let mut port_failed = false;
+        loop {
+            let Some(req) = poller.next_request() else {
+                poller.skip_cycle(Instant::now().into_std());
+                break;
+            };
+            let quiet_until = quiet_since + silence + extra_guard;
+            if quiet_until > Instant::now() {
+                // The timer cannot fail once created; if it does, fall back to tokio's.
+                if timer.sleep_until(quiet_until).await.is_err() {
+                    tokio::time::sleep_until(quiet_until).await;
+                }
+            }
+            extra_guard = Duration::ZERO;
+            let timeout = poller.settings().timeout;
+            stats.transactions.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let outcome = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                outcome = transact(l, req, timeout) => outcome,
+            };
+            let now = Instant::now();
+            quiet_since = now;
+            let wall = SystemTime::now();
+            let more = match outcome {
+                Outcome::Reply(regs) => {
+                    let elapsed = now - sent;
+                    stats.replies.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .reply_micros
+                        .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                    if elapsed > poller.settings().late_after {
+                        stats.late_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    poller.on_reply(now.into_std(), wall, elapsed, &regs, &*sink)
+                }
+                Outcome::IllegalAddress => {
+                    stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                    poller.on_illegal_address(now.into_std(), wall, &*sink)
+                }
+                Outcome::Failed(failure) => {
+                    stats.count(&failure);
+                    debug!(bus = %settings.name, device = %poller.settings().name,
+                           unit = req.unit, "read failed: {}", failure.kind());
+                    if failure == Failure::Timeout {
+                        extra_guard = guard.saturating_sub(silence);
+                    }
+                    let io = failure == Failure::Io;
+                    poller.on_failure(now.into_std(), wall, failure, &*sink);
+                    if io {
+                        warn!(bus = %settings.name, "port failed; reopening");
+                        stats.reopens.fetch_add(1, Ordering::Relaxed);
+                        port_failed = true;
+                        reopen_at = now + reopen_wait;
+                    }
+                    false
+                }
+            };
+            if !more {
+                break;
+            }
+        }
+        if port_failed {
+            line = None;
+        }
+    }
+    info!(bus = %settings.name, "bus stopped");
+    Ok(())
+}
+
+fn open(settings: &BusSettings) -> io::Result<Line> {
+    use tokio_serial::SerialPort;
+    let port: SerialStream = tokio_serial::new(settings.port.to_string_lossy(), settings.baud)
+        .parity(settings.parity)
+        .data_bits(settings.data_bits)
+        .stop_bits(settings.stop_bits)
+        .open_native_async()
+        .map_err(io::Error::other)?;
+    // Bytes from before we opened (or from before a reopen) belong to nobody.
+    port.clear(tokio_serial::ClearBuffer::All)
+        .map_err(io::Error::other)?;
+    let monitor = Arc::new(LineMonitor::default());
+    let ctx =
+        tokio_modbus::client::rtu::attach_slave(RtuLine::new(port, monitor.clone()), Slave(1));
+    Ok(Line { ctx, monitor })
+}
+
+/// One read with its timeout; a fault the line sees ends it at once.
+async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outcome {
+    let Line { ctx, monitor } = line;
+    ctx.set_slave(Slave(req.unit));
+    monitor.reset();
+    let read = async {
+        match req.kind {
+            RegisterKind::Holding => ctx.read_holding_registers(req.start, req.count).await,
+            RegisterKind::Input => ctx.read_input_registers(req.start, req.count).await,
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        fault = monitor.fault() => {
+            return Outcome::Failed(match fault {
+                LineFault::Crc => Failure::Crc,
+                LineFault::WrongUnit { .. } => Failure::WrongReply,
+            });
+        }
+        r = tokio::time::timeout(timeout, read) => r,
+    };
+    match result {
+        Err(_) => Outcome::Failed(Failure::Timeout),
+        Ok(Ok(Ok(regs))) => Outcome::Reply(regs),
+        Ok(Ok(Err(ExceptionCode::IllegalDataAddress))) => Outcome::IllegalAddress,
+        Ok(Ok(Err(code))) => Outcome::Failed(Failure::Exception(u8::from(code))),
+        Ok(Err(tokio_modbus::Error::Protocol(_))) => Outcome::Failed(Failure::WrongReply),
+        Ok(Err(tokio_modbus::Error::Transport(e))) => {
+            debug!("transport error: {e}");
+            Outcome::Failed(Failure::Io)
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The bus task against the servo simulator on a real pty pair (in-process, no socat).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use servogate_core::{AvailabilityState, Event, EventBody, EventSink};
+use servogate_modbus::bus::{run_bus, BusSettings, BusStats};
+use servogate_modbus::poll::DeviceSettings;
+use servogate_modbus::profile::{DataType, Field, WordOrder};
+use servosim::model;
+use servosim::{SimOptions, Simulator, UnitList};
+use tokio::sync::mpsc;
+use tokio_serial::SerialStream;
+use tokio_util::sync::CancellationToken;
+
+/// Forwards every event to the test.
+struct Channel(mpsc::UnboundedSender<Event>);
+impl EventSink for Channel {
+    fn push(&self, e: Event) {
+        let _ = self.0.send(e);
+    }
+}
+
+fn profile() -> Arc<[Field]> {
+    let scaled = |name: &str, addr, t, scale| {
+        let mut f = Field::new(name, addr, t);
+        f.scale = scale;
+        f
+    };
+    let mut t_ms = Field::new("t_ms", 0x000A, DataType::U32);
+    t_ms.word_order = WordOrder::LowFirst;
+    vec![
+        scaled("position", 0x0000, DataType::I32, 0.001),
+        scaled("velocity", 0x0002, DataType::I32, 0.001),
+        scaled("torque", 0x0004, DataType::I16, 0.1),
+        Field::new("statusword", 0x0007, DataType::U16),
+        Field::new("fault_code", 0x0008, DataType::U16),
+        t_ms,
+    ]
+    .into()
+}
+
+fn device(unit: u8, timeout: Duration) -> DeviceSettings {
+    DeviceSettings {
+        name: format!("axis-{unit}").into(),
+        unit,
+        poll: Duration::from_millis(10),
+        late_after: Duration::from_millis(10),
+        timeout,
+        offline_after: 3,
+        backoff_max: Duration::from_millis(200),
+        fields: profile(),
+        max_gap: 8,
+        max_registers: 125,
+    }
+}
+
+struct Rig {
+    sim: Arc<Simulator>,
+    events: mpsc::UnboundedReceiver<Event>,
+    cancel: CancellationToken,
+    bus: tokio::task::JoinHandle<()>,
+    _slave: SerialStream,
+}
+
+async fn rig(units: u8, timeout: Duration) -> Rig {
+    let (master, slave) = SerialStream::pair().expect("pty pair");
+    let path = tokio_serial::SerialPort::name(&slave).expect("pty name");
+    let sim = Arc::new(Simulator::new(
+        UnitList::new(1..=units).unwrap(),
+        SimOptions::default(),
+    ));
+    let s = sim.clone();
+    tokio::spawn(async move { servosim::serve_rtu(master, s).await });
+    let (tx, events) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let settings = BusSettings {
+        name: "rs485-test".into(),
+        port: path.into(),
+        baud: 115_200,
+        parity: tokio_serial::Parity::None,
+        data_bits: tokio_serial::DataBits::Eight,
+        stop_bits: tokio_serial::StopBits::One,
+        t35: Some(Duration::ZERO),
+        reopen_max: Duration::from_secs(1),
+    };
+    let devices = (1..=units).map(|u| device(u, timeout)).collect();
+    let c = cancel.clone();
+    let bus = tokio::spawn(async move {
+        run_bus(
+            settings,
+            devices,
+            Arc::new(Channel(tx)),
+            Arc::new(BusStats::default()),
+            c,
+        )
+        .await
+        .unwrap();
+    });
+    Rig {
+        sim,
+        events,
+        cancel,
+        bus,
+        _slave: slave,
+    }
+}
+
+fn value(t: &servogate_core::Telemetry, name: &str) -> f64 {
+    t.values
+        .iter()
+        .find(|(n, _)| &**n == name)
+        .map(|(_, v)| *v)
+        .expect("value present")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_published_value_matches_the_simulator_model_and_seq_grows_by_one() {
+    let mut rig = rig(6, Duration::from_millis(50)).await;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut samples = 0;
+    while samples < 600 {
+        let e = rig.events.recv().await.expect("bus running");
+        if let EventBody::Telemetry(t) = &e.body {
+            let unit: u8 = e.device.trim_start_matches("axis-").parse().unwrap();
+            let t_ms = value(t, "t_ms") as u32;
+            let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
+            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) * 0.001;
+            assert_eq!(t.position, Some(pos), "{} at {t_ms}", e.device);
+            assert_eq!(t.torque, Some(f64::from(regs[4] as i16) * 0.1));
+            assert_eq!(t.statusword, Some(regs[7]));
+            assert!(t.quality.is_good() || t.quality.late);
+            let prev = last_seq.insert(e.device.to_string(), e.seq).unwrap_or(0);
+            assert_eq!(e.seq, prev + 1, "{}", e.device);
+            samples += 1;
+        }
+    }
+    assert_eq!(last_seq.len(), 6, "every unit delivered");
+    rig.cancel.cancel();
+    rig.bus.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_unit_goes_offline_and_back_while_the_others_keep_polling() {
+    let mut rig = rig(3, Duration::from_millis(30)).await;
+    // Wait until all three are online.
+    let mut online = 0;
+    while online < 3 {
+        if let EventBody::Availability(a) = rig.events.recv().await.unwrap().body {
+            assert_eq!(a.state, AvailabilityState::Online);
+            online += 1;
+        }
+    }
+    rig.sim.set_dead(2, true).unwrap();
+    let mut others_while_dead = 0;
+    loop {
+        let e = rig.events.recv().await.unwrap();
+        match &e.body {
+            EventBody::Availability(a) if &*e.device == "axis-2" => {
+                assert_eq!(a.state, AvailabilityState::Offline);
+                break;
+            }
+            EventBody::Telemetry(_) if &*e.device != "axis-2" => others_while_dead += 1,
+            _ => {}
+        }
+    }
+    assert!(others_while_dead > 0);
+    // While it stays dead, the others go on: count 100 of their samples.
+    let mut others = 0;
+    while others < 100 {
+        let e = rig.events.recv().await.unwrap();
+        assert!(
+            !(matches!(e.body, EventBody::Telemetry(_)) && &*e.device == "axis-2"),
+            "no values from a dead unit"
+        );
+        if matches!(e.body, EventBody::Telemetry(_)) {
+            others += 1;
+        }
+    }
+    rig.sim.set_dead(2, false).unwrap();
+    loop {
+        let e = rig.events.recv().await.unwrap();
+        if let EventBody::Availability(a) = &e.body {
+            assert_eq!(&*e.device, "axis-2");
+            assert_eq!(a.state, AvailabilityState::Online);
+            break;
+        }
+    }
+    rig.cancel.cancel();
+    rig.bus.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
+    let mut rig = rig(2, Duration::from_millis(30)).await;
+    rig.sim.set_crc_noise(0.2);
+    let mut samples = 0;
+    let mut crc_events = 0;
+    while samples < 300 {
+        let e = rig.events.recv().await.unwrap();
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                let unit: u8 = e.device.trim_start_matches("axis-").parse().unwrap();
+                let t_ms = value(t, "t_ms") as u32;
+                let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
+                let vel =
+                    f64::from(((u32::from(regs[2]) << 16) | u32::from(regs[3])) as i32) * 0.001;
+                assert_eq!(t.velocity, Some(vel));
+                samples += 1;
+            }
+            EventBody::Notice(n) if n.kind.as_str() == "comm_error" => {
+                assert!(
+                    n.message.contains("crc") || n.message.contains("wrong_reply"),
+                    "{}",
+                    n.message
+                );
+                crc_events += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        crc_events > 0,
+        "20 % noise over 300+ replies raised no crc error"
+    );
+    rig.cancel.cancel();
+    rig.bus.await.unwrap();
+}
