@@ -1,1 +1,546 @@
-//! end-to-end test support
+//! End-to-end test support: real processes, real pty, real broker.
+//!
+//! - [`Mosquitto`]: a broker of our own on a free loopback port, killable with SIGKILL.
+//! - [`Gate`]: a TCP forwarder in front of the broker that the test can close, so that
+//!   after a broker restart the test's subscriber is back before the gateway is.
+//! - [`PtyPair`]: `socat` linking two ptys, as a user would wire servosim and servogate.
+//! - [`Servosim`] / [`Servogate`]: the binaries, started from the target directory.
+//! - [`Subscriber`]: an MQTT client collecting every message as JSON.
+//!
+//! Every wait here waits on a real signal (a line printed, a port accepting, a message
+//! arriving), bounded by a deadline that only turns a hang into a failure.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Upper bound on any single wait: turns a hang into a failure.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A binary of this workspace, built by `cargo build --workspace --bins`.
+pub fn bin(name: &str) -> PathBuf {
+    // target/debug/deps/<test> -> target/debug/<name>
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_accepting(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < DEADLINE, "nothing accepts on port {port}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn mosquitto_path() -> PathBuf {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto is not installed: apt-get install mosquitto (scripts/test.sh does)")
+}
+
+/// A mosquitto of the test's own, without persistence: a SIGKILL loses all its state.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut m = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// Starts the broker again on the same port (after [`Mosquitto::kill`]).
+    pub fn restart(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        // A high queue limit: mosquitto acknowledges QoS 1 publishes it later drops for a
+        // slow subscriber (PITFALLS.md), and that loss would be the broker's, not ours.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 0\n",
+                self.port
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(mosquitto_path())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        wait_accepting(self.port);
+    }
+
+    /// SIGKILL: the broker dies at once and forgets every session and retained message.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP forwarder from its own port to the broker's, which the test can close: while
+/// closed it accepts and at once drops connections, like a broker that is down.
+pub struct Gate {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Gate {
+    pub async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: connection reset
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut up) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(task);
+            }
+        });
+        Self { port, open, conns }
+    }
+
+    /// Closes the gate and cuts every connection through it.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Two ptys linked by socat: servosim on `sim`, servogate on `gateway`.
+pub struct PtyPair {
+    pub sim: PathBuf,
+    pub gateway: PathBuf,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl PtyPair {
+    /// Starts socat and returns once both ptys exist.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sim = dir.path().join("sim.pty");
+        let gateway = dir.path().join("gateway.pty");
+        let mut child = Command::new("socat")
+            .arg("-d")
+            .arg("-d")
+            .arg(format!("pty,raw,echo=0,link={}", sim.display()))
+            .arg(format!("pty,raw,echo=0,link={}", gateway.display()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("socat is not installed: apt-get install socat (scripts/test.sh does)");
+        // socat says when both ptys exist and it starts moving bytes.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("starting data transfer loop") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(DEADLINE).expect("socat did not start");
+        Self {
+            sim,
+            gateway,
+            _dir: dir,
+            child,
+        }
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lines a child prints, read on a thread.
+fn line_reader(r: impl std::io::Read + Send + 'static) -> std_mpsc::Receiver<String> {
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `servosim modbus-rtu` on a pty, driven through its stdin commands.
+pub struct Servosim {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: std_mpsc::Receiver<String>,
+}
+
+impl Servosim {
+    pub fn start(port: &Path, units: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(bin("servosim"))
+            .arg("modbus-rtu")
+            .arg("--port")
+            .arg(port)
+            .arg("--units")
+            .arg(units)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start servosim");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = line_reader(child.stdout.take().unwrap());
+        let ready = stdout.recv_timeout(DEADLINE).expect("servosim ready line");
+        assert!(ready.starts_with("servosim ready"), "{ready}");
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one console command and returns its answer (which must start with `ok`).
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("servosim stdin");
+        self.stdin.flush().unwrap();
+        let answer = self.stdout.recv_timeout(DEADLINE).expect("servosim answer");
+        assert!(answer.starts_with("ok"), "servosim `{line}`: {answer}");
+        answer
+    }
+}
+
+impl Drop for Servosim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `servogate run` with a config written from a string.
+pub struct Servogate {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Servogate {
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("servogate.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(bin("servogate"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start servogate");
+        Self {
+            child,
+            _dir: dir,
+            config: path,
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY-free: kill(2) on our own child's pid.
+        unsafe_free_sigterm(self.child.id());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "servogate did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+impl Drop for Servogate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One message as the subscriber saw it.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub retain: bool,
+    pub json: Value,
+    pub at: Instant,
+}
+
+impl Msg {
+    /// `(device, stream)` of a `{prefix}/devices/{device}/{stream}` topic.
+    pub fn device_stream(&self) -> Option<(&str, &str)> {
+        let mut parts = self.topic.rsplitn(3, '/');
+        let stream = parts.next()?;
+        let device = parts.next()?;
+        parts
+            .next()?
+            .ends_with("/devices")
+            .then_some((device, stream))
+    }
+}
+
+/// Subscribes to `{prefix}/#` and keeps reconnecting (and resubscribing) forever.
+pub struct Subscriber {
+    rx: mpsc::UnboundedReceiver<Msg>,
+    subscribed: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Subscriber {
+    /// Connects and returns once the subscription is acknowledged.
+    pub async fn start(port: u16, filter: &str) -> Self {
+        let mut opts = MqttOptions::new(format!("e2e-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, subscribed) = tokio::sync::watch::channel(0u64);
+        let filter = filter.to_owned();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        sub_tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let json = serde_json::from_slice(&p.payload)
+                            .unwrap_or_else(|e| panic!("{}: payload is not JSON: {e}", p.topic));
+                        let msg = Msg {
+                            topic: p.topic,
+                            retain: p.retain,
+                            json,
+                            at: Instant::now(),
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        let mut s = Self { rx, subscribed };
+        s.wait_subscribed(1).await;
+        s
+    }
+
+    /// Waits until the broker acknowledged the `n`th subscription (one per connection).
+    pub async fn wait_subscribed(&mut self, n: u64) {
+        tokio::time::timeout(DEADLINE, self.subscribed.wait_for(|&k| k >= n))
+            .await
+            .expect("subscription acknowledged")
+            .expect("subscriber running");
+    }
+
+    pub fn subscriptions(&self) -> u64 {
+        *self.subscribed.borrow()
+    }
+
+    /// The next message, or a panic after [`DEADLINE`].
+    pub async fn next(&mut self) -> Msg {
+        tokio::time::timeout(DEADLINE, self.rx.recv())
+            .await
+            .expect("a message within the deadline")
+            .expect("subscriber running")
+    }
+
+    /// Skips messages until one satisfies `pred`.
+    pub async fn until(&mut self, mut pred: impl FnMut(&Msg) -> bool) -> Msg {
+        loop {
+            let m = self.next().await;
+            if pred(&m) {
+                return m;
+            }
+        }
+    }
+}
+
+/// A servogate config for the tests: `units` axes on one pty bus with the servosim
+/// register map (including the model clock, so every value can be checked).
+pub fn config(id: &str, broker_url: &str, port: &Path, units: &[u8], device_extra: &str) -> String {
+    let mut s = format!(
+        r#"[gateway]
+id = "{id}"
+
+[mqtt]
+url = "{broker_url}"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+
+[buffer]
+capacity = 200000
+
+[profiles.sim]
+position    = {{ address = 0x0000, type = "i32", scale = 0.001, unit = "mm" }}
+velocity    = {{ address = 0x0002, type = "i32", scale = 0.001, unit = "mm/s" }}
+torque      = {{ address = 0x0004, type = "i16", scale = 0.1, unit = "%" }}
+current     = {{ address = 0x0005, type = "i16", scale = 0.01, unit = "A" }}
+temperature = {{ address = 0x0006, type = "i16", scale = 0.1, unit = "degC" }}
+statusword  = {{ address = 0x0007, type = "u16" }}
+fault_code  = {{ address = 0x0008, type = "u16" }}
+t_ms        = {{ address = 0x000A, type = "u32", word_order = "low_first", unit = "ms" }}
+
+[[buses]]
+name = "rs485-a"
+protocol = "modbus-rtu"
+port = "{port}"
+baud = 115200
+timeout = "50ms"
+t35 = "0ms"
+"#,
+        port = port.display()
+    );
+    for u in units {
+        s.push_str(&format!(
+            "\n[[devices]]\nname = \"axis-{u}\"\nbus = \"rs485-a\"\nunit = {u}\nprofile = \"sim\"\npoll = \"10ms\"\n{device_extra}\n"
+        ));
+    }
+    s
+}
+
+/// The simulator's registers for `unit` at model time `t_ms`, decoded the way the test
+/// profile decodes them: (position, velocity, torque, current, temperature, statusword).
+pub fn truth(unit: u8, t_ms: u32) -> [f64; 6] {
+    use servosim::model;
+    let r = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
+    let i32_at = |i: usize| f64::from(((u32::from(r[i]) << 16) | u32::from(r[i + 1])) as i32);
+    let i16_at = |i: usize| f64::from(r[i] as i16);
+    [
+        i32_at(0) * 0.001,
+        i32_at(2) * 0.001,
+        i16_at(4) * 0.1,
+        i16_at(5) * 0.01,
+        i16_at(6) * 0.1,
+        f64::from(r[7]),
+    ]
+}
+
+/// Checks one telemetry payload of `axis-{unit}` against the simulator's truth.
+pub fn assert_matches_truth(device: &str, json: &Value) {
+    let unit: u8 = device.trim_start_matches("axis-").parse().expect("axis-N");
+    let t_ms = json["values"]["t_ms"].as_f64().expect("t_ms value") as u32;
+    let want = truth(unit, t_ms);
+    for (i, key) in [
+        "position",
+        "velocity",
+        "torque",
+        "current",
+        "temperature",
+        "statusword",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = json[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{device}: no {key} in {json}"));
+        assert!(
+            (got - want[i]).abs() <= want[i].abs() * 1e-12,
+            "{device} at t_ms={t_ms}: {key} = {got}, the simulator had {}",
+            want[i]
+        );
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every check of servogate, as CI does: format, lints, and every test (unit, pty,
+# real mosquitto). Installs the system packages the tests need when run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- system packages -------------------------------------------------------------------
+# mosquitto: the tests start their own broker on a free loopback port.
+# socat:     end-to-end tests wire servosim and servogate with a pty pair, as a user would.
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "scripts/test.sh needs: ${missing[*]}" >&2
+        echo "install them with:   sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+# The packaged broker must not hold port 1883 or a pid file the tests do not expect.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop mosquitto >/dev/null 2>&1 || true; fi
+
+# --- Rust components ---------------------------------------------------------------------
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> build the binaries the end-to-end tests start"
+cargo build --workspace --bins --locked
+
+echo "==> cargo test"
+cargo test --workspace --locked
+
+echo "==> all checks passed"

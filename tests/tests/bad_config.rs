@@ -1,0 +1,73 @@
+//! A bad config is refused before anything opens: exit 64 and a message naming the line.
+
+use std::process::Command;
+
+use servogate_e2e::*;
+
+fn run(args: &[&str], config: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(bin("servogate"))
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_device_naming_a_missing_bus_exits_64_naming_file_line_and_key() {
+    let good = config(
+        "e2e-bad",
+        "mqtt://127.0.0.1:1",
+        "/nonexistent/pty".as_ref(),
+        &[1],
+        "",
+    );
+    let bad = good.replace("bus = \"rs485-a\"", "bus = \"rs485-b\"");
+    let line = bad.lines().position(|l| l.contains("rs485-b")).unwrap() + 1;
+    for cmd in ["check", "run"] {
+        let (code, stderr) = run(&[cmd], &bad);
+        assert_eq!(code, 64, "{cmd}: {stderr}");
+        assert!(
+            stderr.contains(&format!("bad.toml:{line}:")),
+            "{cmd}: {stderr}"
+        );
+        assert!(stderr.contains("bus"), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unknown_key_exits_64_naming_its_line() {
+    let good = config(
+        "e2e-bad",
+        "mqtt://127.0.0.1:1",
+        "/nonexistent/pty".as_ref(),
+        &[1],
+        "",
+    );
+    let bad = good.replace("baud = 115200", "baud = 115200\nbaudrate = 9600");
+    let line = bad.lines().position(|l| l.starts_with("baudrate")).unwrap() + 1;
+    let (code, stderr) = run(&["check"], &bad);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains(&format!("bad.toml:{line}:")), "{stderr}");
+    assert!(stderr.contains("baudrate"), "{stderr}");
+}
+
+#[test]
+fn a_good_config_checks_clean() {
+    let good = config(
+        "e2e-bad",
+        "mqtt://127.0.0.1:1",
+        "/nonexistent/pty".as_ref(),
+        &[1],
+        "",
+    );
+    let (code, stderr) = run(&["check"], &good);
+    assert_eq!(code, 0, "{stderr}");
+}
