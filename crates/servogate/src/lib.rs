@@ -1,1 +1,3 @@
-//! servogate
+//! The servogate daemon as a library: config, wiring, demo.
+
+pub mod config;
