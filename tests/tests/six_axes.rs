@@ -48,7 +48,6 @@ async fn six_axes_deliver_true_values_at_their_poll_rate_with_seq_growing_by_one
                 *count.entry(device.to_owned()).or_default() += 1;
             }
             "meta" => {
-                assert!(m.retain);
                 assert_eq!(m.json["profile"], "sim");
                 meta += 1;
             }
@@ -67,5 +66,29 @@ async fn six_axes_deliver_true_values_at_their_poll_rate_with_seq_growing_by_one
             "{device} polled at {rate:.1}/s, configured 100/s"
         );
     }
+    // A subscriber that comes later gets status, meta and availability as retained.
+    let mut late = Subscriber::start(broker.port, "servogate/e2e-six/#").await;
+    let mut retained = std::collections::BTreeSet::new();
+    while retained.len() < 13 {
+        let m = late.next().await;
+        if m.retain {
+            retained.insert(m.topic.clone());
+        } else {
+            assert!(
+                m.topic.ends_with("/telemetry") || m.topic.ends_with("/events"),
+                "{}",
+                m.topic
+            );
+        }
+    }
+    assert!(retained.contains("servogate/e2e-six/status"));
+    assert!(retained.contains("servogate/e2e-six/devices/axis-6/meta"));
+    assert!(retained.contains("servogate/e2e-six/devices/axis-6/availability"));
+
     assert!(gw.stop().success());
+    // A clean shutdown leaves online:false retained.
+    let mut after = Subscriber::start(broker.port, "servogate/e2e-six/status").await;
+    let status = after.next().await;
+    assert!(status.retain);
+    assert_eq!(status.json["online"], false);
 }

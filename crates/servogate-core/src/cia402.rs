@@ -73,7 +73,11 @@ mod tests {
             (0x0218, Fault),
         ];
         for (sw, state) in cases {
-            assert_eq!(DriveState::from_statusword(sw), state, "statusword {sw:#06x}");
+            assert_eq!(
+                DriveState::from_statusword(sw),
+                state,
+                "statusword {sw:#06x}"
+            );
         }
     }
 

@@ -15,7 +15,7 @@ pub mod ring;
 
 pub use cia402::DriveState;
 pub use event::{
-    Availability, AvailabilityState, DeviceEvents, Event, EventBody, EventKind, Notice,
-    EventSink, Quality, QualityReason, SeqCounters, Stream, Telemetry,
+    Availability, AvailabilityState, DeviceEvents, Event, EventBody, EventKind, EventSink, Notice,
+    Quality, QualityReason, SeqCounters, Stream, Telemetry,
 };
 pub use ring::{OnFull, Ring, RingStats};

@@ -1,1 +1,23 @@
-//! servogate-mqtt
+//! servogate's MQTT side (DESIGN.md sections 3 and 4).
+//!
+//! - [`Outbox`]: the bounded delivery ring shared by the bus tasks and the forwarder; a
+//!   push never waits, overflow is counted.
+//! - [`payload`]: topics and JSON payloads of the MQTT contract v1 (pure functions).
+//! - [`Forwarder`] / [`run`]: publishes the ring to the broker with rumqttc and removes an
+//!   event only once the broker acknowledged it; re-publishes everything unacknowledged
+//!   after a new session (rumqttc 0.25 discards it), re-sends the birth, meta and last
+//!   availability on every connect, and reconnects with capped jittered backoff.
+//! - [`MqttSettings`]: url, TLS files, credentials and limits, validated up front.
+#![forbid(unsafe_code)]
+
+mod forwarder;
+mod outbox;
+pub mod payload;
+mod settings;
+
+pub use forwarder::{run, Forwarder, ForwarderReport, MqttStats, MqttStatsSnapshot, MAX_IN_FLIGHT};
+pub use outbox::Outbox;
+pub use payload::DeviceMeta;
+pub use settings::{
+    parse_url, tls_client_config, BrokerUrl, Credentials, MqttError, MqttSettings, TlsFiles,
+};

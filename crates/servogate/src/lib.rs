@@ -1,3 +1,13 @@
-//! The servogate daemon as a library: config, wiring, demo.
+//! The servogate daemon as a library, so the binary stays a thin command line.
+//!
+//! - [`config`]: the TOML file, validated as a whole before any port opens.
+//! - [`app`]: `servogate run`: bus tasks, the ring and the forwarder, and their shutdown.
+//! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
+//! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
+//!
+//! Architecture invariant: only this crate reads files, the environment and signals.
 
+pub mod app;
 pub mod config;
+pub mod demo;
+pub mod logging;

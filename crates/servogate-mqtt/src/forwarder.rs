@@ -1,0 +1,773 @@
+//! The forwarder: moves events from the [`Outbox`] to the broker and removes each one only
+//! after the broker acknowledged it (DESIGN.md section 4).
+//!
+//! Two tasks share one small [`Track`] under a `std` mutex:
+//!
+//! - the **event loop task** only calls `EventLoop::poll()` and updates `Track`; it never
+//!   awaits anything else while connected, so rumqttc is never stalled by us (rumqttc issues
+//!   1025, 910);
+//! - the **publisher** (the `run` future) takes entries from the ring and hands them to
+//!   rumqttc with `try_publish`, which never waits: the in-flight window (below) guarantees
+//!   the request channel has room.
+//!
+//! Matching acknowledgements to ring entries: rumqttc takes requests from its channel in
+//! order and reports each with `Outgoing::Publish(pkid)`, so the publisher pushes what it
+//! hands on the `handed` FIFO and the event loop pops the front on each such event (pkid 0
+//! = QoS 0: done once written; else the pkid is remembered in `on_wire` until its PUBACK).
+//!
+//! A lost connection: rumqttc discards everything unacknowledged when the broker answers
+//! with a new session (PITFALLS.md), so the event loop task, under the `Track` lock, marks
+//! the connection down, drains rumqttc's request channel itself (`EventLoop::clean`) and
+//! forgets its pending queue, forgets `handed`/`on_wire`, and puts every handed ring entry
+//! back to unsent. The publisher hands requests only under the same lock and only while
+//! connected, so after that nothing of the old connection is left anywhere: no request can
+//! slip into the channel between rumqttc's own clean-up and ours and be matched to the
+//! wrong entry later.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttState, Outgoing, Packet, QoS,
+};
+use servogate_core::ring::Id;
+use servogate_core::{EventBody, RingStats};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::outbox::Outbox;
+use crate::payload::{self, DeviceMeta, DeviceTopic};
+use crate::settings::{BrokerUrl, MqttError, MqttSettings};
+
+/// Largest number of publishes handed to rumqttc and not yet acknowledged.
+///
+/// Why bounded: rumqttc keeps whatever it accepted in memory and throws it away on a new
+/// session; the ring is where events wait. 1000 is rumqttc's in-flight setting too (its
+/// packet ids run 1..=1000), well below MQTT's 65535 packet ids; at ~30k msg/s on loopback
+/// it is ~30 ms of traffic, enough to keep the link busy.
+pub const MAX_IN_FLIGHT: usize = 1000;
+
+/// rumqttc request channel: the window plus room for the final DISCONNECT.
+const CHANNEL_CAPACITY: usize = MAX_IN_FLIGHT + 8;
+
+/// Publishes per pump before yielding to other tasks.
+const PUMP_BATCH: usize = 256;
+
+/// Counters the daemon can read at any time (all monotonic except `connected`).
+#[derive(Debug, Default)]
+pub struct MqttStats {
+    connected: AtomicBool,
+    connects: AtomicU64,
+    connection_errors: AtomicU64,
+    publishes: AtomicU64,
+    acks: AtomicU64,
+    republished: AtomicU64,
+    control_publishes: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// A copy of [`MqttStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MqttStatsSnapshot {
+    /// The broker accepted our CONNECT and the connection has not failed since.
+    pub connected: bool,
+    /// CONNACKs received (the first connect and every reconnect).
+    pub connects: u64,
+    /// Failed connection attempts and lost connections.
+    pub connection_errors: u64,
+    /// Ring events handed to rumqttc (a re-published event counts again).
+    pub publishes: u64,
+    /// Ring events confirmed: PUBACK for QoS 1, written to the socket for QoS 0.
+    pub acks: u64,
+    /// Ring events handed again because their connection was lost before the PUBACK.
+    pub republished: u64,
+    /// Status, meta and retained availability messages (birth and after every reconnect).
+    pub control_publishes: u64,
+    /// Ring events that could never be sent (packet larger than `max_packet_size`, or a
+    /// device name that makes an invalid topic): logged, counted and removed from the ring.
+    pub refused: u64,
+}
+
+impl MqttStats {
+    pub fn snapshot(&self) -> MqttStatsSnapshot {
+        MqttStatsSnapshot {
+            connected: self.connected.load(Relaxed),
+            connects: self.connects.load(Relaxed),
+            connection_errors: self.connection_errors.load(Relaxed),
+            publishes: self.publishes.load(Relaxed),
+            acks: self.acks.load(Relaxed),
+            republished: self.republished.load(Relaxed),
+            control_publishes: self.control_publishes.load(Relaxed),
+            refused: self.refused.load(Relaxed),
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Relaxed)
+    }
+}
+
+/// What a finished forwarder leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwarderReport {
+    /// Ring events handed to the broker (re-publishes included).
+    pub published: u64,
+    /// Ring events the broker acknowledged.
+    pub acked: u64,
+    /// Events still in the ring without an acknowledgement when the grace period ended.
+    pub left_unacked: usize,
+    /// The ring's counters at the end (`dropped` is the total loss to overflow).
+    pub ring: RingStats,
+    /// The offline status was acknowledged and DISCONNECT went out, so the broker does not
+    /// fire the Last Will.
+    pub clean_disconnect: bool,
+}
+
+/// What a publish handed to rumqttc stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// A ring entry: acknowledge it in the ring.
+    Ring(Id),
+    /// Birth, meta or a repeated availability: nothing to do on the acknowledgement.
+    Control,
+    /// The shutdown status (`online:false`): the shutdown waits for it.
+    Farewell,
+}
+
+/// Connection and acknowledgement tracking shared by the two tasks.
+#[derive(Debug, Default)]
+struct Track {
+    connected: bool,
+    /// Grows at every CONNACK: the publisher re-sends the birth when it changes.
+    epoch: u64,
+    /// Handed to rumqttc, not yet reported by `Outgoing::Publish`, in order.
+    handed: VecDeque<Tracked>,
+    /// Written with a packet id, waiting for its PUBACK.
+    on_wire: HashMap<u16, Tracked>,
+    /// rumqttc held a publish back on a packet id collision (only if the broker acked out
+    /// of order); it is reported by the next `Outgoing::Publish`.
+    collided: Option<Tracked>,
+    farewell_acked: bool,
+}
+
+impl Track {
+    fn in_flight(&self) -> usize {
+        self.handed.len() + self.on_wire.len() + usize::from(self.collided.is_some())
+    }
+}
+
+struct Shared {
+    track: Mutex<Track>,
+    /// Wakes the publisher: connection state changed or an acknowledgement freed room.
+    wake: tokio::sync::Notify,
+    outbox: Arc<Outbox>,
+    stats: Arc<MqttStats>,
+}
+
+impl Shared {
+    fn track(&self) -> MutexGuard<'_, Track> {
+        self.track.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies one event of the event loop (called by the event loop task only).
+    fn apply(&self, t: &mut Track, event: &Event) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let Some(tracked) = t.collided.take().or_else(|| t.handed.pop_front()) else {
+                    warn!(pkid, "rumqttc sent a publish the forwarder did not hand it");
+                    return;
+                };
+                if *pkid == 0 {
+                    self.complete(t, tracked);
+                } else {
+                    t.on_wire.insert(*pkid, tracked);
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                debug!(pkid, "packet id collision: rumqttc holds a publish back");
+                t.collided = t.handed.pop_front();
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(tracked) = t.on_wire.remove(&ack.pkid) {
+                    self.complete(t, tracked);
+                }
+            }
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if t.in_flight() > 0 {
+                    // Cannot happen (a lost connection clears everything) but if it did,
+                    // those acknowledgements can no longer come.
+                    self.forget_in_flight(t);
+                }
+                t.connected = true;
+                t.epoch += 1;
+                self.stats.connected.store(true, Relaxed);
+                self.stats.connects.fetch_add(1, Relaxed);
+                info!(
+                    session_present = ack.session_present,
+                    "connected to the MQTT broker"
+                );
+                self.wake.notify_one();
+            }
+            _ => {}
+        }
+    }
+
+    fn complete(&self, t: &mut Track, tracked: Tracked) {
+        match tracked {
+            Tracked::Ring(id) => {
+                self.outbox.lock().ack(id);
+                self.stats.acks.fetch_add(1, Relaxed);
+            }
+            Tracked::Control => {}
+            Tracked::Farewell => t.farewell_acked = true,
+        }
+        self.wake.notify_one();
+    }
+
+    /// Every acknowledgement still expected is lost with its connection: the ring hands
+    /// those entries out again.
+    fn forget_in_flight(&self, t: &mut Track) {
+        t.handed.clear();
+        t.on_wire.clear();
+        t.collided = None;
+        let n = self.outbox.lock().requeue_all();
+        self.stats.republished.fetch_add(n as u64, Relaxed);
+        if n > 0 {
+            debug!(requeued = n, "unacknowledged events go out again");
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: each wait is uniform in [d/2, d], d doubling
+/// from `min` to `max`.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = d.saturating_mul(2).min(self.max);
+        let half = d / 2;
+        let jitter = fastrand::u64(0..=half.as_nanos().min(u128::from(u64::MAX)) as u64);
+        half + Duration::from_nanos(jitter)
+    }
+}
+
+/// Identity of this gateway run, for the status topic and the Last Will.
+struct Identity {
+    status_topic: String,
+    boot_id: String,
+    version: String,
+}
+
+impl Identity {
+    fn status(&self, online: bool) -> Vec<u8> {
+        payload::encode_status(online, &self.boot_id, &self.version, SystemTime::now())
+    }
+
+    fn will(&self) -> LastWill {
+        LastWill::new(
+            self.status_topic.clone(),
+            self.status(false),
+            QoS::AtLeastOnce,
+            true,
+        )
+    }
+}
+
+/// How the event loop task ended.
+#[derive(Debug, PartialEq, Eq)]
+enum LoopExit {
+    /// DISCONNECT was written and flushed.
+    Disconnected,
+    /// Stopped from outside.
+    Stopped,
+}
+
+/// The event loop task: poll, track, and on errors clean up and back off.
+async fn drive(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    mut backoff: Backoff,
+    stop: CancellationToken,
+) -> LoopExit {
+    let mut was_connected = false;
+    loop {
+        let polled = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return LoopExit::Stopped,
+            polled = eventloop.poll() => polled,
+        };
+        match polled {
+            Ok(event) => {
+                if let Event::Incoming(Packet::ConnAck(_)) = &event {
+                    // A new session: whatever rumqttc still holds from before must not be
+                    // sent; the ring re-publishes it.
+                    eventloop.pending.clear();
+                    backoff.reset();
+                    was_connected = true;
+                }
+                let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
+                shared.apply(&mut shared.track(), &event);
+                if disconnected {
+                    return LoopExit::Disconnected;
+                }
+            }
+            Err(err) => {
+                shared.stats.connection_errors.fetch_add(1, Relaxed);
+                shared.stats.connected.store(false, Relaxed);
+                if was_connected {
+                    warn!(error = %err, "MQTT connection lost");
+                } else {
+                    debug!(error = %err, "MQTT connect failed");
+                }
+                was_connected = false;
+                {
+                    let mut t = shared.track();
+                    // Events rumqttc buffered before failing (PUBACKs read in the same batch)
+                    // are genuine: apply them before forgetting the rest.
+                    let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                    for event in &stale {
+                        shared.apply(&mut t, event);
+                    }
+                    t.connected = false;
+                    // Under the lock, so the publisher cannot add a request after this.
+                    eventloop.clean();
+                    eventloop.pending.clear();
+                    let opts = &eventloop.mqtt_options;
+                    eventloop.state = MqttState::new(opts.inflight(), opts.manual_acks());
+                    shared.forget_in_flight(&mut t);
+                }
+                shared.wake.notify_one();
+                if matches!(err, ConnectionError::RequestsDone) {
+                    return LoopExit::Stopped;
+                }
+                // The will's timestamp says when it was registered: refresh it per attempt.
+                eventloop.mqtt_options.set_last_will(identity.will());
+                tokio::select! {
+                    _ = stop.cancelled() => return LoopExit::Stopped,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped, so a cancelled `run` future also drops the connection.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The publishing side (runs in the `run` future).
+struct Publisher {
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    prefix: String,
+    telemetry_qos: QoS,
+    max_packet_size: usize,
+    /// (topic, payload) of every device's meta.
+    metas: Vec<(String, Vec<u8>)>,
+    /// Last availability published per device, repeated (same payload and seq) after a
+    /// reconnect so the retained state survives a broker that lost it.
+    availability: BTreeMap<String, (String, Vec<u8>)>,
+    /// Control messages still to send on this connection.
+    preamble: VecDeque<(String, Vec<u8>)>,
+    seen_epoch: u64,
+    shutting_down: bool,
+    farewell_epoch: Option<u64>,
+}
+
+/// One publish ready for rumqttc.
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+    qos: QoS,
+    retain: bool,
+}
+
+impl Publisher {
+    /// Hands out as much as the window allows, at most [`PUMP_BATCH`]; true if it stopped
+    /// only because of the batch limit.
+    fn pump(&mut self) -> bool {
+        for _ in 0..PUMP_BATCH {
+            if !self.pump_one() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Hands one message to rumqttc; false when there is nothing to do now.
+    fn pump_one(&mut self) -> bool {
+        let shared = self.shared.clone();
+        let mut t = shared.track();
+        if !t.connected {
+            return false;
+        }
+        if t.epoch != self.seen_epoch {
+            self.seen_epoch = t.epoch;
+            self.new_session();
+        }
+        if t.in_flight() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        if self.shutting_down && !t.farewell_acked && self.farewell_epoch != Some(t.epoch) {
+            self.farewell_epoch = Some(t.epoch);
+            let msg = self.control(
+                self.identity.status_topic.clone(),
+                self.identity.status(false),
+            );
+            return self.hand(&mut t, msg, Tracked::Farewell);
+        }
+        if let Some((topic, payload)) = self.preamble.pop_front() {
+            let msg = self.control(topic, payload);
+            return self.hand(&mut t, msg, Tracked::Control);
+        }
+        let next = {
+            let mut ring = self.shared.outbox.lock();
+            ring.take_next().map(|(id, event)| (id, event.clone()))
+        };
+        let Some((id, event)) = next else {
+            return false;
+        };
+        let topic = payload::event_topic(&self.prefix, &event);
+        let payload = payload::encode_event(&event);
+        let (qos, retain) = match event.body {
+            EventBody::Telemetry(_) => (self.telemetry_qos, false),
+            EventBody::Availability(_) => (QoS::AtLeastOnce, true),
+            EventBody::Notice(_) => (QoS::AtLeastOnce, false),
+        };
+        if let Err(why) = self.sendable(&topic, payload.len(), qos) {
+            error!(%topic, seq = event.seq, "event refused: {why}");
+            self.shared.stats.refused.fetch_add(1, Relaxed);
+            self.shared.outbox.lock().ack(id);
+            return true;
+        }
+        if retain {
+            self.availability
+                .insert(event.device.to_string(), (topic.clone(), payload.clone()));
+        }
+        let msg = Msg {
+            topic,
+            payload,
+            qos,
+            retain,
+        };
+        self.hand(&mut t, msg, Tracked::Ring(id))
+    }
+
+    fn control(&self, topic: String, payload: Vec<u8>) -> Msg {
+        Msg {
+            topic,
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    fn sendable(&self, topic: &str, payload_len: usize, qos: QoS) -> Result<(), String> {
+        if !rumqttc::valid_topic(topic) || topic.contains('\0') {
+            return Err("the device name makes an invalid topic".into());
+        }
+        let size = payload::publish_packet_size(topic.len(), payload_len, qos as u8);
+        if size > self.max_packet_size {
+            return Err(format!(
+                "packet of {size} bytes exceeds max_packet_size {}",
+                self.max_packet_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives one publish to rumqttc under the `Track` lock. `try_publish` never waits: the
+    /// window keeps the channel from filling.
+    fn hand(&mut self, t: &mut Track, msg: Msg, tracked: Tracked) -> bool {
+        // Ring events were checked (and refused) before; control messages are checked here.
+        if !matches!(tracked, Tracked::Ring(_)) {
+            if let Err(why) = self.sendable(&msg.topic, msg.payload.len(), msg.qos) {
+                error!(topic = %msg.topic, "control message not sent: {why}");
+                return true;
+            }
+        }
+        match self
+            .client
+            .try_publish(msg.topic, msg.qos, msg.retain, msg.payload)
+        {
+            Ok(()) => {
+                t.handed.push_back(tracked);
+                let counter = match tracked {
+                    Tracked::Ring(_) => &self.shared.stats.publishes,
+                    Tracked::Control | Tracked::Farewell => &self.shared.stats.control_publishes,
+                };
+                counter.fetch_add(1, Relaxed);
+                true
+            }
+            Err(err) => {
+                // Only possible if the window accounting were wrong: put it back and wait.
+                error!(error = %err, "rumqttc refused a publish; retrying later");
+                match tracked {
+                    Tracked::Ring(id) => {
+                        self.shared.outbox.lock().requeue(id);
+                    }
+                    Tracked::Farewell => self.farewell_epoch = None,
+                    Tracked::Control => self.seen_epoch = 0,
+                }
+                false
+            }
+        }
+    }
+
+    /// A new session: birth, every meta and every known availability go out again, retained.
+    fn new_session(&mut self) {
+        self.preamble.clear();
+        if !self.shutting_down {
+            self.preamble.push_back((
+                self.identity.status_topic.clone(),
+                self.identity.status(true),
+            ));
+        }
+        self.preamble.extend(self.metas.iter().cloned());
+        self.preamble.extend(self.availability.values().cloned());
+    }
+
+    /// All done: the offline status and every ring entry acknowledged.
+    fn drained(&self) -> bool {
+        self.shared.track().farewell_acked && self.shared.outbox.stats().unacked == 0
+    }
+}
+
+/// The forwarder, built and checked before it runs so a bad setting fails at start-up and
+/// the daemon gets its [`MqttStats`] handle first.
+pub struct Forwarder {
+    settings: MqttSettings,
+    url: BrokerUrl,
+    identity: Arc<Identity>,
+    outbox: Arc<Outbox>,
+    metas: Vec<(String, Vec<u8>)>,
+    stats: Arc<MqttStats>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forwarder {
+    /// Validates the settings and reads the TLS files.
+    pub fn new(
+        settings: MqttSettings,
+        boot_id: String,
+        version: String,
+        outbox: Arc<Outbox>,
+        meta: Vec<DeviceMeta>,
+    ) -> Result<Self, MqttError> {
+        let url = settings.validate()?;
+        if let Some(files) = &settings.tls {
+            // Fail now, naming the file, rather than at the first connect.
+            crate::settings::tls_client_config(files)?;
+        }
+        let prefix = &settings.topic_prefix;
+        let metas = meta
+            .iter()
+            .map(|m| {
+                let topic = payload::device_topic(prefix, &m.name, DeviceTopic::Meta);
+                (topic, payload::encode_meta(m))
+            })
+            .collect();
+        let identity = Arc::new(Identity {
+            status_topic: payload::status_topic(prefix),
+            boot_id,
+            version,
+        });
+        Ok(Self {
+            settings,
+            url,
+            identity,
+            outbox,
+            metas,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<MqttStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then publishes `online:false`, waits up to
+    /// `shutdown_grace` for the ring to be acknowledged, and disconnects cleanly.
+    ///
+    /// Dropping the future (or aborting its task) drops the connection without DISCONNECT,
+    /// so the broker publishes the Last Will.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<ForwarderReport, MqttError> {
+        let opts =
+            self.settings
+                .mqtt_options(&self.url, self.identity.will(), MAX_IN_FLIGHT as u16)?;
+        let (client, eventloop) = AsyncClient::new(opts, CHANNEL_CAPACITY);
+        let shared = Arc::new(Shared {
+            track: Mutex::new(Track::default()),
+            wake: tokio::sync::Notify::new(),
+            outbox: self.outbox.clone(),
+            stats: self.stats.clone(),
+        });
+        let stop = CancellationToken::new();
+        let mut event_loop = AbortOnDrop(tokio::spawn(drive(
+            eventloop,
+            shared.clone(),
+            self.identity.clone(),
+            Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max),
+            stop.clone(),
+        )));
+        let mut publisher = Publisher {
+            client: client.clone(),
+            shared: shared.clone(),
+            identity: self.identity.clone(),
+            prefix: self.settings.topic_prefix.clone(),
+            telemetry_qos: self.settings.telemetry_qos(),
+            max_packet_size: self.settings.max_packet_size,
+            metas: self.metas,
+            availability: BTreeMap::new(),
+            preamble: VecDeque::new(),
+            seen_epoch: 0,
+            shutting_down: false,
+            farewell_epoch: None,
+        };
+
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if deadline.is_none() && shutdown.is_cancelled() {
+                info!("shutting down: publishing offline status and draining the ring");
+                deadline = Some(Instant::now() + self.settings.shutdown_grace);
+                publisher.shutting_down = true;
+            }
+            let more = publisher.pump();
+            if let Some(d) = deadline {
+                if publisher.drained() || Instant::now() >= d {
+                    break;
+                }
+            }
+            if more {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                _ = self.outbox.notified() => {}
+                _ = shared.wake.notified() => {}
+                _ = shutdown.cancelled(), if deadline.is_none() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                    if deadline.is_some() => {}
+                ended = &mut event_loop.0 => {
+                    let why = match ended {
+                        Ok(exit) => format!("{exit:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(MqttError::EventLoop(why));
+                }
+            }
+        }
+
+        // Leave cleanly if we can: DISCONNECT goes behind everything already handed.
+        let drained = publisher.drained();
+        let connected = shared.track().connected;
+        let mut clean_disconnect = false;
+        let mut loop_ended = false;
+        if connected && client.try_disconnect().is_ok() {
+            let flush = Duration::from_secs(1).max(
+                deadline
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default(),
+            );
+            if let Ok(ended) = tokio::time::timeout(flush, &mut event_loop.0).await {
+                loop_ended = true;
+                clean_disconnect = drained && ended.ok() == Some(LoopExit::Disconnected);
+            }
+        }
+        stop.cancel();
+        if !loop_ended {
+            let _ = (&mut event_loop.0).await;
+        }
+        shared.stats.connected.store(false, Relaxed);
+
+        let ring = self.outbox.stats();
+        let stats = self.stats.snapshot();
+        let report = ForwarderReport {
+            published: stats.publishes,
+            acked: stats.acks,
+            left_unacked: ring.unacked,
+            ring,
+            clean_disconnect,
+        };
+        if report.left_unacked > 0 {
+            warn!(
+                left_unacked = report.left_unacked,
+                "shutdown grace ended with events unacknowledged"
+            );
+        }
+        info!(?report, "MQTT forwarder stopped");
+        Ok(report)
+    }
+}
+
+/// Builds a [`Forwarder`] and runs it; see [`Forwarder::run`]. Use [`Forwarder::new`] and
+/// [`Forwarder::stats`] when the counters are needed while it runs.
+pub async fn run(
+    settings: MqttSettings,
+    boot_id: String,
+    version: String,
+    outbox: Arc<Outbox>,
+    meta: Vec<DeviceMeta>,
+    shutdown: CancellationToken,
+) -> Result<ForwarderReport, MqttError> {
+    Forwarder::new(settings, boot_id, version, outbox, meta)?
+        .run(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_down_to_half() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let expected_caps = [100, 200, 350, 350];
+        for cap in expected_caps {
+            let d = b.next_delay();
+            let cap = Duration::from_millis(cap);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

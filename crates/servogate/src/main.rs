@@ -1,0 +1,107 @@
+//! `servogate`: the edge gateway daemon (DESIGN.md section 6).
+//!
+//! - `servogate run --config FILE`: the daemon.
+//! - `servogate check --config FILE`: validate and print a summary; exit 64 when bad.
+//! - `servogate demo`: the whole pipeline on six simulated axes, no hardware, no broker.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use servogate::{app, config, demo, logging};
+
+/// Exit status for a bad config or command line (sysexits.h EX_USAGE).
+const EX_USAGE: u8 = 64;
+/// Exit status for a failure at run time (sysexits.h EX_SOFTWARE).
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "servogate",
+    version,
+    about = "Edge gateway: servo drives on Modbus RTU to MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print what it sets up.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on simulated servo axes, with live values on the terminal.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(cfg) => {
+                println!("{} is valid\n{}", config.display(), cfg.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("servogate: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("servogate: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            logging::init(Some(&cfg.gateway.log));
+            finish(runtime().and_then(|rt| rt.block_on(app::run(cfg, app::Options::default()))))
+        }
+        Command::Demo(args) => {
+            logging::init(Some("warn,rumqttd=off"));
+            finish(runtime().and_then(|rt| rt.block_on(demo::run(args))))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        // Two workers are plenty: one task per bus and one forwarder.
+        .worker_threads(2)
+        .thread_name("servogate")
+        .enable_all()
+        .build()?)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("servogate: {e:#}");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}

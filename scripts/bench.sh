@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Benchmarks of the Modbus RTU path, recorded in BENCHMARKS.md (a benchmark, not a test).
+#
+#   scripts/bench.sh faithful N    one unit, servosim timing-faithful at 115200 baud, reads of
+#                                  N registers back to back: transactions/s vs the physical limit
+#   scripts/bench.sh instant U     U units, servosim answering at once: the most
+#                                  transactions/s, CPU time per transaction, peak RSS
+#
+# Both run the release binaries with a real mosquitto on a free loopback port and socat
+# between servosim and servogate, for DURATION seconds (default 10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: bench.sh faithful N | instant UNITS}
+arg=${2:?usage: bench.sh faithful N | instant UNITS}
+duration=${DURATION:-10}
+
+cargo build --release --bins -q
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' "$port" >"$work/mosquitto.conf"
+/usr/sbin/mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 & pids+=($!)
+socat pty,raw,echo=0,link="$work/sim.pty" pty,raw,echo=0,link="$work/gw.pty" 2>/dev/null & pids+=($!)
+for _ in $(seq 100); do [ -e "$work/gw.pty" ] && [ -e "$work/sim.pty" ] && break; sleep 0.05; done
+
+if [ "$mode" = faithful ]; then
+    units=1; n=$arg; simopts=(--timing-faithful --baud 115200); t35=""
+    last=$((n - 1))
+    profile="first = { address = 0, type = \"u16\" }
+last = { address = $last, type = \"u16\" }"
+    # A real line: servogate keeps its own t3.5 (1.75 ms at 115200 baud).
+else
+    units=$arg; n=10; simopts=(); t35='t35 = "0ms"'
+    profile='position = { address = 0x0000, type = "i32", scale = 0.001, unit = "mm" }
+velocity = { address = 0x0002, type = "i32", scale = 0.001, unit = "mm/s" }
+torque = { address = 0x0004, type = "i16", scale = 0.1, unit = "%" }
+current = { address = 0x0005, type = "i16", scale = 0.01, unit = "A" }
+temperature = { address = 0x0006, type = "i16", scale = 0.1, unit = "degC" }
+statusword = { address = 0x0007, type = "u16" }
+fault_code = { address = 0x0008, type = "u16" }
+mode = { address = 0x0009, type = "i16" }'
+fi
+
+mkfifo "$work/sim.in"
+exec 3<>"$work/sim.in"
+target/release/servosim modbus-rtu --port "$work/sim.pty" --units "1-$units" "${simopts[@]}" <&3 >"$work/sim.out" 2>/dev/null & pids+=($!)
+for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && break; sleep 0.05; done
+
+{
+    printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n[profiles.p]\n%s\n' "$port" "$profile"
+    printf '[[buses]]\nname = "b"\nprotocol = "modbus-rtu"\nport = "%s"\nbaud = 115200\ntimeout = "100ms"\nmax_gap = 125\n%s\n' "$work/gw.pty" "$t35"
+    for u in $(seq "$units"); do
+        printf '[[devices]]\nname = "axis-%s"\nbus = "b"\nunit = %s\nprofile = "p"\npoll = "1us"\nlate_after = "1s"\n' "$u" "$u"
+    done
+} >"$work/bench.toml"
+target/release/servogate run --config "$work/bench.toml" 2>"$work/gw.err" & gw=$!; pids+=($gw)
+
+served() { # total replies servosim sent so far
+    echo stats >&3
+    for _ in $(seq 100); do
+        line=$(grep '^ok stats' "$work/sim.out" | tail -n1 || true)
+        [ -n "$line" ] && [ "$line" != "${last_stats:-}" ] && break; sleep 0.01
+    done
+    last_stats=$line
+    echo "$line" | sed 's/.*served=//; s/ .*//' | tr ',' '\n' | awk -F: '{s+=$2} END {print s+0}'
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$gw/stat"; }
+
+sleep 2 # warm-up: connect, first polls
+s0=$(served); c0=$(cpu_ticks); t0=$(date +%s.%N)
+sleep "$duration"
+s1=$(served); c1=$(cpu_ticks); t1=$(date +%s.%N)
+hz=$(getconf CLK_TCK)
+rss=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
+python3 - "$mode" "$n" "$units" "$s0" "$s1" "$t0" "$t1" "$c0" "$c1" "$hz" "$rss" <<'PY'
+import sys
+mode, n, units = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s0, s1, t0, t1, c0, c1, hz, rss = map(float, sys.argv[4:])
+tx = s1 - s0; secs = t1 - t0; rate = tx / secs
+cpu_ms = (c1 - c0) / hz * 1000
+print(f"mode={mode} units={units} registers={n} transactions={tx:.0f} seconds={secs:.2f}")
+print(f"transactions/s = {rate:.1f}")
+if mode == "faithful":
+    baud = 115200; t35 = 0.00175
+    limit = 1 / ((8 + 5 + 2 * n) * 11 / baud + 2 * t35)
+    print(f"physical limit = {limit:.1f}/s; achieved {100 * rate / limit:.1f} %")
+print(f"servogate CPU = {cpu_ms:.0f} ms over {secs:.1f} s = {cpu_ms / max(tx, 1) * 1000:.1f} us per transaction")
+print(f"servogate peak RSS = {rss / 1024:.1f} MiB")
+PY
