@@ -23,7 +23,6 @@ async fn a_dead_unit_goes_offline_in_time_and_back_online_while_the_others_keep_
         let m = sub.next().await;
         if let Some((device, "availability")) = m.device_stream() {
             assert_eq!(m.json["state"], "online");
-            assert!(m.retain);
             online.insert(device.to_owned());
         }
     }
@@ -64,7 +63,7 @@ async fn a_dead_unit_goes_offline_in_time_and_back_online_while_the_others_keep_
         }
     }
     println!("others while axis-2 dead: {n} samples/s (2 devices at 100/s)");
-    assert!(n > 100, "the dead unit stalled the bus: {n} samples/s");
+    assert!(n > 150, "the dead unit stalled the bus: {n} samples/s");
 
     sim.cmd("alive 2");
     let back = sub

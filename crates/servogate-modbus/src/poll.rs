@@ -301,12 +301,17 @@ impl DevicePoller {
                 ),
                 sink,
             );
-            self.backoff = self.settings.poll;
-        }
-        if self.availability == Some(AvailabilityState::Offline) {
-            // Back off: the dead device must not eat the bus time of the others.
-            self.backoff =
-                (self.backoff * 2).min(self.settings.backoff_max.max(self.settings.poll));
+            // Each retry of a dead device costs the bus a whole timeout, in which no other
+            // device can be polled: start the back-off at ten timeouts (at most 10 % of the
+            // bus time), then double it up to `backoff_max`.
+            let max = self.settings.backoff_max.max(self.settings.poll);
+            self.backoff = (self.settings.timeout * 10)
+                .max(self.settings.poll)
+                .min(max);
+            self.next_due = now + self.backoff;
+        } else if offline {
+            let max = self.settings.backoff_max.max(self.settings.poll);
+            self.backoff = (self.backoff * 2).min(max);
             self.next_due = now + self.backoff;
         } else {
             self.advance_schedule(now);

@@ -294,6 +294,10 @@ async fn a_broker_killed_and_restarted_loses_no_seq_and_the_ring_ends_empty() {
     );
     assert!(stats.connects >= 2, "reconnected: {stats:?}");
     assert!(stats.connection_errors >= 1);
+    assert!(
+        stats.republished > 0,
+        "events were in flight at the kill: {stats:?}"
+    );
     assert_eq!(report.left_unacked, 0);
     assert_eq!(report.ring.len, 0, "the ring ends empty");
     assert_eq!(report.ring.acked, N);
@@ -542,6 +546,29 @@ async fn tls_with_a_client_certificate_connects_and_a_wrong_ca_never_does() {
         1
     );
     let report = fwd.shutdown().await;
+    assert!(report.clean_disconnect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_telemetry_leaves_the_ring_once_written() {
+    let dir = TempDir::new("qos0");
+    let broker = Broker::start(dir.path(), "").await;
+    let outbox = outbox(1000);
+    let mut sub =
+        Subscriber::connect(broker.port, &topic("axis-1", "telemetry"), "sub-qos0", true).await;
+    let mut s = settings(&broker.url(), "gw-qos0");
+    s.telemetry_qos = 0;
+    let fwd = start(s, "boot-g", &outbox, vec![]);
+    let mut dev = DeviceEvents::new("axis-1");
+    for i in 0..500 {
+        outbox.push(telemetry(&mut dev, f64::from(i)));
+    }
+    for seq in 1..=500u64 {
+        assert_eq!(sub.next(LIMIT).await.json["seq"].as_u64(), Some(seq));
+    }
+    wait_until("the ring to empty", LIMIT, || outbox.stats().len == 0).await;
+    let report = fwd.shutdown().await;
+    assert_eq!((report.ring.acked, report.left_unacked), (500, 0));
     assert!(report.clean_disconnect);
 }
 

@@ -1095,13 +1095,15 @@ impl<'a> Source<'a> {
             Some(v) => match v.get_ref().as_str() {
                 "drop_oldest" => OnFull::DropOldest,
                 "drop_newest" => OnFull::DropNewest,
-                other => return Err(self.at(
-                    v,
-                    "buffer.on_full",
-                    format!(
+                other => {
+                    return Err(self.at(
+                        v,
+                        "buffer.on_full",
+                        format!(
                         "unknown policy \"{other}\"; expected \"drop_oldest\" or \"drop_newest\""
                     ),
-                )),
+                    ))
+                }
             },
         };
         Ok(Buffer { capacity, on_full })
@@ -1171,13 +1173,15 @@ impl<'a> Source<'a> {
             field.word_order = match w.get_ref().as_str() {
                 "high_first" => WordOrder::HighFirst,
                 "low_first" => WordOrder::LowFirst,
-                other => return Err(self.at(
-                    w,
-                    format!("{key}.word_order"),
-                    format!(
+                other => {
+                    return Err(self.at(
+                        w,
+                        format!("{key}.word_order"),
+                        format!(
                         "unknown word order \"{other}\"; expected \"high_first\" or \"low_first\""
                     ),
-                )),
+                    ))
+                }
             };
         }
         if let Some(b) = &f.byte_order {
