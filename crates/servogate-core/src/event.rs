@@ -266,6 +266,14 @@ impl DeviceEvents {
     }
 }
 
+/// Where bus tasks put their events: the delivery ring behind a lock, in the daemon.
+///
+/// Architecture invariant: `push` never blocks on the network and never waits for room;
+/// a full ring applies its `on_full` policy and counts the drop.
+pub trait EventSink: Send + Sync {
+    fn push(&self, event: Event);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,12 +317,4 @@ mod tests {
         assert_eq!(q.reasons().collect::<Vec<_>>(), vec![QualityReason::Late]);
         assert!(Quality::default().is_good());
     }
-}
-
-/// Where bus tasks put their events: the delivery ring behind a lock, in the daemon.
-///
-/// Architecture invariant: `push` never blocks on the network and never waits for room;
-/// a full ring applies its `on_full` policy and counts the drop.
-pub trait EventSink: Send + Sync {
-    fn push(&self, event: Event);
 }

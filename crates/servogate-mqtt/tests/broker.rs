@@ -273,7 +273,18 @@ async fn a_broker_killed_and_restarted_loses_no_seq_and_the_ring_ends_empty() {
     broker.restart().await;
 
     while (seen.len() as u64) < N {
-        let m = sub.next(LIMIT).await;
+        let Ok(Some(m)) = tokio::time::timeout(LIMIT, sub.rx.recv()).await else {
+            let missing: Vec<u64> = (1..=N).filter(|s| !seen.contains(s)).collect();
+            panic!(
+                "stalled with {} of {N} seqs; missing {}..{} ({} in all); ring {:?}; {:?}",
+                seen.len(),
+                missing[0],
+                missing[missing.len() - 1],
+                missing.len(),
+                outbox.stats(),
+                fwd.stats.snapshot(),
+            );
+        };
         seen.insert(m.json["seq"].as_u64().unwrap());
         received += 1;
     }

@@ -329,7 +329,8 @@ impl Config {
     }
 
     /// What `servogate check` prints: the gateway, the broker (the url never holds
-    /// credentials), the ring, and each bus with its devices and poll periods.
+    /// credentials), the ring, the profiles, and each bus with its devices, their poll
+    /// periods and reads per poll. Several lines, without a final newline.
     pub fn summary(&self) -> String {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         let mut s = String::new();
@@ -439,6 +440,7 @@ impl Config {
         if let Some(metrics) = &self.metrics {
             let _ = writeln!(s, "metrics on {}", metrics.listen);
         }
+        s.truncate(s.trim_end().len());
         s
     }
 }
@@ -1626,8 +1628,7 @@ impl<'a> Source<'a> {
                         "a device on a canopen bus uses the built-in profile \"cia402\"",
                     ));
                 }
-                if d.timeout.is_some() {
-                    let t = d.timeout.as_ref().expect("set");
+                if let Some(t) = &d.timeout {
                     return Err(self.at(t, key("timeout"), "`timeout` is for modbus-rtu devices"));
                 }
                 DeviceAddress::Node(*n.get_ref() as u8)
@@ -1794,7 +1795,7 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         let is_target = !directive.contains('=');
         let ok_level = LEVELS.contains(&level.to_ascii_lowercase().as_str());
         // A bare word that is no level is a target (`servogate` = everything from it).
-        if !ok_level && !(is_target && topic_like(level)) {
+        if !(ok_level || (is_target && topic_like(level))) {
             return Err(format!(
                 "\"{directive}\": the level must be one of trace, debug, info, warn, error, off"
             ));

@@ -46,7 +46,11 @@ fn the_demo_config_is_six_axes_on_one_pty_bus_polled_every_10ms() {
     };
     assert_eq!(rtu.port, Path::new("/tmp/servogate-demo.pty"));
     assert_eq!(rtu.baud, 115_200);
-    assert_eq!(rtu.t35, None, "a real line needs the computed t3.5");
+    assert_eq!(
+        rtu.t35,
+        Some(Duration::ZERO),
+        "the demo bus is a pty: no wire time"
+    );
     let names: Vec<&str> = cfg.devices.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(
         names,
