@@ -312,6 +312,7 @@ async fn drive(
     stop: CancellationToken,
 ) -> LoopExit {
     let mut was_connected = false;
+    let mut failures = 0u64;
     loop {
         let polled = tokio::select! {
             biased;
@@ -326,6 +327,7 @@ async fn drive(
                     eventloop.pending.clear();
                     backoff.reset();
                     was_connected = true;
+                    failures = 0;
                 }
                 let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
                 shared.apply(&mut shared.track(), &event);
@@ -336,10 +338,16 @@ async fn drive(
             Err(err) => {
                 shared.stats.connection_errors.fetch_add(1, Relaxed);
                 shared.stats.connected.store(false, Relaxed);
+                // Visible without flooding the log: a lost connection, the first failed
+                // attempt of a streak (bad credentials, TLS refusal), then every tenth.
+                failures += 1;
                 if was_connected {
                     warn!(error = %err, "MQTT connection lost");
+                    failures = 0;
+                } else if failures % 10 == 1 {
+                    warn!(error = %err, attempts = failures, "cannot connect to the MQTT broker");
                 } else {
-                    debug!(error = %err, "MQTT connect failed");
+                    debug!(error = %err, attempts = failures, "MQTT connect failed");
                 }
                 was_connected = false;
                 {

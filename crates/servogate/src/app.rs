@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use servogate_core::EventSink;
 use servogate_modbus::bus::{run_bus, BusStats};
-use servogate_mqtt::{DeviceMeta, Outbox};
+use servogate_mqtt::{DeviceMeta, Forwarder, Outbox};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -30,6 +32,8 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     info!(gateway = %cfg.gateway.id, %boot_id, version, "servogate starting");
 
     let outbox = Outbox::new(cfg.buffer.capacity, cfg.buffer.on_full);
+    let settings = mqtt_settings(&cfg)?;
+
     let sink: Arc<dyn EventSink> = outbox.clone();
     let buses_stop = CancellationToken::new();
     let mut buses = Vec::new();
@@ -56,28 +60,23 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
                 .collect(),
         });
     }
-    for (settings, devices) in cfg.rtu_buses() {
-        info!(bus = %settings.name, port = %settings.port.display(), devices = devices.len(), "starting bus");
+    // Checked (url, TLS files) before any bus starts: a bad setting stops the start.
+    let forwarder = Forwarder::new(settings, boot_id, version, outbox.clone(), meta)
+        .context("MQTT settings")?;
+    for (bus, devices) in cfg.rtu_buses() {
+        info!(bus = %bus.name, port = %bus.port.display(), devices = devices.len(), "starting bus");
         let stats = Arc::new(BusStats::default());
         let (sink, stop) = (sink.clone(), buses_stop.clone());
         buses.push(tokio::spawn(async move {
-            let name = settings.name.clone();
-            if let Err(e) = run_bus(settings, devices, sink, stats, stop).await {
+            let name = bus.name.clone();
+            if let Err(e) = run_bus(bus, devices, sink, stats, stop).await {
                 error!(bus = %name, "bus task failed: {e}");
             }
         }));
     }
 
-    let settings = mqtt_settings(&cfg)?;
     let forwarder_stop = CancellationToken::new();
-    let forwarder = tokio::spawn(servogate_mqtt::run(
-        settings,
-        boot_id,
-        version,
-        outbox.clone(),
-        meta,
-        forwarder_stop.clone(),
-    ));
+    let forwarder = tokio::spawn(forwarder.run(forwarder_stop.clone()));
 
     wait_for_shutdown(options.shutdown).await;
     info!("stopping: buses first, then the forwarder");

@@ -170,6 +170,21 @@ impl Broker {
         }
     }
 
+    /// SIGSTOP: the broker hangs with its sockets open; nothing is acknowledged any more.
+    pub fn freeze(&self) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("broker running");
+        let ok = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -STOP {pid}");
+    }
+
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;
