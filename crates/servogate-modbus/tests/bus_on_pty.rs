@@ -61,10 +61,15 @@ struct Rig {
     events: mpsc::UnboundedReceiver<Event>,
     cancel: CancellationToken,
     bus: tokio::task::JoinHandle<()>,
+    stats: Arc<BusStats>,
     _slave: SerialStream,
 }
 
 async fn rig(units: u8, timeout: Duration) -> Rig {
+    rig_with(units, |u| device(u, timeout)).await
+}
+
+async fn rig_with(units: u8, device: impl Fn(u8) -> DeviceSettings) -> Rig {
     let (master, slave) = SerialStream::pair().expect("pty pair");
     let path = tokio_serial::SerialPort::name(&slave).expect("pty name");
     let sim = Arc::new(Simulator::new(
@@ -85,24 +90,21 @@ async fn rig(units: u8, timeout: Duration) -> Rig {
         t35: Some(Duration::ZERO),
         reopen_max: Duration::from_secs(1),
     };
-    let devices = (1..=units).map(|u| device(u, timeout)).collect();
+    let devices = (1..=units).map(device).collect();
     let c = cancel.clone();
+    let stats = Arc::new(BusStats::default());
+    let st = stats.clone();
     let bus = tokio::spawn(async move {
-        run_bus(
-            settings,
-            devices,
-            Arc::new(Channel(tx)),
-            Arc::new(BusStats::default()),
-            c,
-        )
-        .await
-        .unwrap();
+        run_bus(settings, devices, Arc::new(Channel(tx)), st, c)
+            .await
+            .unwrap();
     });
     Rig {
         sim,
         events,
         cancel,
         bus,
+        stats,
         _slave: slave,
     }
 }
@@ -224,6 +226,96 @@ async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
         crc_events > 0,
         "20 % noise over 300+ replies raised no crc error"
     );
+    rig.cancel.cancel();
+    rig.bus.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer() {
+    // Unit 2 answers 25 ms late with a 10 ms timeout: its replies land while the bus is
+    // already asking unit 1 or 3, the trap PITFALLS.md describes.
+    let mut rig = rig_with(3, |u| {
+        let mut d = device(u, Duration::from_millis(10));
+        d.offline_after = 1_000_000; // keep polling it at full rate
+        d
+    })
+    .await;
+    rig.sim
+        .set_late(2, Some(Duration::from_millis(25)))
+        .unwrap();
+    let mut checked = 0;
+    while checked < 300 {
+        let e = rig.events.recv().await.unwrap();
+        if let EventBody::Telemetry(t) = &e.body {
+            let unit: u8 = e.device.trim_start_matches("axis-").parse().unwrap();
+            assert_ne!(unit, 2, "a reply after the timeout was published");
+            let t_ms = value(t, "t_ms") as u32;
+            let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
+            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) * 0.001;
+            assert_eq!(
+                t.position,
+                Some(pos),
+                "{} got another unit's reply",
+                e.device
+            );
+            checked += 1;
+        }
+    }
+    rig.cancel.cancel();
+    rig.bus.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_across_a_hole_is_split_once_and_both_fields_keep_their_values() {
+    // servosim answers Illegal Data Address for 0x0100-0x010F; a gap of 40 lets the plan
+    // merge 0x00F0 and 0x0110 into one read across it.
+    let mut rig = rig_with(1, |u| {
+        let mut d = device(u, Duration::from_millis(50));
+        let mut t_ms = Field::new("t_ms", 0x000A, DataType::U32);
+        t_ms.word_order = WordOrder::LowFirst;
+        d.fields = vec![
+            t_ms,
+            Field::new("spare", 0x00F0, DataType::U16),
+            Field::new("hours", 0x0110, DataType::F64),
+        ]
+        .into();
+        d.max_gap = 40;
+        d
+    })
+    .await;
+    let mut samples = 0;
+    while samples < 50 {
+        let e = rig.events.recv().await.unwrap();
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                let t_ms = value(t, "t_ms") as u32;
+                let hours = value(t, "hours");
+                // After the split the two fields come from two reads, the hours a moment
+                // after t_ms: between the model's value at t_ms and 100 ms later.
+                let hours_at = |t: u32| {
+                    let regs = model::registers(1, t, &model::DriveState::running(t));
+                    let bits = regs[0x0110..0x0114]
+                        .iter()
+                        .fold(0u64, |acc, w| (acc << 16) | u64::from(*w));
+                    f64::from_bits(bits)
+                };
+                assert!(
+                    (hours_at(t_ms)..=hours_at(t_ms + 100)).contains(&hours),
+                    "hours {hours} at t_ms {t_ms}"
+                );
+                samples += 1;
+            }
+            EventBody::Notice(n) => {
+                assert_eq!(n.kind.as_str(), "online", "{}", n.message);
+            }
+            _ => {}
+        }
+    }
+    // One Illegal Data Address, then the remembered split: three reads per poll.
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(rig.stats.exceptions.load(Relaxed), 1);
+    let tx = rig.stats.transactions.load(Relaxed);
+    assert!(tx >= 3 * 50, "{tx} transactions for 50 polls");
     rig.cancel.cancel();
     rig.bus.await.unwrap();
 }
