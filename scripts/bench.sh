@@ -70,6 +70,7 @@ served() { # total replies servosim sent so far
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$gw/stat"; }
 
 sleep 2 # warm-up: connect, first polls
+if [ -n "${HOOK:-}" ]; then eval "$HOOK"; fi # e.g. a profiler attached to $gw
 s0=$(served); c0=$(cpu_ticks); t0=$(date +%s.%N)
 sleep "$duration"
 s1=$(served); c1=$(cpu_ticks); t1=$(date +%s.%N)

@@ -89,11 +89,17 @@ pub struct Ring<T> {
     stats: RingStats,
 }
 
+/// Slots reserved when a ring is created.
+const INITIAL_SLOTS: usize = 1024;
+
 impl<T> Ring<T> {
-    /// Creates a ring; its storage is reserved once, here, so a push never allocates.
+    /// Creates a ring. Storage grows with the backlog (doubling, never past `capacity`)
+    /// rather than being reserved up front: a 100,000-event ring that a connected broker
+    /// keeps nearly empty then costs kilobytes, not the 20 MB its full size would, and a
+    /// push allocates only when the backlog reaches a size it never reached before.
     pub fn new(capacity: NonZeroUsize, on_full: OnFull) -> Self {
         Self {
-            slots: VecDeque::with_capacity(capacity.get()),
+            slots: VecDeque::with_capacity(capacity.get().min(INITIAL_SLOTS)),
             capacity,
             on_full,
             front: 0,
@@ -143,6 +149,12 @@ impl<T> Ring<T> {
             }
         }
         let id = self.front + self.slots.len() as Id;
+        let (len, allocated) = (self.slots.len(), self.slots.capacity());
+        if len == allocated {
+            // Grow by doubling, but never past the configured capacity.
+            self.slots
+                .reserve_exact(len.max(16).min(self.capacity.get() - len));
+        }
         self.slots.push_back(Slot {
             item,
             state: SlotState::Unsent,

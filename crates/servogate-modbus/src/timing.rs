@@ -12,6 +12,9 @@ use timerfd::{ClockId, SetTimeFlags, TimerFd, TimerState};
 use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
+/// How long before a deadline [`PreciseTimer`] stops sleeping and starts spinning.
+const SPIN: Duration = Duration::from_micros(150);
+
 /// A one-shot timer with microsecond resolution, reusable for every wait of one task.
 pub struct PreciseTimer {
     fd: AsyncFd<TimerFd>,
@@ -35,13 +38,18 @@ impl PreciseTimer {
     /// Cancellation-safe: dropping the future leaves the timer armed, and the next call
     /// re-arms it before waiting, so a stale expiry is read and discarded.
     pub async fn sleep_until(&mut self, deadline: Instant) -> io::Result<()> {
+        // The kernel wakes a timer up to ~100 us late here (50 us of timer slack plus the
+        // VM's wake-up latency): sleep until SPIN before the deadline, then spin the rest.
+        // Spinning costs at most SPIN of CPU per wait (3 % at 150 transactions/s) and buys
+        // the 95 % of the line's physical limit the benchmark asks for.
+        let wake = deadline.checked_sub(SPIN).unwrap_or(deadline);
         loop {
             let now = Instant::now();
-            if deadline <= now {
-                return Ok(());
+            if wake <= now {
+                break;
             }
             // A zero duration would disarm the timer instead of firing it.
-            let wait = (deadline - now).max(Duration::from_micros(1));
+            let wait = (wake - now).max(Duration::from_micros(1));
             self.fd
                 .get_mut()
                 .set_state(TimerState::Oneshot(wait), SetTimeFlags::Default);
@@ -51,6 +59,10 @@ impl PreciseTimer {
                 guard.clear_ready();
             }
         }
+        while Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        Ok(())
     }
 
     /// Waits for `duration`.
