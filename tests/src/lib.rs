@@ -509,11 +509,11 @@ pub fn truth(unit: u8, t_ms: u32) -> [f64; 6] {
     let i32_at = |i: usize| f64::from(((u32::from(r[i]) << 16) | u32::from(r[i + 1])) as i32);
     let i16_at = |i: usize| f64::from(r[i] as i16);
     [
-        i32_at(0) * 0.001,
-        i32_at(2) * 0.001,
-        i16_at(4) * 0.1,
-        i16_at(5) * 0.01,
-        i16_at(6) * 0.1,
+        i32_at(0) / 1000.0,
+        i32_at(2) / 1000.0,
+        i16_at(4) / 10.0,
+        i16_at(5) / 100.0,
+        i16_at(6) / 10.0,
         f64::from(r[7]),
     ]
 }

@@ -169,7 +169,7 @@ impl Field {
                 return Ok(if on { 1.0 } else { 0.0 });
             }
         };
-        Ok(value * self.scale + self.offset)
+        Ok(apply_scale(value, self.scale) + self.offset)
     }
 
     /// True when `value` lies inside the declared range (or there is none).
@@ -177,6 +177,19 @@ impl Field {
         value.is_finite()
             && self.min.is_none_or(|min| value >= min)
             && self.max.is_none_or(|max| value <= max)
+    }
+}
+
+/// `value x scale`, computed as a division when the scale is the inverse of a whole number
+/// (0.1, 0.01, 0.001, ...): 138 x 0.01 is 1.3800000000000001 in binary floating point,
+/// 138 / 100 is the 1.38 a consumer expects to read.
+fn apply_scale(value: f64, scale: f64) -> f64 {
+    let inverse = 1.0 / scale;
+    let whole = inverse.round();
+    if whole.abs() >= 2.0 && (inverse - whole).abs() < 1e-9 * whole.abs() {
+        value / whole
+    } else {
+        value * scale
     }
 }
 
@@ -244,6 +257,17 @@ mod tests {
             bits as u16,
         ];
         assert_eq!(field(DataType::F64).decode(&regs), Ok(-2.25));
+    }
+
+    #[test]
+    fn decimal_scales_give_the_nearest_decimal_value() {
+        let mut f = Field::new("current", 0, DataType::I16);
+        f.scale = 0.01;
+        assert_eq!(f.decode(&[138]).unwrap(), 1.38);
+        f.scale = 0.1;
+        assert_eq!(f.decode(&[262]).unwrap(), 26.2);
+        f.scale = 2.5;
+        assert_eq!(f.decode(&[4]).unwrap(), 10.0);
     }
 
     #[test]

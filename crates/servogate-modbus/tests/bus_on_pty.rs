@@ -128,9 +128,9 @@ async fn every_published_value_matches_the_simulator_model_and_seq_grows_by_one(
             let unit: u8 = e.device.trim_start_matches("axis-").parse().unwrap();
             let t_ms = value(t, "t_ms") as u32;
             let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
-            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) * 0.001;
+            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) / 1000.0;
             assert_eq!(t.position, Some(pos), "{} at {t_ms}", e.device);
-            assert_eq!(t.torque, Some(f64::from(regs[4] as i16) * 0.1));
+            assert_eq!(t.torque, Some(f64::from(regs[4] as i16) / 10.0));
             assert_eq!(t.statusword, Some(regs[7]));
             assert!(t.quality.is_good() || t.quality.late);
             let prev = last_seq.insert(e.device.to_string(), e.seq).unwrap_or(0);
@@ -207,7 +207,7 @@ async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
                 let t_ms = value(t, "t_ms") as u32;
                 let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
                 let vel =
-                    f64::from(((u32::from(regs[2]) << 16) | u32::from(regs[3])) as i32) * 0.001;
+                    f64::from(((u32::from(regs[2]) << 16) | u32::from(regs[3])) as i32) / 1000.0;
                 assert_eq!(t.velocity, Some(vel));
                 samples += 1;
             }
@@ -251,7 +251,7 @@ async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer
             assert_ne!(unit, 2, "a reply after the timeout was published");
             let t_ms = value(t, "t_ms") as u32;
             let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
-            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) * 0.001;
+            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) / 1000.0;
             assert_eq!(
                 t.position,
                 Some(pos),
