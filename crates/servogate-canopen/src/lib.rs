@@ -1,0 +1,33 @@
+//! A sans-IO CANopen master core (CiA 301 communication, CiA 402 drive objects).
+//!
+//! This crate does no IO: it opens no socket, spawns nothing and never reads a clock.
+//! Frames come in as [`Frame`] values with the current [`std::time::Instant`]; what must go
+//! out is returned as frames; `poll_timeout` says when to call `handle_timeout` next. The
+//! bus task owns the SocketCAN socket and the timers (quinn-proto's shape).
+//!
+//! - [`frame`]: the [`Frame`] type (11-bit id, up to 8 data bytes), [`NodeId`] and the
+//!   CiA 301 predefined connection set (COB-IDs).
+//! - [`nmt`]: NMT commands, boot-up detection and a [`nmt::NodeTable`] that (re)starts the
+//!   configured nodes.
+//! - [`heartbeat`]: the heartbeat consumer (`offline` after 1.5 x producer time).
+//! - [`emcy`]: EMCY decoding into fault / fault-cleared transitions per node.
+//! - [`sdo`]: the SDO client of one node (expedited and segmented upload and download,
+//!   abort codes, timeouts).
+//! - [`pdo`]: TPDO mappings (from config or the 0x1A00.. objects) and decoding into CiA 402
+//!   [`servogate_core::Telemetry`].
+//! - [`sync`]: the SYNC frame and an optional SYNC producer.
+//! - [`master`]: all of the above for one bus, producing typed events into a
+//!   [`servogate_core::EventSink`].
+#![forbid(unsafe_code)]
+
+pub mod emcy;
+pub mod frame;
+pub mod heartbeat;
+pub mod master;
+pub mod nmt;
+pub mod pdo;
+pub mod sdo;
+pub mod sync;
+
+pub use frame::{CobKind, Frame, NodeId};
+pub use master::{Master, NodeSettings, SdoResult};
