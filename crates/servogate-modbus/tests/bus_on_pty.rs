@@ -243,13 +243,19 @@ async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer
     rig.sim
         .set_late(2, Some(Duration::from_millis(25)))
         .unwrap();
+    let late_from = rig.sim.t_ms();
     let mut checked = 0;
     while checked < 300 {
         let e = rig.events.recv().await.unwrap();
         if let EventBody::Telemetry(t) = &e.body {
             let unit: u8 = e.device.trim_start_matches("axis-").parse().unwrap();
-            assert_ne!(unit, 2, "a reply after the timeout was published");
             let t_ms = value(t, "t_ms") as u32;
+            // Unit 2 answered in time before it was made late (a few ms of margin for a
+            // request already in the simulator when the change came).
+            assert!(
+                unit != 2 || t_ms < late_from + 5,
+                "a reply after the timeout was published (t_ms {t_ms}, late from {late_from})"
+            );
             let regs = model::registers(unit, t_ms, &model::DriveState::running(t_ms));
             let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) / 1000.0;
             assert_eq!(
