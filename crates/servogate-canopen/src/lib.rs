@@ -13,8 +13,10 @@
 //! - [`emcy`]: EMCY decoding into fault / fault-cleared transitions per node.
 //! - [`sdo`]: the SDO client of one node (expedited and segmented upload and download,
 //!   abort codes, timeouts).
-//! - [`pdo`]: TPDO mappings (from config or the 0x1A00.. objects) and decoding into CiA 402
-//!   [`servogate_core::Telemetry`].
+//! - [`objects`]: the named, typed, scaled objects of a drive (the `cia402` profile plus
+//!   what the config adds).
+//! - [`pdo`]: TPDO mappings (from config or the 0x1A00.. objects) and decoding of each
+//!   transmission cycle into one [`servogate_core::Telemetry`].
 //! - [`sync`]: the SYNC frame and an optional SYNC producer.
 //! - [`master`]: all of the above for one bus, producing typed events into a
 //!   [`servogate_core::EventSink`].
@@ -25,9 +27,11 @@ pub mod frame;
 pub mod heartbeat;
 pub mod master;
 pub mod nmt;
+pub mod objects;
 pub mod pdo;
 pub mod sdo;
 pub mod sync;
 
 pub use frame::{CobKind, Frame, NodeId};
-pub use master::{Master, NodeSettings, SdoResult};
+pub use master::{Master, MasterStats, NodeSettings, SdoPoll, SdoResult, TpdoSource};
+pub use objects::{ObjType, ObjectSpec, ObjectTable};

@@ -11,12 +11,19 @@
 //! - heartbeat transitions: the availability topic plus an `online` / `offline` notice;
 //! - EMCY: `fault` / `fault_cleared` notices (the fast, pushed fault path; the 0x603F error
 //!   code in a TPDO is telemetry only, so one fault is not reported twice);
-//! - TPDOs: telemetry, and a `state_change` notice when the CiA 402 state changes;
+//! - TPDOs: one telemetry event per transmission cycle (every mapped TPDO of the node,
+//!   [`TpdoDecoder`]), and a `state_change` notice when the CiA 402 state changes;
+//! - a TPDO cycle that has not come `late_after` after the previous one: a `late` notice
+//!   at that moment, and the telemetry that finally comes is `uncertain` (`late`);
+//! - objects polled over SDO: a telemetry event holding that object's value;
 //! - SDO aborts and timeouts: a `comm_error` notice naming the object and the abort code.
 //!
-//! Boot-up messages queue an NMT start for the node. SDO transfers are started with
-//! [`Master::sdo_upload`] / [`Master::sdo_download`]; their segments are sent by the
-//! master, and their results are returned from `handle_frame` / `handle_timeout`.
+//! Each node has one SDO client and a queue of jobs for it: at start-up (and again after
+//! the node's boot-up message) the heartbeat producer time is written to 0x1017 when the
+//! config asks for it, and the TPDO mappings are read from 0x1800../0x1A00.. when the
+//! config does not give them; after that the polled objects are read on their schedule.
+//! Boot-up messages queue an NMT start for the node. Transfers started with
+//! [`Master::sdo_upload`] / [`Master::sdo_download`] share the same client.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,15 +31,36 @@ use std::time::{Duration, Instant, SystemTime};
 
 use servogate_core::{
     Availability, AvailabilityState, DeviceEvents, DriveState, EventBody, EventKind, EventSink,
+    Telemetry,
 };
 
 use crate::emcy::{EmcyConsumer, FaultChange};
 use crate::frame::{CobKind, Frame, NodeId};
 use crate::heartbeat::{consumer_time, AvailabilityChange, HeartbeatConsumer};
 use crate::nmt::NodeTable;
-use crate::pdo::{Cia402Scale, TpdoDecoder, TpdoMapping};
+use crate::objects::{ObjectSpec, ObjectTable};
+use crate::pdo::{MappingReader, TpdoDecoder, TpdoMapping};
 use crate::sdo::{AbortCode, SdoClient, SdoError, SdoEvent};
 use crate::sync::SyncProducer;
+
+/// 0x1017 producer heartbeat time (u16, ms), CiA 301 v4.2 7.5.2.32.
+pub const PRODUCER_HEARTBEAT_TIME: u16 = 0x1017;
+
+/// Where a node's TPDO mappings come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TpdoSource {
+    /// Given in the config.
+    Config(Vec<TpdoMapping>),
+    /// Read from the drive over SDO at start-up: these TPDO numbers (1..=4).
+    Read(Vec<u8>),
+}
+
+/// An object read over SDO on a schedule of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SdoPoll {
+    pub object: ObjectSpec,
+    pub every: Duration,
+}
 
 /// One configured drive on the bus.
 #[derive(Debug, Clone)]
@@ -42,9 +70,33 @@ pub struct NodeSettings {
     pub node: NodeId,
     /// Heartbeat producer time of the drive; zero = not watched.
     pub heartbeat: Duration,
-    /// TPDO mappings (from config, or read with [`crate::pdo::MappingReader`]).
-    pub tpdos: Vec<TpdoMapping>,
-    pub scale: Cia402Scale,
+    /// Write `heartbeat` into the drive's 0x1017 at start-up and after each boot-up.
+    pub configure_heartbeat: bool,
+    pub tpdos: TpdoSource,
+    /// Names, types and scales of the drive's objects (the `cia402` profile + config).
+    pub objects: Arc<ObjectTable>,
+    pub polls: Vec<SdoPoll>,
+    /// A TPDO cycle later than this after the previous one is `late`; `None`: not watched.
+    pub late_after: Option<Duration>,
+    /// Time each SDO response may take.
+    pub sdo_timeout: Duration,
+}
+
+impl NodeSettings {
+    /// A node with the `cia402` profile, TPDOs 1-4 read from the drive, nothing polled.
+    pub fn new(name: &str, node: NodeId, heartbeat: Duration) -> Self {
+        Self {
+            name: Arc::from(name),
+            node,
+            heartbeat,
+            configure_heartbeat: false,
+            tpdos: TpdoSource::Read(vec![1, 2, 3, 4]),
+            objects: Arc::new(ObjectTable::cia402()),
+            polls: Vec::new(),
+            late_after: None,
+            sdo_timeout: Duration::from_millis(100),
+        }
+    }
 }
 
 /// The end of an SDO transfer started through the master.
@@ -70,6 +122,14 @@ pub enum SdoResult {
     },
 }
 
+/// What a node's SDO client is doing on the master's behalf.
+#[derive(Debug, Clone)]
+enum Job {
+    WriteHeartbeat,
+    ReadMapping(MappingReader),
+    Poll(usize),
+}
+
 #[derive(Debug)]
 struct Node {
     settings: NodeSettings,
@@ -77,6 +137,45 @@ struct Node {
     decoder: TpdoDecoder,
     sdo: SdoClient,
     drive_state: Option<DriveState>,
+    /// Start-up jobs still to run, in order.
+    jobs: VecDeque<Job>,
+    /// The job of the running transfer (`None`: idle, or a transfer of the caller's).
+    current: Option<Job>,
+    /// When each of `settings.polls` is due next.
+    poll_due: Vec<Instant>,
+    /// When the last complete TPDO cycle arrived.
+    last_telemetry: Option<Instant>,
+    /// A `late` notice went out for the current gap.
+    late_raised: bool,
+    /// True once the TPDO mappings are known (from config, or read).
+    mapped: bool,
+}
+
+impl Node {
+    fn startup_jobs(&mut self) {
+        self.jobs.clear();
+        if self.settings.configure_heartbeat {
+            self.jobs.push_back(Job::WriteHeartbeat);
+        }
+        if !self.mapped {
+            if let TpdoSource::Read(numbers) = &self.settings.tpdos {
+                if let Ok(reader) = MappingReader::new(numbers) {
+                    self.jobs.push_back(Job::ReadMapping(reader));
+                }
+            }
+        }
+    }
+}
+
+/// Counters of one bus's master.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MasterStats {
+    /// TPDO frames shorter than their mapping.
+    pub malformed_tpdos: u64,
+    /// Heartbeat frames that were not one byte.
+    pub malformed_heartbeats: u64,
+    /// EMCY frames that were not eight bytes.
+    pub malformed_emcy: u64,
 }
 
 /// The sans-IO master of one CAN bus.
@@ -92,7 +191,8 @@ pub struct Master {
 
 impl Master {
     /// A master for `nodes` (a node id given twice keeps its first settings), with an
-    /// optional SYNC producer. NMT start commands for every node are queued at once.
+    /// optional SYNC producer. NMT start commands for every node are queued at once, then
+    /// the start-up SDO jobs.
     pub fn new(nodes: Vec<NodeSettings>, sync: Option<SyncProducer>, now: Instant) -> Self {
         let mut heartbeat = HeartbeatConsumer::new();
         let mut kept: Vec<Node> = Vec::new();
@@ -101,13 +201,26 @@ impl Master {
                 continue;
             }
             heartbeat.add(settings.node, settings.heartbeat, now);
-            kept.push(Node {
+            let (mappings, mapped) = match &settings.tpdos {
+                TpdoSource::Config(m) => (m.clone(), true),
+                TpdoSource::Read(_) => (Vec::new(), false),
+            };
+            let mut node = Node {
                 events: DeviceEvents::new(settings.name.clone()),
-                decoder: TpdoDecoder::new(settings.tpdos.clone(), settings.scale),
+                decoder: TpdoDecoder::new(mappings, settings.objects.clone()),
                 sdo: SdoClient::new(settings.node),
                 drive_state: None,
+                jobs: VecDeque::new(),
+                current: None,
+                // The first reads go out at once, one after the other.
+                poll_due: vec![now; settings.polls.len()],
+                last_telemetry: None,
+                late_raised: false,
+                mapped,
                 settings,
-            });
+            };
+            node.startup_jobs();
+            kept.push(node);
         }
         let mut nmt = NodeTable::new(kept.iter().map(|n| n.settings.node));
         nmt.start_all();
@@ -120,6 +233,7 @@ impl Master {
             transmit: VecDeque::new(),
         };
         master.drain_nmt();
+        master.service_jobs(now);
         master
     }
 
@@ -130,9 +244,26 @@ impl Master {
 
     /// The earliest time `handle_timeout` has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let sdo = self.nodes.iter().filter_map(|n| n.sdo.poll_timeout());
+        let per_node = self.nodes.iter().filter_map(|n| {
+            let sdo = n.sdo.poll_timeout();
+            // A poll can only start when the client is free; when it is busy, its
+            // response or its timeout wakes us first.
+            let poll = if n.sdo.is_idle() && n.jobs.is_empty() {
+                n.poll_due.iter().min().copied()
+            } else {
+                None
+            };
+            let late = match (n.settings.late_after, n.last_telemetry) {
+                (Some(after), Some(last)) if !n.late_raised => Some(last + after),
+                _ => None,
+            };
+            [sdo, poll, late].into_iter().flatten().min()
+        });
         let sync = self.sync.as_ref().and_then(SyncProducer::poll_timeout);
-        sdo.chain(self.heartbeat.poll_timeout()).chain(sync).min()
+        per_node
+            .chain(self.heartbeat.poll_timeout())
+            .chain(sync)
+            .min()
     }
 
     /// Feeds a received frame; `wall` is its acquisition time. Returns the end of an SDO
@@ -144,9 +275,11 @@ impl Master {
         wall: SystemTime,
         sink: &dyn EventSink,
     ) -> Option<SdoResult> {
-        match CobKind::of(frame.id()) {
+        let result = match CobKind::of(frame.id()) {
             CobKind::Heartbeat(_) => {
-                self.nmt.handle_frame(frame);
+                if let Some(booted) = self.nmt.handle_frame(frame) {
+                    self.on_boot(booted);
+                }
                 self.drain_nmt();
                 if let Some(change) = self.heartbeat.handle_frame(frame, now) {
                     self.on_availability(change, wall, sink);
@@ -159,26 +292,24 @@ impl Master {
                 }
                 None
             }
-            CobKind::Tpdo(..) => {
-                self.on_tpdo(frame, wall, sink);
-                None
-            }
             CobKind::SdoResponse(node) => {
                 let n = self.nodes.iter_mut().find(|n| n.settings.node == node)?;
                 let current = n.sdo.current();
                 let event = n.sdo.handle_frame(frame, now)?;
                 self.on_sdo(node, current, event, wall, sink)
             }
-            // A TPDO on a non-default COB-ID (mapped from 0x180n) lands here.
+            // TPDOs, on their predefined COB-IDs or any other one a mapping names.
             _ => {
-                self.on_tpdo(frame, wall, sink);
+                self.on_tpdo(frame, now, wall, sink);
                 None
             }
-        }
+        };
+        self.service_jobs(now);
+        result
     }
 
-    /// Handles everything due at `now`: heartbeat deadlines, SDO timeouts, SYNC. Returns
-    /// the SDO transfers that timed out.
+    /// Handles everything due at `now`: heartbeat deadlines, SDO timeouts and polls, late
+    /// TPDO cycles, SYNC. Returns the SDO transfers that timed out.
     pub fn handle_timeout(
         &mut self,
         now: Instant,
@@ -197,9 +328,13 @@ impl Master {
                 results.extend(self.on_sdo(node, current, event, wall, sink));
             }
         }
+        for i in 0..self.nodes.len() {
+            self.check_late(i, now, wall, sink);
+        }
         if let Some(frame) = self.sync.as_mut().and_then(|s| s.handle_timeout(now)) {
             self.transmit.push_back(frame);
         }
+        self.service_jobs(now);
         results
     }
 
@@ -245,14 +380,62 @@ impl Master {
     /// Replaces the TPDO mappings of `node` (after reading them from the drive).
     pub fn set_tpdos(&mut self, node: NodeId, tpdos: Vec<TpdoMapping>) -> Result<(), SdoError> {
         let n = self.node_mut(node)?;
-        n.decoder = TpdoDecoder::new(tpdos.clone(), n.settings.scale);
-        n.settings.tpdos = tpdos;
+        n.decoder = TpdoDecoder::new(tpdos, n.settings.objects.clone());
+        n.mapped = true;
         Ok(())
+    }
+
+    /// The TPDO mappings `node` is decoded with (empty until they are read).
+    pub fn tpdos(&self, node: NodeId) -> &[TpdoMapping] {
+        self.nodes
+            .iter()
+            .find(|n| n.settings.node == node)
+            .map_or(&[], |n| n.decoder.mappings())
+    }
+
+    /// True when the start-up jobs of `node` are done (mappings read, 0x1017 written).
+    pub fn is_configured(&self, node: NodeId) -> bool {
+        self.nodes
+            .iter()
+            .find(|n| n.settings.node == node)
+            .is_some_and(|n| {
+                n.jobs.is_empty()
+                    && !matches!(n.current, Some(Job::WriteHeartbeat | Job::ReadMapping(_)))
+            })
     }
 
     /// The availability the heartbeat consumer last reported for `node`.
     pub fn availability(&self, node: NodeId) -> Option<AvailabilityState> {
         self.heartbeat.state(node)
+    }
+
+    /// The device name of every node, with its node id.
+    pub fn devices(&self) -> impl Iterator<Item = (NodeId, &Arc<str>)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.settings.node, &n.settings.name))
+    }
+
+    pub fn stats(&self) -> MasterStats {
+        MasterStats {
+            malformed_tpdos: self.nodes.iter().map(|n| n.decoder.malformed()).sum(),
+            malformed_heartbeats: self.heartbeat.malformed(),
+            malformed_emcy: self.emcy.malformed(),
+        }
+    }
+
+    /// Pushes the same notice to every device of the bus (bus state, lost frames): each
+    /// drive's consumer learns that its bus is in trouble.
+    pub fn notify_all(
+        &mut self,
+        wall: SystemTime,
+        kind: EventKind,
+        message: &str,
+        sink: &dyn EventSink,
+    ) {
+        for n in &mut self.nodes {
+            sink.push(n.events.notice(wall, kind.clone(), message.to_owned()));
+        }
     }
 
     fn node_mut(&mut self, node: NodeId) -> Result<&mut Node, SdoError> {
@@ -266,6 +449,109 @@ impl Master {
         while let Some(frame) = self.nmt.poll_transmit() {
             self.transmit.push_back(frame);
         }
+    }
+
+    /// A drive that booted has its defaults back: configure it again, and do not call the
+    /// silence while it booted `late` (its heartbeat tells whether it is there).
+    fn on_boot(&mut self, node: NodeId) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.settings.node == node) {
+            n.startup_jobs();
+            n.last_telemetry = None;
+            n.late_raised = false;
+        }
+    }
+
+    /// Starts the next SDO job of every idle node: start-up jobs first, then due polls.
+    fn service_jobs(&mut self, now: Instant) {
+        for i in 0..self.nodes.len() {
+            let online = self.node_reachable(i);
+            let n = &mut self.nodes[i];
+            if !n.sdo.is_idle() || !online {
+                continue;
+            }
+            let timeout = n.settings.sdo_timeout;
+            let start = if let Some(job) = n.jobs.pop_front() {
+                Some(job)
+            } else {
+                // The most overdue poll first.
+                n.poll_due
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, due)| **due <= now)
+                    .min_by_key(|(_, due)| **due)
+                    .map(|(k, _)| Job::Poll(k))
+            };
+            let Some(job) = start else { continue };
+            let frame = match &job {
+                Job::WriteHeartbeat => {
+                    let ms = n.settings.heartbeat.as_millis().min(u128::from(u16::MAX)) as u16;
+                    n.sdo.start_download(
+                        PRODUCER_HEARTBEAT_TIME,
+                        0,
+                        &ms.to_le_bytes(),
+                        timeout,
+                        now,
+                    )
+                }
+                Job::ReadMapping(reader) => match reader.next_object() {
+                    Some((index, sub)) => n.sdo.start_upload(index, sub, timeout, now),
+                    None => {
+                        n.mapped = true;
+                        continue;
+                    }
+                },
+                Job::Poll(k) => {
+                    let k = *k;
+                    let every = n.settings.polls[k].every;
+                    // On schedule, without drift; after a long stall, from now.
+                    let next = n.poll_due[k] + every;
+                    n.poll_due[k] = if next <= now { now + every } else { next };
+                    let o = &n.settings.polls[k].object;
+                    n.sdo.start_upload(o.index, o.sub, timeout, now)
+                }
+            };
+            // The client was checked idle and no request carries more than 2 bytes, so
+            // starting cannot fail; if it did, the job is dropped, not retried forever.
+            if let Ok(frame) = frame {
+                self.transmit.push_back(frame);
+                self.nodes[i].current = Some(job);
+            }
+        }
+    }
+
+    /// False while the heartbeat consumer has the node offline: SDO requests to a silent
+    /// node would only time out.
+    fn node_reachable(&self, i: usize) -> bool {
+        let n = &self.nodes[i];
+        n.settings.heartbeat.is_zero()
+            || self.heartbeat.state(n.settings.node) != Some(AvailabilityState::Offline)
+    }
+
+    fn check_late(&mut self, i: usize, now: Instant, wall: SystemTime, sink: &dyn EventSink) {
+        if !self.node_reachable(i) {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        let (Some(after), Some(last)) = (n.settings.late_after, n.last_telemetry) else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(last);
+        if n.late_raised || elapsed < after {
+            return;
+        }
+        n.late_raised = true;
+        sink.push(n.events.notice(
+            wall,
+            EventKind::Late {
+                elapsed,
+                late_after: after,
+            },
+            format!(
+                "no TPDO for {} ms (late_after {} ms)",
+                elapsed.as_millis(),
+                after.as_millis()
+            ),
+        ));
     }
 
     fn on_availability(
@@ -293,6 +579,11 @@ impl Master {
             }
         };
         let state = change.state;
+        if state == AvailabilityState::Offline {
+            // Back online, the first TPDO cycle starts a new gap measurement.
+            n.last_telemetry = None;
+            n.late_raised = false;
+        }
         sink.push(n.events.event(
             wall,
             EventBody::Availability(Availability {
@@ -324,9 +615,9 @@ impl Master {
         sink.push(n.events.notice(wall, change.to_event_kind(), message));
     }
 
-    fn on_tpdo(&mut self, frame: &Frame, wall: SystemTime, sink: &dyn EventSink) {
+    fn on_tpdo(&mut self, frame: &Frame, now: Instant, wall: SystemTime, sink: &dyn EventSink) {
         for n in &mut self.nodes {
-            let Some(telemetry) = n.decoder.handle_frame(frame) else {
+            let Some(mut telemetry) = n.decoder.handle_frame(frame) else {
                 continue;
             };
             // The state change goes out before the telemetry that shows it.
@@ -347,6 +638,29 @@ impl Master {
                     n.drive_state = Some(state);
                 }
             }
+            if let (Some(after), Some(last)) = (n.settings.late_after, n.last_telemetry) {
+                let elapsed = now.saturating_duration_since(last);
+                if elapsed >= after || n.late_raised {
+                    if !n.late_raised {
+                        // The timer did not fire first (a busy task): say it now.
+                        sink.push(n.events.notice(
+                            wall,
+                            EventKind::Late {
+                                elapsed,
+                                late_after: after,
+                            },
+                            format!(
+                                "TPDO cycle {} ms after the previous (late_after {} ms)",
+                                elapsed.as_millis(),
+                                after.as_millis()
+                            ),
+                        ));
+                    }
+                    telemetry.quality.late = true;
+                }
+            }
+            n.last_telemetry = Some(now);
+            n.late_raised = false;
             sink.push(n.events.event(wall, EventBody::Telemetry(telemetry)));
             return;
         }
@@ -361,18 +675,18 @@ impl Master {
         sink: &dyn EventSink,
     ) -> Option<SdoResult> {
         let (index, sub) = current.unwrap_or((0, 0));
-        match event {
+        let result = match event {
             SdoEvent::NextFrame(frame) => {
                 self.transmit.push_back(frame);
-                None
+                return None;
             }
-            SdoEvent::Uploaded(data) => Some(SdoResult::Uploaded {
+            SdoEvent::Uploaded(data) => SdoResult::Uploaded {
                 node,
                 index,
                 sub,
                 data,
-            }),
-            SdoEvent::Downloaded => Some(SdoResult::Downloaded { node, index, sub }),
+            },
+            SdoEvent::Downloaded => SdoResult::Downloaded { node, index, sub },
             SdoEvent::Aborted {
                 index,
                 sub,
@@ -396,14 +710,85 @@ impl Master {
                         format!("SDO {index:#06x}:{sub} aborted by the {who}: {code}"),
                     ));
                 }
-                Some(SdoResult::Aborted {
+                SdoResult::Aborted {
                     node,
                     index,
                     sub,
                     code,
                     by_server,
-                })
+                }
             }
+        };
+        self.finish_job(node, &result, wall, sink);
+        Some(result)
+    }
+
+    /// Hands the end of a transfer to the job that started it.
+    fn finish_job(
+        &mut self,
+        node: NodeId,
+        result: &SdoResult,
+        wall: SystemTime,
+        sink: &dyn EventSink,
+    ) {
+        let Some(n) = self.nodes.iter_mut().find(|n| n.settings.node == node) else {
+            return;
+        };
+        let Some(job) = n.current.take() else {
+            return;
+        };
+        match (job, result) {
+            (Job::ReadMapping(mut reader), SdoResult::Uploaded { data, .. }) => {
+                if let Err(e) = reader.on_uploaded(data) {
+                    sink.push(n.events.notice(
+                        wall,
+                        EventKind::CommError {
+                            error: "bad_mapping",
+                        },
+                        format!("TPDO mapping of node {node} refused: {e}"),
+                    ));
+                }
+                if reader.next_object().is_some() {
+                    // Go on with the next mapping object before anything else.
+                    n.jobs.push_front(Job::ReadMapping(reader));
+                } else {
+                    n.decoder = TpdoDecoder::new(reader.finish(), n.settings.objects.clone());
+                    n.mapped = true;
+                }
+            }
+            (Job::ReadMapping(reader), SdoResult::Aborted { .. }) => {
+                // Keep what was read; without a mapping the node gives no TPDO telemetry,
+                // which the comm_error already said. The mapping is read again when the
+                // drive boots.
+                n.decoder = TpdoDecoder::new(reader.finish(), n.settings.objects.clone());
+            }
+            (Job::Poll(k), SdoResult::Uploaded { data, .. }) => {
+                let Some(poll) = n.settings.polls.get(k) else {
+                    return;
+                };
+                let o = &poll.object;
+                match o.ty.decode_bytes(data) {
+                    Some(raw) => {
+                        let mut t = Telemetry::default();
+                        t.set(&o.name, raw * o.scale + o.offset);
+                        sink.push(n.events.event(wall, EventBody::Telemetry(t)));
+                    }
+                    None => sink.push(n.events.notice(
+                        wall,
+                        EventKind::CommError {
+                            error: "wrong_reply",
+                        },
+                        format!(
+                            "SDO {:#06x}:{} gave {} bytes for a {:?}",
+                            o.index,
+                            o.sub,
+                            data.len(),
+                            o.ty
+                        ),
+                    )),
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -412,7 +797,7 @@ impl Master {
 mod tests {
     use std::sync::Mutex;
 
-    use servogate_core::{Event, Telemetry};
+    use servogate_core::{Event, Notice, Telemetry};
 
     use super::*;
 
@@ -443,19 +828,39 @@ mod tests {
     }
 
     fn master(t0: Instant) -> Master {
-        let settings = |id: u8| NodeSettings {
-            name: Arc::from(format!("axis-{id}")),
-            node: n(id),
-            heartbeat: 100 * MS,
-            tpdos: vec![
-                TpdoMapping::from_raw(0x180 + u16::from(id), &[0x6041_0010, 0x6064_0020]).unwrap(),
-            ],
-            scale: Cia402Scale {
-                position: 0.001,
-                ..Cia402Scale::default()
-            },
+        let settings = |id: u8| {
+            let mut objects = ObjectTable::cia402();
+            let mut position = ObjectTable::builtin("position").unwrap();
+            position.scale = 0.001;
+            objects.insert(position);
+            NodeSettings {
+                tpdos: TpdoSource::Config(vec![TpdoMapping::from_raw(
+                    0x180 + u16::from(id),
+                    &[0x6041_0010, 0x6064_0020],
+                )
+                .unwrap()]),
+                objects: Arc::new(objects),
+                ..NodeSettings::new(&format!("axis-{id}"), n(id), 100 * MS)
+            }
         };
         Master::new(vec![settings(1), settings(2)], None, t0)
+    }
+
+    /// Node 1 of [`master`], changed by `edit`, alone on the bus.
+    fn master_with(edit: impl Fn(&mut NodeSettings), t0: Instant) -> Master {
+        let mut settings = NodeSettings {
+            tpdos: TpdoSource::Config(vec![TpdoMapping::from_raw(
+                0x181,
+                &[0x6041_0010, 0x6064_0020],
+            )
+            .unwrap()]),
+            ..NodeSettings::new("axis-1", n(1), 100 * MS)
+        };
+        edit(&mut settings);
+        let mut m = Master::new(vec![settings], None, t0);
+        // The NMT start of node 1.
+        assert_eq!(m.poll_transmit(), Some(f(0, &[1, 1])));
+        m
     }
 
     fn drain(m: &mut Master) -> Vec<Frame> {
@@ -638,5 +1043,155 @@ mod tests {
         m.handle_timeout(t0, WALL, &sink);
         assert_eq!(drain(&mut m), vec![f(0x080, &[])]);
         assert_eq!(m.poll_timeout(), Some(t0 + 10 * MS));
+    }
+
+    /// An expedited upload response of node `id` for `index:sub` with `value` (4 bytes).
+    fn upload_reply(id: u8, index: u16, sub: u8, value: u32) -> Frame {
+        let mut d = vec![0x43, index as u8, (index >> 8) as u8, sub];
+        d.extend_from_slice(&value.to_le_bytes());
+        f(0x580 + u16::from(id), &d)
+    }
+
+    #[test]
+    fn the_tpdo_mapping_is_read_over_sdo_then_tpdos_decode_with_it() {
+        // Given node 4 whose TPDO1 mapping is read from the drive
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let settings = NodeSettings {
+            tpdos: TpdoSource::Read(vec![1]),
+            ..NodeSettings::new("axis-4", n(4), 100 * MS)
+        };
+        let mut m = Master::new(vec![settings], None, t0);
+        // When the drive answers 0x1800:01, 0x1A00:00 and the two entries
+        let replies = [
+            (0x1800, 1, 0x184),
+            (0x1A00, 0, 2),
+            (0x1A00, 1, 0x6041_0010),
+            (0x1A00, 2, 0x6064_0020),
+        ];
+        let mut asked = Vec::new();
+        for (index, sub, value) in replies {
+            let request = drain(&mut m).pop().expect("an SDO request");
+            asked.push((request.data()[1], request.data()[2], request.data()[3]));
+            assert!(!m.is_configured(n(4)));
+            m.handle_frame(&upload_reply(4, index, sub, value), t0, WALL, &sink);
+        }
+        // Then it asked for exactly those objects, in order, and is configured
+        assert_eq!(
+            asked,
+            vec![
+                (0x00, 0x18, 1),
+                (0x00, 0x1A, 0),
+                (0x00, 0x1A, 1),
+                (0x00, 0x1A, 2)
+            ]
+        );
+        assert!(m.is_configured(n(4)));
+        assert_eq!(m.tpdos(n(4)).len(), 1);
+        // and a TPDO on 0x184 now gives telemetry
+        m.handle_frame(&f(0x184, &[0x37, 0x02, 7, 0, 0, 0]), t0, WALL, &sink);
+        let position = sink.take().into_iter().find_map(|e| match e.body {
+            EventBody::Telemetry(t) => t.position,
+            _ => None,
+        });
+        assert_eq!(position, Some(7.0));
+    }
+
+    #[test]
+    fn the_heartbeat_time_is_written_at_start_and_again_after_a_boot_up() {
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let settings = NodeSettings {
+            configure_heartbeat: true,
+            tpdos: TpdoSource::Config(vec![]),
+            ..NodeSettings::new("axis-5", n(5), 250 * MS)
+        };
+        let mut m = Master::new(vec![settings], None, t0);
+        // 0x2B: download, expedited, 2 bytes; 250 ms = 0x00FA
+        let write = f(0x605, &[0x2B, 0x17, 0x10, 0, 0xFA, 0, 0, 0]);
+        assert_eq!(drain(&mut m), vec![f(0, &[1, 5]), write.clone()]);
+        m.handle_frame(
+            &f(0x585, &[0x60, 0x17, 0x10, 0, 0, 0, 0, 0]),
+            t0,
+            WALL,
+            &sink,
+        );
+        assert!(m.is_configured(n(5)));
+        // When the drive reboots, it is started and configured again
+        m.handle_frame(&f(0x705, &[0x00]), t0, WALL, &sink);
+        assert_eq!(drain(&mut m), vec![f(0, &[1, 5]), write]);
+    }
+
+    #[test]
+    fn a_missing_tpdo_cycle_raises_late_at_once_and_the_next_one_is_uncertain() {
+        // Given node 1 whose TPDO cycle must come within 20 ms
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let mut m = master_with(|s| s.late_after = Some(20 * MS), t0);
+        let tpdo = f(0x181, &[0x37, 0x02, 0, 0, 0, 0]);
+        m.handle_frame(&f(0x701, &[0x05]), t0, WALL, &sink);
+        m.handle_frame(&tpdo, t0, WALL, &sink);
+        m.handle_frame(&tpdo, t0 + 10 * MS, WALL, &sink);
+        sink.take();
+        // When nothing comes for 20 ms, the deadline is the next wake-up and raises `late`
+        assert_eq!(m.poll_timeout(), Some(t0 + 30 * MS));
+        m.handle_timeout(t0 + 30 * MS, WALL, &sink);
+        let late: Vec<_> = sink
+            .take()
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Notice(Notice {
+                    kind: EventKind::Late { elapsed, .. },
+                    ..
+                }) => Some(elapsed),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(late, vec![20 * MS]);
+        // Then the cycle that finally comes is uncertain, and the one after good again
+        m.handle_frame(&tpdo, t0 + 45 * MS, WALL, &sink);
+        m.handle_frame(&tpdo, t0 + 55 * MS, WALL, &sink);
+        let quality: Vec<_> = sink
+            .take()
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Telemetry(t) => Some(t.quality.late),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(quality, vec![true, false]);
+    }
+
+    #[test]
+    fn a_polled_object_is_read_on_its_schedule_into_telemetry() {
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let mut dc = ObjectSpec::new("dc_bus", 0x2011, 0, crate::ObjType::U32);
+        dc.scale = 0.001;
+        let mut m = master_with(
+            |s| {
+                s.polls = vec![SdoPoll {
+                    object: dc.clone(),
+                    every: 100 * MS,
+                }]
+            },
+            t0,
+        );
+        let request = drain(&mut m).pop().unwrap();
+        assert_eq!(request, f(0x601, &[0x40, 0x11, 0x20, 0, 0, 0, 0, 0]));
+        m.handle_frame(&upload_reply(1, 0x2011, 0, 48_000), t0, WALL, &sink);
+        let values: Vec<_> = sink
+            .take()
+            .into_iter()
+            .filter_map(|e| match e.body {
+                EventBody::Telemetry(t) => Some(t.values),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(values, vec![vec![(Arc::from("dc_bus"), 48.0)]]);
+        // The next read is due one period after the first
+        assert_eq!(m.poll_timeout(), Some(t0 + 100 * MS));
+        m.handle_timeout(t0 + 100 * MS, WALL, &sink);
+        assert_eq!(drain(&mut m).len(), 1);
     }
 }

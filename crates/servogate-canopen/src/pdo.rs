@@ -13,9 +13,10 @@
 
 use std::sync::Arc;
 
-use servogate_core::{DriveState, Telemetry};
+use servogate_core::Telemetry;
 
 use crate::frame::{cob, Frame, NodeId};
+use crate::objects::{hex_name, ObjectTable};
 
 /// 0x1A00: first TPDO mapping parameter object (TPDO n at 0x1A00 + n - 1).
 pub const TPDO_MAPPING_BASE: u16 = 0x1A00;
@@ -38,6 +39,8 @@ pub mod objects {
     pub const VELOCITY: u16 = 0x606C;
     /// 0x6077 torque actual value (i16).
     pub const TORQUE: u16 = 0x6077;
+    /// 0x6078 current actual value (i16).
+    pub const CURRENT: u16 = 0x6078;
 }
 
 /// One mapped object: `index:sub`, `bits` long.
@@ -167,43 +170,34 @@ fn mask(bits: u32) -> u64 {
     }
 }
 
-/// Sign-extends the low `bits` of `raw`.
-fn signed(raw: u64, bits: u8) -> i64 {
-    let shift = 64 - u32::from(bits.clamp(1, 64));
-    ((raw << shift) as i64) >> shift
-}
-
-/// Scale of the CiA 402 values: value = raw x scale (from the profile config).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cia402Scale {
-    pub position: f64,
-    pub velocity: f64,
-    pub torque: f64,
-}
-
-impl Default for Cia402Scale {
-    fn default() -> Self {
-        Self {
-            position: 1.0,
-            velocity: 1.0,
-            torque: 1.0,
-        }
-    }
-}
-
-/// Decodes the TPDOs of one node into telemetry.
+/// Decodes the TPDOs of one node into telemetry, one event per transmission cycle.
+///
+/// A drive sends its TPDOs of one cycle (one SYNC, or one event-timer period) back to back,
+/// built from one sample. The decoder collects them and hands out one [`Telemetry`] when
+/// every mapped TPDO has arrived, so a consumer sees each cycle whole. If a TPDO arrives
+/// again before the cycle is complete (one was lost, or the drive does not send it), what
+/// was collected goes out as it is and a new cycle starts: nothing waits forever.
 #[derive(Debug, Clone)]
 pub struct TpdoDecoder {
     mappings: Vec<TpdoMapping>,
-    scale: Cia402Scale,
+    objects: Arc<ObjectTable>,
+    /// The cycle being collected, and which mappings (bit i = `mappings[i]`) it has.
+    pending: Option<Telemetry>,
+    seen: u64,
     malformed: u64,
 }
 
 impl TpdoDecoder {
-    pub fn new(mappings: Vec<TpdoMapping>, scale: Cia402Scale) -> Self {
+    pub fn new(mappings: Vec<TpdoMapping>, objects: Arc<ObjectTable>) -> Self {
+        // More than 64 mappings on one node cannot be configured (512 TPDOs exist, a
+        // drive has 4 or 8); the bit set would silently alias, so keep the first 64.
+        let mut mappings = mappings;
+        mappings.truncate(64);
         Self {
             mappings,
-            scale,
+            objects,
+            pending: None,
+            seen: 0,
             malformed: 0,
         }
     }
@@ -213,51 +207,62 @@ impl TpdoDecoder {
         self.malformed
     }
 
-    /// Decodes a frame on one of the mapped COB-IDs. `None` for other frames and for
-    /// frames shorter than the mapping (counted in `malformed`).
+    pub fn mappings(&self) -> &[TpdoMapping] {
+        &self.mappings
+    }
+
+    /// Feeds a frame. Returns telemetry when the frame completes a cycle (or, for a frame
+    /// that starts a new cycle early, the incomplete previous one). `None` for frames on
+    /// other COB-IDs and frames shorter than their mapping (counted in `malformed`).
     pub fn handle_frame(&mut self, frame: &Frame) -> Option<Telemetry> {
-        let mapping = self.mappings.iter().find(|m| m.cob_id == frame.id())?;
-        let Some(values) = mapping.decode_raw(frame.data()) else {
+        let i = self.mappings.iter().position(|m| m.cob_id == frame.id())?;
+        let Some(values) = self.mappings[i].decode_raw(frame.data()) else {
             self.malformed += 1;
             return None;
         };
-        let mut t = Telemetry::default();
-        let s = self.scale;
+        let bit = 1u64 << i;
+        let early = if self.seen & bit != 0 {
+            self.seen = 0;
+            self.pending.take()
+        } else {
+            None
+        };
+        let t = self.pending.get_or_insert_with(Telemetry::default);
         for (e, raw) in values {
-            if e.sub != 0 {
-                t.values.push((hex_name(e), raw as f64));
-                continue;
-            }
-            match e.index {
-                objects::POSITION => t.position = Some(signed(raw, e.bits) as f64 * s.position),
-                objects::VELOCITY => t.velocity = Some(signed(raw, e.bits) as f64 * s.velocity),
-                objects::TORQUE => t.torque = Some(signed(raw, e.bits) as f64 * s.torque),
-                objects::STATUSWORD => {
-                    let sw = raw as u16;
-                    t.statusword = Some(sw);
-                    t.state = Some(DriveState::from_statusword(sw));
-                }
-                objects::ERROR_CODE => t.fault_code = Some(raw as u16),
-                objects::MODE_DISPLAY => t
-                    .values
-                    .push((Arc::from("mode_display"), signed(raw, e.bits) as f64)),
-                _ => t.values.push((hex_name(e), raw as f64)),
+            match self.objects.get(e.index, e.sub) {
+                Some(spec) => t.set(&spec.name, spec.value(raw, e.bits)),
+                None => t.values.push((hex_name(e.index, e.sub), raw as f64)),
             }
         }
-        Some(t)
+        self.seen |= bit;
+        let all = if self.mappings.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.mappings.len()) - 1
+        };
+        if early.is_some() {
+            return early;
+        }
+        if self.seen == all {
+            self.seen = 0;
+            return self.pending.take();
+        }
+        None
     }
-}
-
-fn hex_name(e: MappingEntry) -> Arc<str> {
-    Arc::from(format!("{:04X}:{:02X}", e.index, e.sub))
 }
 
 #[cfg(test)]
 mod tests {
+    use servogate_core::DriveState;
+
     use super::*;
 
     fn n(id: u8) -> NodeId {
         NodeId::new(id).unwrap()
+    }
+
+    fn cia402() -> Arc<ObjectTable> {
+        Arc::new(ObjectTable::cia402())
     }
 
     fn e(index: u16, bits: u8) -> MappingEntry {
@@ -293,12 +298,13 @@ mod tests {
         // Given TPDO1 of node 1: statusword, position (i32), torque (i16)
         let mapping =
             TpdoMapping::from_raw(0x181, &[0x6041_0010, 0x6064_0020, 0x6077_0010]).unwrap();
-        let scale = Cia402Scale {
-            position: 0.001,
-            velocity: 1.0,
-            torque: 0.1,
-        };
-        let mut d = TpdoDecoder::new(vec![mapping], scale);
+        let mut table = ObjectTable::cia402();
+        for (name, scale) in [("position", 0.001), ("torque", 0.1)] {
+            let mut spec = ObjectTable::builtin(name).unwrap();
+            spec.scale = scale;
+            table.insert(spec);
+        }
+        let mut d = TpdoDecoder::new(vec![mapping], Arc::new(table));
         // When a frame arrives: sw 0x0237, position -1000, torque -25
         let mut data = vec![0x37, 0x02];
         data.extend_from_slice(&(-1000i32).to_le_bytes());
@@ -318,7 +324,7 @@ mod tests {
             TpdoMapping::predefined(n(2), 2, vec![e(0x606C, 32), e(0x603F, 16), e(0x6061, 8)])
                 .unwrap();
         assert_eq!(mapping.cob_id(), 0x282);
-        let mut d = TpdoDecoder::new(vec![mapping], Cia402Scale::default());
+        let mut d = TpdoDecoder::new(vec![mapping], cia402());
         let mut data = (-300i32).to_le_bytes().to_vec();
         data.extend_from_slice(&0x2310u16.to_le_bytes());
         data.push((-3i8) as u8);
@@ -331,7 +337,7 @@ mod tests {
     #[test]
     fn a_tpdo_shorter_than_its_mapping_is_counted_not_decoded() {
         let mapping = TpdoMapping::from_raw(0x181, &[0x6064_0020]).unwrap();
-        let mut d = TpdoDecoder::new(vec![mapping], Cia402Scale::default());
+        let mut d = TpdoDecoder::new(vec![mapping], cia402());
         assert_eq!(
             d.handle_frame(&Frame::new(0x181, &[1, 2, 3]).unwrap()),
             None
@@ -347,12 +353,50 @@ mod tests {
     #[test]
     fn objects_outside_cia402_go_to_values_by_index_and_sub() {
         let mapping = TpdoMapping::from_raw(0x181, &[0x2001_0108, 0x6041_0010]).unwrap();
-        let mut d = TpdoDecoder::new(vec![mapping], Cia402Scale::default());
+        let mut d = TpdoDecoder::new(vec![mapping], cia402());
         let t = d
             .handle_frame(&Frame::new(0x181, &[0xFF, 0x50, 0x02]).unwrap())
             .unwrap();
         assert_eq!(t.values, vec![(Arc::from("2001:01"), 255.0)]);
         assert_eq!(t.state, Some(DriveState::SwitchOnDisabled));
+    }
+
+    #[test]
+    fn two_tpdos_of_one_cycle_make_one_telemetry() {
+        // Given TPDO1 (statusword, position) and TPDO2 (velocity) of node 1
+        let tpdo1 = TpdoMapping::from_raw(0x181, &[0x6041_0010, 0x6064_0020]).unwrap();
+        let tpdo2 = TpdoMapping::from_raw(0x281, &[0x606C_0020]).unwrap();
+        let mut d = TpdoDecoder::new(vec![tpdo1, tpdo2], cia402());
+        let f1 = Frame::new(0x181, &[0x37, 0x02, 10, 0, 0, 0]).unwrap();
+        let f2 = Frame::new(0x281, &(-5i32).to_le_bytes()).unwrap();
+        // When TPDO1 arrives, nothing yet; when TPDO2 arrives, the whole cycle
+        assert_eq!(d.handle_frame(&f1), None);
+        let t = d.handle_frame(&f2).unwrap();
+        assert_eq!((t.position, t.velocity), (Some(10.0), Some(-5.0)));
+        assert_eq!(t.statusword, Some(0x0237));
+        // And the next cycle starts empty
+        assert_eq!(d.handle_frame(&f1), None);
+        assert_eq!(d.handle_frame(&f2).unwrap().position, Some(10.0));
+    }
+
+    #[test]
+    fn a_lost_tpdo_hands_out_the_partial_cycle_when_the_next_begins() {
+        let tpdo1 = TpdoMapping::from_raw(0x181, &[0x6064_0020]).unwrap();
+        let tpdo2 = TpdoMapping::from_raw(0x281, &[0x606C_0020]).unwrap();
+        let mut d = TpdoDecoder::new(vec![tpdo1, tpdo2], cia402());
+        assert_eq!(
+            d.handle_frame(&Frame::new(0x181, &[1, 0, 0, 0]).unwrap()),
+            None
+        );
+        // TPDO2 of that cycle is lost; TPDO1 of the next cycle arrives
+        let partial = d
+            .handle_frame(&Frame::new(0x181, &[2, 0, 0, 0]).unwrap())
+            .unwrap();
+        assert_eq!((partial.position, partial.velocity), (Some(1.0), None));
+        let next = d
+            .handle_frame(&Frame::new(0x281, &[3, 0, 0, 0]).unwrap())
+            .unwrap();
+        assert_eq!((next.position, next.velocity), (Some(2.0), Some(3.0)));
     }
 
     #[test]

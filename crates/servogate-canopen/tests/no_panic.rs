@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use servogate_canopen::emcy::EmcyConsumer;
 use servogate_canopen::heartbeat::HeartbeatConsumer;
 use servogate_canopen::nmt::NodeTable;
-use servogate_canopen::pdo::{Cia402Scale, MappingEntry, MappingReader, TpdoDecoder, TpdoMapping};
+use servogate_canopen::pdo::{MappingEntry, MappingReader, TpdoDecoder, TpdoMapping};
 use servogate_canopen::sdo::{SdoClient, SdoEvent};
 use servogate_canopen::sync::SyncProducer;
 use servogate_canopen::{Frame, NodeId};
-use servogate_canopen::{Master, NodeSettings};
+use servogate_canopen::{
+    Master, NodeSettings, ObjType, ObjectSpec, ObjectTable, SdoPoll, TpdoSource,
+};
 use servogate_core::{Event, EventSink};
 
 struct CountSink(std::sync::atomic::AtomicU64);
@@ -110,15 +112,27 @@ fn random_frames_never_panic_any_handler() {
         )
         .unwrap(),
     ];
-    let mut pdo = TpdoDecoder::new(mappings.clone(), Cia402Scale::default());
+    let mut pdo = TpdoDecoder::new(mappings.clone(), std::sync::Arc::new(ObjectTable::cia402()));
     let mut master = Master::new(
         (1..=3)
             .map(|id| NodeSettings {
-                name: format!("axis-{id}").into(),
-                node: NodeId::new(id).unwrap(),
-                heartbeat: Duration::from_millis(50),
-                tpdos: mappings.clone(),
-                scale: Cia402Scale::default(),
+                // Node 3 reads its mapping, so random SDO responses reach the reader.
+                tpdos: if id == 3 {
+                    TpdoSource::Read(vec![1, 2])
+                } else {
+                    TpdoSource::Config(mappings.clone())
+                },
+                configure_heartbeat: id == 2,
+                polls: vec![SdoPoll {
+                    object: ObjectSpec::new("dc_bus", 0x2011, 0, ObjType::U32),
+                    every: Duration::from_millis(3),
+                }],
+                late_after: Some(Duration::from_millis(4)),
+                ..NodeSettings::new(
+                    &format!("axis-{id}"),
+                    NodeId::new(id).unwrap(),
+                    Duration::from_millis(50),
+                )
             })
             .collect(),
         Some(SyncProducer::new(Duration::from_millis(5), Some(10), t0)),

@@ -5,8 +5,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use servogate_canopen::pdo::{Cia402Scale, TpdoMapping};
+use std::sync::Arc;
+
+use servogate_canopen::pdo::TpdoMapping;
 use servogate_canopen::{Frame, Master, NodeId, NodeSettings};
+use servogate_canopen::{ObjectTable, TpdoSource};
 use servogate_core::{AvailabilityState, DriveState, Event, EventBody, EventKind, EventSink};
 
 #[derive(Default)]
@@ -44,14 +47,13 @@ fn a_drive_trace_becomes_the_expected_event_sequence() {
     let node = NodeId::new(3).unwrap();
     let mut master = Master::new(
         vec![NodeSettings {
-            name: "axis-3".into(),
-            node,
-            heartbeat: Duration::from_millis(100),
-            tpdos: vec![TpdoMapping::from_raw(0x183, &[0x6041_0010, 0x6064_0020]).unwrap()],
-            scale: Cia402Scale {
-                position: 0.001,
-                ..Cia402Scale::default()
-            },
+            tpdos: TpdoSource::Config(vec![TpdoMapping::from_raw(
+                0x183,
+                &[0x6041_0010, 0x6064_0020],
+            )
+            .unwrap()]),
+            objects: Arc::new(milli_position()),
+            ..NodeSettings::new("axis-3", node, Duration::from_millis(100))
         }],
         None,
         t0,
@@ -99,4 +101,13 @@ fn a_drive_trace_becomes_the_expected_event_sequence() {
         ]
     );
     assert_eq!(master.availability(node), Some(AvailabilityState::Offline));
+}
+
+/// The `cia402` profile with positions in 0.001 units.
+fn milli_position() -> ObjectTable {
+    let mut objects = ObjectTable::cia402();
+    let mut position = ObjectTable::builtin("position").expect("a built-in object");
+    position.scale = 0.001;
+    objects.insert(position);
+    objects
 }

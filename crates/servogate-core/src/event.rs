@@ -195,6 +195,9 @@ pub enum EventKind {
     },
     /// The device went offline or came back (the availability topic has the state).
     Availability { state: AvailabilityState },
+    /// The bus the device is on changed state: `error_active`, `error_passive`,
+    /// `bus_off`, `down`, `up` (CAN), so every drive's consumer learns of it at once.
+    BusState { state: &'static str },
 }
 
 impl EventKind {
@@ -206,6 +209,7 @@ impl EventKind {
             Self::CommError { .. } => "comm_error",
             Self::StateChange { .. } => "state_change",
             Self::Availability { state } => state.as_str(),
+            Self::BusState { .. } => "bus_state",
         }
     }
 }

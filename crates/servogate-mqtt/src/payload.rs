@@ -169,6 +169,7 @@ pub fn encode_notice(seq: u64, ts: SystemTime, n: &Notice) -> Vec<u8> {
             o.str("to", to.as_str());
         }
         EventKind::Availability { state } => o.str("state", state.as_str()),
+        EventKind::BusState { state } => o.str("state", state),
     }
     o.finish()
 }
