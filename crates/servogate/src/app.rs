@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use servogate_canopen::sync::SyncProducer;
+use servogate_canopen::Master;
 use servogate_core::EventSink;
 use servogate_modbus::bus::{run_bus, BusStats};
 use servogate_mqtt::{DeviceMeta, Forwarder, Outbox};
+use servogate_socketcan::{run_can_bus, CanStats};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{self, BusKind, Config};
+use crate::config::{self, Config, DeviceAddress};
 
 /// How `run` is embedded: by the daemon (signals stop it) or by the demo (a token does).
 #[derive(Debug, Default)]
@@ -39,25 +42,17 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let mut buses = Vec::new();
     let mut meta = Vec::new();
 
-    for bus in &cfg.buses {
-        if let BusKind::Canopen(can) = &bus.kind {
-            warn!(bus = %bus.name, interface = %can.interface,
-                  "CANopen buses are validated but not run by this build yet; skipped");
-        }
-    }
     for d in &cfg.devices {
-        let Some(unit) = d.unit() else { continue };
+        let address = match d.address {
+            DeviceAddress::Unit(u) => serde_json::json!(u),
+            DeviceAddress::Node(n) => serde_json::json!(n),
+        };
         meta.push(DeviceMeta {
             name: d.name.clone(),
             bus: d.bus.clone(),
-            address: serde_json::json!(unit),
+            address,
             profile: d.profile.clone(),
-            fields: cfg
-                .fields(d)
-                .iter()
-                .flat_map(|fields| fields.iter())
-                .map(|f| (f.name.to_string(), f.unit.clone()))
-                .collect(),
+            fields: cfg.units(d),
         });
     }
     // Checked (url, TLS files) before any bus starts: a bad setting stops the start.
@@ -67,29 +62,29 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         info!(bus = %bus.name, port = %bus.port.display(), devices = devices.len(), "starting bus");
         let stats = Arc::new(BusStats::default());
         let (sink, stop) = (sink.clone(), buses_stop.clone());
-        let (done, finished) = tokio::sync::oneshot::channel::<()>();
         // Each bus gets an OS thread with a runtime of its own: the reply's wake-up, the
         // t3.5 timer and the next request never queue behind MQTT work or migrate between
         // workers, which on a 115200-baud line is the difference between 93 % and 97 % of
         // the physical limit (BENCHMARKS.md).
         let name = bus.name.clone();
-        std::thread::Builder::new()
-            .name(format!("bus-{name}"))
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                match runtime {
-                    Ok(rt) => {
-                        if let Err(e) = rt.block_on(run_bus(bus, devices, sink, stats, stop)) {
-                            error!(bus = %name, "bus task failed: {e}");
-                        }
-                    }
-                    Err(e) => error!(bus = %name, "cannot start the bus runtime: {e}"),
-                }
-                let _ = done.send(());
-            })
-            .context("cannot start a bus thread")?;
+        let task_name = name.clone();
+        let finished = spawn_bus_thread(&name, move || async move {
+            if let Err(e) = run_bus(bus, devices, sink, stats, stop).await {
+                error!(bus = %task_name, "bus task failed: {e}");
+            }
+        })?;
+        buses.push(finished);
+    }
+
+    for (bus, sync, nodes) in cfg.can_buses() {
+        info!(bus = %bus.name, interface = %bus.interface, devices = nodes.len(), "starting bus");
+        let now = std::time::Instant::now();
+        let master = Master::new(nodes, sync.map(|p| SyncProducer::new(p, None, now)), now);
+        let stats = Arc::new(CanStats::default());
+        let (sink, stop) = (sink.clone(), buses_stop.clone());
+        let name = bus.name.clone();
+        let finished =
+            spawn_bus_thread(&name, move || run_can_bus(bus, master, sink, stats, stop))?;
         buses.push(finished);
     }
 
@@ -119,6 +114,34 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         "servogate stopped"
     );
     Ok(())
+}
+
+/// Runs one bus task on an OS thread with a runtime of its own; the receiver fires when
+/// the task has ended.
+fn spawn_bus_thread<F, Fut>(
+    name: &str,
+    task: F,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let bus = name.to_owned();
+    std::thread::Builder::new()
+        .name(format!("bus-{name}"))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(task()),
+                Err(e) => error!(bus = %bus, "cannot start the bus runtime: {e}"),
+            }
+            let _ = done.send(());
+        })
+        .context("cannot start a bus thread")?;
+    Ok(finished)
 }
 
 fn mqtt_settings(cfg: &Config) -> anyhow::Result<servogate_mqtt::MqttSettings> {

@@ -28,11 +28,16 @@ use std::time::Duration;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use servogate_canopen::pdo::{MappingEntry, TpdoMapping};
+use servogate_canopen::{
+    NodeId, NodeSettings, ObjType, ObjectSpec, ObjectTable, SdoPoll, TpdoSource,
+};
 use servogate_core::OnFull;
 use servogate_modbus::bus::BusSettings;
 use servogate_modbus::plan::{ReadPlan, MAX_READ_REGISTERS};
 use servogate_modbus::poll::DeviceSettings;
 use servogate_modbus::profile::{ByteOrder, DataType, Field, RegisterKind, WordOrder};
+use servogate_socketcan::CanBusSettings;
 use tokio_serial::{DataBits, Parity, StopBits};
 use toml::Spanned;
 
@@ -201,6 +206,28 @@ pub struct CanBus {
     pub interface: String,
     /// Period of the SYNC this gateway produces; `None`: no SYNC producer.
     pub sync_period: Option<Duration>,
+    /// SO_RCVBUF of the socket in bytes (0: the kernel's default).
+    pub rcvbuf: usize,
+    /// Time each SDO response may take.
+    pub sdo_timeout: Duration,
+    /// Longest wait between attempts to open a missing interface.
+    pub backoff_max: Duration,
+}
+
+/// What a device on a CANopen bus adds to [`Device`].
+#[derive(Debug, Clone)]
+pub struct CanDevice {
+    /// The drive's heartbeat producer time; zero: not watched.
+    pub heartbeat: Duration,
+    /// Write `heartbeat` into the drive's 0x1017 at start-up.
+    pub configure_heartbeat: bool,
+    /// `None`: TPDOs 1-4 are read from the drive at start-up.
+    pub tpdos: Option<Vec<TpdoMapping>>,
+    /// The `cia402` objects with the config's scales and units, and the config's own.
+    pub objects: ObjectTable,
+    pub polls: Vec<SdoPoll>,
+    /// A TPDO cycle later than this is `late`; `None`: not watched.
+    pub late_after: Option<Duration>,
 }
 
 /// Where a device sits on its bus.
@@ -238,6 +265,8 @@ pub struct Device {
     pub timeout: Option<Duration>,
     /// Consecutive failed polls before the device is `offline`, at least 1.
     pub offline_after: u32,
+    /// Set for a device on a canopen bus.
+    pub canopen: Option<CanDevice>,
 }
 
 impl Device {
@@ -328,6 +357,69 @@ impl Config {
         out
     }
 
+    /// Every canopen bus with its SYNC period and the settings of its drives, ready for
+    /// `servogate_socketcan::run_can_bus`. A bus with no devices is left out.
+    pub fn can_buses(&self) -> Vec<(CanBusSettings, Option<Duration>, Vec<NodeSettings>)> {
+        let mut out = Vec::new();
+        for bus in &self.buses {
+            let BusKind::Canopen(can) = &bus.kind else {
+                continue;
+            };
+            let nodes: Vec<NodeSettings> = self
+                .devices_on(&bus.name)
+                .filter_map(|d| {
+                    let c = d.canopen.as_ref()?;
+                    Some(NodeSettings {
+                        name: d.name.as_str().into(),
+                        // Validated 1..=127.
+                        node: NodeId::new(d.node()?)?,
+                        heartbeat: c.heartbeat,
+                        configure_heartbeat: c.configure_heartbeat,
+                        tpdos: match &c.tpdos {
+                            Some(m) => TpdoSource::Config(m.clone()),
+                            None => TpdoSource::Read(vec![1, 2, 3, 4]),
+                        },
+                        objects: Arc::new(c.objects.clone()),
+                        polls: c.polls.clone(),
+                        late_after: c.late_after,
+                        sdo_timeout: can.sdo_timeout,
+                    })
+                })
+                .collect();
+            if nodes.is_empty() {
+                continue;
+            }
+            out.push((
+                CanBusSettings {
+                    name: bus.name.as_str().into(),
+                    interface: can.interface.clone(),
+                    rcvbuf: can.rcvbuf,
+                    reopen_max: can.backoff_max,
+                },
+                can.sync_period,
+                nodes,
+            ));
+        }
+        out
+    }
+
+    /// The unit of each field of a device (Modbus profile fields, or CANopen objects), for
+    /// its `meta` topic.
+    pub fn units(&self, device: &Device) -> Vec<(String, Option<String>)> {
+        if let Some(c) = &device.canopen {
+            return c
+                .objects
+                .iter()
+                .map(|o| (o.name.to_string(), o.unit.clone()))
+                .collect();
+        }
+        self.fields(device)
+            .iter()
+            .flat_map(|fields| fields.iter())
+            .map(|f| (f.name.to_string(), f.unit.clone()))
+            .collect()
+    }
+
     /// What `servogate check` prints: the gateway, the broker (the url never holds
     /// credentials), the ring, the profiles, and each bus with its devices, their poll
     /// periods and reads per poll. Several lines, without a final newline.
@@ -402,12 +494,13 @@ impl Config {
                 BusKind::Canopen(c) => {
                     let _ = writeln!(
                         s,
-                        "bus {} canopen {}{} (validated only: not started yet)",
+                        "bus {} canopen {}{}, sdo timeout {}",
                         bus.name,
                         c.interface,
                         c.sync_period
                             .map(|p| format!(", sync every {}", d(p)))
-                            .unwrap_or_default()
+                            .unwrap_or_default(),
+                        d(c.sdo_timeout),
                     );
                 }
             }
@@ -423,6 +516,24 @@ impl Config {
                     }
                     _ => String::new(),
                 };
+                if let Some(c) = &dev.canopen {
+                    let _ = writeln!(
+                        s,
+                        "  device {} {} profile {} heartbeat {}, tpdos {}, late after {}, {} sdo poll{}",
+                        dev.name,
+                        dev.address,
+                        dev.profile,
+                        if c.heartbeat.is_zero() { "not watched".to_owned() } else { d(c.heartbeat) },
+                        match &c.tpdos {
+                            Some(m) => format!("{} from config", m.len()),
+                            None => "read from the drive".to_owned(),
+                        },
+                        c.late_after.map_or("not watched".to_owned(), d),
+                        c.polls.len(),
+                        if c.polls.len() == 1 { "" } else { "s" },
+                    );
+                    continue;
+                }
                 let _ = writeln!(
                     s,
                     "  device {} {} profile {} poll {} late after {}{reads}",
@@ -570,6 +681,30 @@ struct RawBus {
     // canopen
     interface: Option<S<String>>,
     sync_period: Option<S<String>>,
+    rcvbuf: Option<S<u64>>,
+    sdo_timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpdo {
+    number: Option<S<i64>>,
+    cob_id: Option<S<i64>>,
+    map: S<Vec<S<i64>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObject {
+    name: S<String>,
+    index: Option<S<i64>>,
+    sub: Option<S<i64>>,
+    #[serde(rename = "type")]
+    ty: Option<S<String>>,
+    scale: Option<S<f64>>,
+    offset: Option<S<f64>>,
+    unit: Option<S<String>>,
+    every: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -584,6 +719,11 @@ struct RawDevice {
     late_after: Option<S<String>>,
     timeout: Option<S<String>>,
     offline_after: Option<S<u32>>,
+    // canopen
+    heartbeat: Option<S<String>>,
+    configure_heartbeat: Option<S<bool>>,
+    tpdos: Option<Vec<S<RawTpdo>>>,
+    objects: Option<Vec<S<RawObject>>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1330,6 +1470,8 @@ impl<'a> Source<'a> {
                     &[
                         ("interface", b.interface.is_some()),
                         ("sync_period", b.sync_period.is_some()),
+                        ("rcvbuf", b.rcvbuf.is_some()),
+                        ("sdo_timeout", b.sdo_timeout.is_some()),
                     ],
                     "canopen",
                 )?;
@@ -1455,7 +1597,6 @@ impl<'a> Source<'a> {
                         ("t35", b.t35.is_some()),
                         ("max_gap", b.max_gap.is_some()),
                         ("max_registers", b.max_registers.is_some()),
-                        ("backoff_max", b.backoff_max.is_some()),
                     ],
                     "modbus-rtu",
                 )?;
@@ -1490,9 +1631,29 @@ impl<'a> Source<'a> {
                     }
                     None => None,
                 };
+                let rcvbuf = match &b.rcvbuf {
+                    Some(v) if *v.get_ref() > 256 * 1024 * 1024 => {
+                        return Err(self.at(v, key("rcvbuf"), "must be at most 268435456 bytes"))
+                    }
+                    Some(v) => *v.get_ref() as usize,
+                    // Room for a few thousand frames: a second at 1 Mbit/s line rate, with
+                    // the kernel's per-frame overhead (it doubles the value it is given).
+                    None => 1024 * 1024,
+                };
                 BusKind::Canopen(CanBus {
                     interface: ifname.clone(),
                     sync_period,
+                    rcvbuf,
+                    sdo_timeout: self.positive(
+                        &b.sdo_timeout,
+                        key("sdo_timeout"),
+                        Duration::from_millis(100),
+                    )?,
+                    backoff_max: self.positive(
+                        &b.backoff_max,
+                        key("backoff_max"),
+                        Duration::from_secs(5),
+                    )?,
                 })
             }
             other => {
@@ -1631,6 +1792,21 @@ impl<'a> Source<'a> {
                 if let Some(t) = &d.timeout {
                     return Err(self.at(t, key("timeout"), "`timeout` is for modbus-rtu devices"));
                 }
+                if let Some(p) = &d.poll {
+                    return Err(self.at(
+                        p,
+                        key("poll"),
+                        "a CANopen drive pushes its TPDOs; `poll` is for modbus-rtu devices \
+                         (give objects[].every to read an object over SDO on a schedule)",
+                    ));
+                }
+                if let Some(v) = &d.offline_after {
+                    return Err(self.at(
+                        v,
+                        key("offline_after"),
+                        "a CANopen drive goes offline by its heartbeat (1.5 x `heartbeat`)",
+                    ));
+                }
                 DeviceAddress::Node(*n.get_ref() as u8)
             }
         };
@@ -1649,6 +1825,37 @@ impl<'a> Source<'a> {
                 ),
             ));
         }
+        let canopen = match &bus.kind {
+            BusKind::Canopen(_) => Some(self.can_device(&d, &key)?),
+            BusKind::ModbusRtu(_) => {
+                let can_only = [
+                    ("heartbeat", d.heartbeat.as_ref().map(|v| v.span())),
+                    (
+                        "configure_heartbeat",
+                        d.configure_heartbeat.as_ref().map(|v| v.span()),
+                    ),
+                    (
+                        "tpdos",
+                        d.tpdos.as_ref().and_then(|v| v.first()).map(|v| v.span()),
+                    ),
+                    (
+                        "objects",
+                        d.objects.as_ref().and_then(|v| v.first()).map(|v| v.span()),
+                    ),
+                ];
+                if let Some((k, span)) = can_only.into_iter().find_map(|(k, s)| Some((k, s?))) {
+                    return Err(self.error(
+                        span,
+                        Some(key(k)),
+                        format!(
+                            "`{k}` is for devices on canopen buses; bus \"{}\" is modbus-rtu",
+                            bus.name
+                        ),
+                    ));
+                }
+                None
+            }
+        };
         let poll = self.positive(&d.poll, key("poll"), Duration::from_millis(100))?;
         let late_after = self.positive(&d.late_after, key("late_after"), poll)?;
         let timeout = match &d.timeout {
@@ -1671,6 +1878,187 @@ impl<'a> Source<'a> {
             late_after,
             timeout,
             offline_after,
+            canopen,
+        })
+    }
+
+    /// The CANopen part of a device: heartbeat, TPDO mappings, objects and SDO polls.
+    fn can_device(
+        &self,
+        d: &RawDevice,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<CanDevice, ConfigError> {
+        let heartbeat =
+            self.duration(&d.heartbeat, key("heartbeat"), Duration::from_millis(100))?;
+        if heartbeat > Duration::from_millis(u64::from(u16::MAX)) {
+            let v = d.heartbeat.as_ref().expect("a non-default value");
+            return Err(self.at(
+                v,
+                key("heartbeat"),
+                "must be at most 65535ms (object 0x1017 is u16 ms)",
+            ));
+        }
+        let late_after = match &d.late_after {
+            Some(_) => Some(self.positive(&d.late_after, key("late_after"), Duration::ZERO)?),
+            None => None,
+        };
+        let tpdos = match &d.tpdos {
+            None => None,
+            Some(list) => {
+                let mut out: Vec<TpdoMapping> = Vec::new();
+                for (t, raw) in list.iter().enumerate() {
+                    let tkey = |k: &str| key(&format!("tpdos[{t}].{k}"));
+                    let r = raw.get_ref();
+                    let mut entries = Vec::new();
+                    for (e, v) in r.map.get_ref().iter().enumerate() {
+                        let entry = u32::try_from(*v.get_ref())
+                            .ok()
+                            .and_then(MappingEntry::from_u32)
+                            .ok_or_else(|| {
+                                self.at(
+                                    v,
+                                    tkey(&format!("map[{e}]")),
+                                    "not a mapping entry: write 0xIIIISSLL (index, sub-index, \
+                                     length in bits 1-64), e.g. 0x60640020 for 0x6064:00, 32 bits",
+                                )
+                            })?;
+                        entries.push(entry);
+                    }
+                    let mapping = match (&r.number, &r.cob_id) {
+                        (Some(n), None) => {
+                            if !(1..=4).contains(n.get_ref()) {
+                                return Err(self.at(
+                                    n,
+                                    tkey("number"),
+                                    "must be 1 to 4 (TPDO1-TPDO4 of the predefined connection set)",
+                                ));
+                            }
+                            let node = NodeId::new(
+                                *d.node.as_ref().map(|n| n.get_ref()).unwrap_or(&1) as u8,
+                            )
+                            .unwrap_or(NodeId::new(1).expect("1 is a node id"));
+                            TpdoMapping::predefined(node, *n.get_ref() as u8, entries)
+                        }
+                        (None, Some(c)) => {
+                            if !(0x181..=0x57F).contains(c.get_ref()) {
+                                return Err(self.at(
+                                    c,
+                                    tkey("cob_id"),
+                                    "must be an 11-bit TPDO COB-ID, 0x181 to 0x57F",
+                                ));
+                            }
+                            TpdoMapping::new(*c.get_ref() as u16, entries)
+                        }
+                        _ => {
+                            return Err(self.error(
+                                raw.span(),
+                                Some(tkey("number")),
+                                "give `number` (1-4) or `cob_id`, one of the two".into(),
+                            ))
+                        }
+                    };
+                    let mapping =
+                        mapping.map_err(|e| self.at(&r.map, tkey("map"), e.to_string()))?;
+                    if out.iter().any(|m| m.cob_id() == mapping.cob_id()) {
+                        return Err(self.error(
+                            raw.span(),
+                            Some(tkey("cob_id")),
+                            format!("COB-ID {:#05x} is mapped twice", mapping.cob_id()),
+                        ));
+                    }
+                    out.push(mapping);
+                }
+                Some(out)
+            }
+        };
+        let mut objects = ObjectTable::cia402();
+        let mut polls = Vec::new();
+        for (o, raw) in d.objects.iter().flatten().enumerate() {
+            let okey = |k: &str| key(&format!("objects[{o}].{k}"));
+            let r = raw.get_ref();
+            let name = r.name.get_ref();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(self.at(
+                    &r.name,
+                    okey("name"),
+                    "use letters, digits, '-' and '_' only",
+                ));
+            }
+            let builtin = ObjectTable::builtin(name);
+            let index = match (&r.index, &builtin) {
+                (Some(v), _) => u16::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|i| *i >= 0x1000)
+                    .ok_or_else(|| self.at(v, okey("index"), "must be an object index 0x1000 to 0xFFFF"))?,
+                (None, Some(b)) => b.index,
+                (None, None) => {
+                    return Err(self.error(
+                        raw.span(),
+                        Some(okey("index")),
+                        format!("\"{name}\" is not a cia402 object (statusword, fault_code, mode_display, position, velocity, torque, current): give its `index` and `type`"),
+                    ))
+                }
+            };
+            let sub = match &r.sub {
+                Some(v) => u8::try_from(*v.get_ref())
+                    .map_err(|_| self.at(v, okey("sub"), "must be 0 to 255"))?,
+                None => builtin
+                    .as_ref()
+                    .filter(|b| b.index == index)
+                    .map_or(0, |b| b.sub),
+            };
+            let ty = match (&r.ty, &builtin) {
+                (Some(v), _) => ObjType::parse(v.get_ref()).ok_or_else(|| {
+                    self.at(v, okey("type"), format!("unknown type \"{}\"; expected bool, i8, i16, i32, i64, u8, u16, u32, u64 or f32", v.get_ref()))
+                })?,
+                (None, Some(b)) if b.index == index => b.ty,
+                (None, _) => {
+                    return Err(self.error(raw.span(), Some(okey("type")), "give the object's `type` (e.g. \"i16\")".into()))
+                }
+            };
+            let mut spec = ObjectSpec::new(name, index, sub, ty);
+            if let Some(v) = &r.scale {
+                if !v.get_ref().is_finite() || *v.get_ref() == 0.0 {
+                    return Err(self.at(v, okey("scale"), "must be a finite number other than 0"));
+                }
+                spec.scale = *v.get_ref();
+            }
+            if let Some(v) = &r.offset {
+                if !v.get_ref().is_finite() {
+                    return Err(self.at(v, okey("offset"), "must be a finite number"));
+                }
+                spec.offset = *v.get_ref();
+            }
+            spec.unit = r.unit.as_ref().map(|u| u.get_ref().clone());
+            if objects.iter().any(|x| {
+                x.name == spec.name && ObjectTable::builtin(name).is_none_or(|b| b.index != x.index)
+            }) {
+                return Err(self.at(
+                    &r.name,
+                    okey("name"),
+                    format!("object \"{name}\" is given twice"),
+                ));
+            }
+            if let Some(every) = &r.every {
+                let every = self.positive(&Some(every.clone()), okey("every"), Duration::ZERO)?;
+                polls.push(SdoPoll {
+                    object: spec.clone(),
+                    every,
+                });
+            }
+            objects.insert(spec);
+        }
+        Ok(CanDevice {
+            heartbeat,
+            configure_heartbeat: d.configure_heartbeat.as_ref().is_none_or(|v| *v.get_ref()),
+            tpdos,
+            objects,
+            polls,
+            late_after,
         })
     }
 }

@@ -157,6 +157,12 @@ fn the_example_config_shows_a_modbus_bus_on_tty_usb0_and_a_canopen_bus_on_can0()
         panic!()
     };
     assert_eq!(can.interface, "can0");
+    // The drive reads its mapping from the drive, scales position to mm and polls dc_bus.
+    let drive = cfg.device("axis-5").unwrap().canopen.as_ref().unwrap();
+    assert_eq!(drive.tpdos, None);
+    assert_eq!(drive.objects.get(0x6064, 0).unwrap().scale, 0.001);
+    assert_eq!(drive.polls.len(), 1);
+    assert_eq!(&*drive.polls[0].object.name, "dc_bus");
     assert_eq!(
         cfg.device("axis-5").unwrap().address,
         DeviceAddress::Node(5)
@@ -201,6 +207,10 @@ fn the_commented_out_options_of_the_example_are_valid_too() {
         panic!()
     };
     assert_eq!(can.sync_period, Some(Duration::from_millis(10)));
+    let drive = cfg.device("axis-5").unwrap().canopen.as_ref().unwrap();
+    let tpdos = drive.tpdos.as_ref().expect("the commented-out mappings");
+    assert_eq!(tpdos[1].cob_id(), 0x285);
+    assert_eq!(tpdos[1].entries()[2].index, 0x2010);
 }
 
 #[test]

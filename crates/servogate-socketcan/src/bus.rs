@@ -1,0 +1,489 @@
+//! The task that owns one CAN interface and drives the bus's [`Master`].
+//!
+//! CAN has no backpressure: a frame the socket has no room for is dropped by the kernel,
+//! silently unless asked (PITFALLS.md: a reader that paused 1 ms every 10 frames lost 154
+//! of 20,000). So the task keeps reading first, in batches, on a thread of its own (the
+//! daemon gives each bus one), with a receive buffer sized by the config, and it asks the
+//! kernel for `SO_RXQ_OVFL`: every frame lost in the socket buffer is counted, logged and
+//! reported to every device of the bus as a `comm_error` (`rx_overflow`).
+//!
+//! What else can happen to a CAN interface, and what the task does:
+//! - error frames (bus-off, error-passive, warning, restarted): counted, and a state change
+//!   goes to every device as a `bus_state` event and to the log;
+//! - `ENOBUFS` on write (the interface's transmit queue is full, e.g. a flooded or bus-off
+//!   bus): the frame is kept and tried again after a short, growing pause, never in a busy
+//!   loop; the queue of unsent frames is bounded and what falls off it is counted;
+//! - the interface goes down (`ENETDOWN`): a `bus_state` `down` event; it is watched and
+//!   `up` is reported when frames flow again or the interface is up; the heartbeat consumer
+//!   meanwhile takes the silent drives offline;
+//! - the interface disappears (`ENODEV`) or cannot be opened: the socket is reopened with
+//!   a capped back-off, and the master's timers keep running in between.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::socket::{recvmsg, send, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use servogate_canopen::{Frame, Master};
+use servogate_core::{EventKind, EventSink};
+use socketcan::{CanSocket, Socket, SocketOptions};
+use tokio::io::unix::AsyncFd;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::wire::{self, BusState, Received, CAN_MTU};
+
+/// How the interface is opened (from the config).
+#[derive(Debug, Clone)]
+pub struct CanBusSettings {
+    pub name: Arc<str>,
+    pub interface: String,
+    /// SO_RCVBUF in bytes; 0 keeps the kernel's default. Each frame costs the buffer
+    /// several hundred bytes of bookkeeping, not 16.
+    pub rcvbuf: usize,
+    /// Longest wait between attempts to open a missing interface.
+    pub reopen_max: Duration,
+}
+
+/// Counters of one CAN bus, shared with the daemon for logs and metrics.
+#[derive(Debug, Default)]
+pub struct CanStats {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    /// Frames the kernel dropped because the socket's receive buffer was full.
+    pub rx_lost: AtomicU64,
+    /// Frames the CAN controller itself lost (error frame, CRTL overflow).
+    pub controller_overflows: AtomicU64,
+    pub error_frames: AtomicU64,
+    pub bus_errors: AtomicU64,
+    pub bus_off: AtomicU64,
+    pub error_passive: AtomicU64,
+    /// Writes refused with ENOBUFS (retried).
+    pub tx_enobufs: AtomicU64,
+    /// Frames never sent: the unsent queue was full, or the interface was gone.
+    pub tx_dropped: AtomicU64,
+    /// Frames of no use here (29-bit ids, remote frames).
+    pub ignored: AtomicU64,
+    pub reopens: AtomicU64,
+}
+
+/// Most frames read in one wake-up before the timers get a turn.
+const READ_BATCH: usize = 256;
+/// Most frames waiting to be sent; the oldest falls off (and is counted).
+const MAX_UNSENT: usize = 1024;
+/// First and longest pause after ENOBUFS.
+const ENOBUFS_MIN: Duration = Duration::from_millis(1);
+const ENOBUFS_MAX: Duration = Duration::from_millis(50);
+/// First wait before reopening a missing interface.
+const REOPEN_MIN: Duration = Duration::from_millis(100);
+/// How often a down interface is looked at.
+const DOWN_CHECK: Duration = Duration::from_millis(250);
+/// At most one `rx_overflow` notice per this, with the frames lost in between.
+const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Why [`serve`] returned.
+enum Outcome {
+    Stopped,
+    /// The socket is unusable (interface gone): reopen.
+    Lost(io::Error),
+}
+
+/// Runs the bus until `stop` is cancelled. Never returns an error: a missing interface is
+/// waited for, reported and retried.
+pub async fn run_can_bus(
+    settings: CanBusSettings,
+    mut master: Master,
+    sink: Arc<dyn EventSink>,
+    stats: Arc<CanStats>,
+    stop: CancellationToken,
+) {
+    let mut link = Link::new(settings.name.clone());
+    let mut backoff = REOPEN_MIN;
+    loop {
+        match open(&settings) {
+            Ok(fd) => {
+                backoff = REOPEN_MIN;
+                info!(bus = %settings.name, interface = %settings.interface, "CAN interface open");
+                link.set_up(&mut master, sink.as_ref());
+                match serve(
+                    &fd,
+                    &settings,
+                    &mut master,
+                    sink.as_ref(),
+                    &stats,
+                    &stop,
+                    &mut link,
+                )
+                .await
+                {
+                    Outcome::Stopped => return,
+                    Outcome::Lost(e) => {
+                        warn!(bus = %settings.name, interface = %settings.interface, error = %e,
+                              "CAN interface lost; reopening");
+                        stats.reopens.fetch_add(1, Ordering::Relaxed);
+                        link.set_down(&mut master, sink.as_ref(), &format!("interface lost: {e}"));
+                    }
+                }
+            }
+            Err(e) => {
+                if !link.down {
+                    warn!(bus = %settings.name, interface = %settings.interface, error = %e,
+                          "cannot open the CAN interface; retrying with back-off");
+                }
+                link.set_down(&mut master, sink.as_ref(), &format!("cannot open: {e}"));
+            }
+        }
+        // Wait before the next attempt, with the master's timers running: heartbeats stop
+        // coming, and the drives must go offline on time.
+        let until = Instant::now() + backoff;
+        loop {
+            let next = master.poll_timeout().map(Instant::from_std);
+            let wake = next.map_or(until, |t| t.min(until));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = sleep_until(wake) => {}
+            }
+            let now = Instant::now();
+            master.handle_timeout(now.into_std(), SystemTime::now(), sink.as_ref());
+            // Nothing can be sent without a socket.
+            while master.poll_transmit().is_some() {
+                stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            if now >= until {
+                break;
+            }
+        }
+        backoff = (backoff * 2).min(settings.reopen_max.max(REOPEN_MIN));
+    }
+}
+
+/// Opens the interface: non-blocking, error frames on, receive buffer sized, drop counter
+/// on.
+fn open(settings: &CanBusSettings) -> io::Result<AsyncFd<CanSocket>> {
+    let sock = CanSocket::open(&settings.interface).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "no CAN interface {:?} (ENODEV): is it created and is the kernel's CAN \
+                     support loaded? (scripts/vcan-setup.sh for vcan)",
+                    settings.interface
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
+    sock.set_nonblocking(true)?;
+    sock.set_error_filter(wire::err::MASK)?;
+    if settings.rcvbuf > 0 {
+        let n = i32::try_from(settings.rcvbuf).unwrap_or(i32::MAX);
+        // SO_RCVBUFFORCE passes net.core.rmem_max but needs CAP_NET_ADMIN; without it the
+        // plain option is capped by rmem_max, which the log then shows.
+        if sock
+            .set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, n)
+            .is_err()
+        {
+            sock.set_socket_option_int(libc::SOL_SOCKET, libc::SO_RCVBUF, n)?;
+        }
+    }
+    setsockopt(&sock, sockopt::RxqOvfl, &1).map_err(io::Error::from)?;
+    let granted = nix::sys::socket::getsockopt(&sock, sockopt::RcvBuf).unwrap_or(0);
+    debug!(interface = %settings.interface, rcvbuf = granted, "CAN socket options set");
+    // SAFETY: `CanSocket` owns its descriptor (an `OwnedFd` inside): it is open, stays
+    // open and is the same descriptor for as long as the `AsyncFd` owns the socket, and
+    // nothing else closes it.
+    #[allow(unsafe_code)]
+    unsafe { AsyncFd::register(sock) }.map_err(io::Error::from)
+}
+
+/// What the link looks like to the devices: reported once per change.
+struct Link {
+    bus: Arc<str>,
+    down: bool,
+    state: BusState,
+    /// SO_RXQ_OVFL is the socket's total; this is the last total seen.
+    lost_total: u32,
+    lost_unreported: u64,
+    last_loss_report: Option<Instant>,
+}
+
+impl Link {
+    fn new(bus: Arc<str>) -> Self {
+        Self {
+            bus,
+            down: false,
+            state: BusState::ErrorActive,
+            lost_total: 0,
+            lost_unreported: 0,
+            last_loss_report: None,
+        }
+    }
+
+    fn set_down(&mut self, master: &mut Master, sink: &dyn EventSink, why: &str) {
+        if !self.down {
+            self.down = true;
+            master.notify_all(
+                SystemTime::now(),
+                EventKind::BusState { state: "down" },
+                &format!("CAN bus {} down: {why}", self.bus),
+                sink,
+            );
+        }
+    }
+
+    fn set_up(&mut self, master: &mut Master, sink: &dyn EventSink) {
+        if self.down {
+            self.down = false;
+            info!(bus = %self.bus, "CAN bus up");
+            master.notify_all(
+                SystemTime::now(),
+                EventKind::BusState { state: "up" },
+                &format!("CAN bus {} up", self.bus),
+                sink,
+            );
+        }
+    }
+
+    fn set_state(&mut self, state: BusState, master: &mut Master, sink: &dyn EventSink) {
+        if state != self.state {
+            warn!(bus = %self.bus, from = self.state.as_str(), to = state.as_str(), "CAN controller state");
+            master.notify_all(
+                SystemTime::now(),
+                EventKind::BusState {
+                    state: state.as_str(),
+                },
+                &format!(
+                    "CAN bus {}: {} -> {}",
+                    self.bus,
+                    self.state.as_str(),
+                    state.as_str()
+                ),
+                sink,
+            );
+            self.state = state;
+        }
+    }
+
+    /// Records the socket's drop total; returns the frames lost since the last call.
+    fn lost(&mut self, total: u32) -> u64 {
+        let new = u64::from(total.wrapping_sub(self.lost_total));
+        self.lost_total = total;
+        self.lost_unreported += new;
+        new
+    }
+
+    fn report_loss(&mut self, now: Instant, master: &mut Master, sink: &dyn EventSink) {
+        if self.lost_unreported == 0 {
+            return;
+        }
+        if self
+            .last_loss_report
+            .is_some_and(|t| now < t + LOSS_REPORT_EVERY)
+        {
+            return;
+        }
+        let n = std::mem::take(&mut self.lost_unreported);
+        self.last_loss_report = Some(now);
+        warn!(bus = %self.bus, lost = n, "CAN frames lost in the socket receive buffer");
+        master.notify_all(
+            SystemTime::now(),
+            EventKind::CommError {
+                error: "rx_overflow",
+            },
+            &format!(
+                "{n} CAN frames lost: the gateway's receive buffer overflowed (raise the bus's rcvbuf)"
+            ),
+            sink,
+        );
+    }
+}
+
+async fn serve(
+    fd: &AsyncFd<CanSocket>,
+    settings: &CanBusSettings,
+    master: &mut Master,
+    sink: &dyn EventSink,
+    stats: &CanStats,
+    stop: &CancellationToken,
+    link: &mut Link,
+) -> Outcome {
+    let mut unsent: VecDeque<Frame> = VecDeque::new();
+    let mut retry_at: Option<Instant> = None;
+    let mut enobufs_pause = ENOBUFS_MIN;
+    let mut buf = [0u8; CAN_MTU];
+    let mut cmsg = nix::cmsg_space!(u32);
+    // A fresh socket's drop counter starts at zero.
+    link.lost_total = 0;
+    loop {
+        while let Some(frame) = master.poll_transmit() {
+            if unsent.len() >= MAX_UNSENT {
+                unsent.pop_front();
+                stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            unsent.push_back(frame);
+        }
+        let mut want_writable = false;
+        if retry_at.is_none() {
+            while let Some(frame) = unsent.front() {
+                match send(
+                    fd.get_ref().as_raw_fd(),
+                    &wire::encode(frame),
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(_) => {
+                        unsent.pop_front();
+                        stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        enobufs_pause = ENOBUFS_MIN;
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        want_writable = true;
+                        break;
+                    }
+                    Err(nix::errno::Errno::ENOBUFS) => {
+                        // The interface's queue is full: no readiness event will say when
+                        // it has room, so wait a little, longer each time.
+                        stats.tx_enobufs.fetch_add(1, Ordering::Relaxed);
+                        retry_at = Some(Instant::now() + enobufs_pause);
+                        enobufs_pause = (enobufs_pause * 2).min(ENOBUFS_MAX);
+                        break;
+                    }
+                    Err(nix::errno::Errno::ENETDOWN) => {
+                        link.set_down(master, sink, "interface down (ENETDOWN on send)");
+                        stats
+                            .tx_dropped
+                            .fetch_add(unsent.len() as u64, Ordering::Relaxed);
+                        unsent.clear();
+                    }
+                    Err(e @ (nix::errno::Errno::ENODEV | nix::errno::Errno::ENXIO)) => {
+                        return Outcome::Lost(e.into());
+                    }
+                    Err(e) => {
+                        warn!(bus = %settings.name, error = %e, id = frame.id(), "CAN send failed; frame dropped");
+                        unsent.pop_front();
+                        stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let timer = master.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Outcome::Stopped,
+            // Cancel-safe: readiness is re-checked on the next turn; nothing is consumed
+            // until try_io reads.
+            ready = fd.readable() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => return Outcome::Lost(e),
+                };
+                for _ in 0..READ_BATCH {
+                    let read = guard.try_io(|inner| recv_frame(inner.get_ref(), &mut buf, &mut cmsg));
+                    let (n, dropped) = match read {
+                        Err(_would_block) => break,
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => match e.raw_os_error() {
+                            Some(libc::ENETDOWN) => {
+                                link.set_down(master, sink, "interface down (ENETDOWN)");
+                                break;
+                            }
+                            Some(libc::ENODEV) | Some(libc::ENXIO) => return Outcome::Lost(e),
+                            _ => {
+                                warn!(bus = %settings.name, error = %e, "CAN receive failed");
+                                break;
+                            }
+                        },
+                    };
+                    let now = Instant::now();
+                    if let Some(total) = dropped {
+                        let lost = link.lost(total);
+                        stats.rx_lost.fetch_add(lost, Ordering::Relaxed);
+                    }
+                    if link.down {
+                        link.set_up(master, sink);
+                    }
+                    match wire::decode(&buf[..n]) {
+                        Received::Data(frame) => {
+                            stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                            master.handle_frame(&frame, now.into_std(), SystemTime::now(), sink);
+                        }
+                        Received::Error(report) => {
+                            stats.error_frames.fetch_add(1, Ordering::Relaxed);
+                            if report.bus_error {
+                                stats.bus_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if report.controller_overflow {
+                                stats.controller_overflows.fetch_add(1, Ordering::Relaxed);
+                            }
+                            if let Some(state) = report.state {
+                                match state {
+                                    BusState::BusOff => stats.bus_off.fetch_add(1, Ordering::Relaxed),
+                                    BusState::ErrorPassive => stats.error_passive.fetch_add(1, Ordering::Relaxed),
+                                    _ => 0,
+                                };
+                                link.set_state(state, master, sink);
+                            }
+                        }
+                        Received::Ignored => {
+                            stats.ignored.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                link.report_loss(Instant::now(), master, sink);
+            }
+            _ = async { sleep_until(timer.unwrap_or_else(Instant::now)).await }, if timer.is_some() => {
+                master.handle_timeout(Instant::now().into_std(), SystemTime::now(), sink);
+                link.report_loss(Instant::now(), master, sink);
+            }
+            ready = fd.writable(), if want_writable => {
+                if let Err(e) = ready {
+                    return Outcome::Lost(e);
+                }
+            }
+            _ = async { sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
+                retry_at = None;
+            }
+            _ = tokio::time::sleep(DOWN_CHECK), if link.down => {
+                if interface_is_up(&settings.interface) == Some(true) {
+                    link.set_up(master, sink);
+                }
+            }
+        }
+    }
+}
+
+/// One `recvmsg`: the frame's bytes and the socket's drop total when the kernel sent it.
+fn recv_frame(
+    sock: &CanSocket,
+    buf: &mut [u8; CAN_MTU],
+    cmsg: &mut Vec<u8>,
+) -> io::Result<(usize, Option<u32>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(cmsg.as_mut_slice()),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let mut dropped = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::RxqOvfl(total) = c {
+                dropped = Some(total);
+            }
+        }
+    }
+    Ok((msg.bytes, dropped))
+}
+
+/// IFF_UP from /sys/class/net/IFACE/flags; `None` when it cannot be read.
+fn interface_is_up(interface: &str) -> Option<bool> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/flags")).ok()?;
+    let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()?;
+    Some(flags & 0x1 != 0)
+}
