@@ -1,12 +1,15 @@
 //! servosim: simulated servo drives for servogate, so the whole pipeline runs with no
 //! motor attached.
 //!
-//! One [`Simulator`] answers every Modbus RTU unit id of its [`UnitList`] on one serial
-//! port (a pty, or an in-process [`tokio_serial::SerialStream::pair`]), with values from
+//! Two buses, one model. On Modbus RTU, one [`Simulator`] answers every unit id of its
+//! [`UnitList`] on one serial port (a pty, or an in-process
+//! [`tokio_serial::SerialStream::pair`]). On CANopen, one [`canopen::CanSim`] runs CiA 402
+//! drive nodes on one SocketCAN interface (`servosim canopen`). Both take their values from
 //! a deterministic physical model ([`model::sample`]) that a test can recompute exactly
-//! from the model time the simulator reports in registers 0x000A-0x000B. Fault injection
-//! covers what a gateway must survive: dead units, late replies, CRC noise and CiA 402
-//! drive faults; a timing-faithful mode charges each transaction its wire time.
+//! from the model time the simulator reports (registers 0x000A-0x000B; object 0x2000 in
+//! TPDO3). Fault injection covers what a gateway must survive: dead or silent units, late
+//! replies, CRC noise, CiA 402 drive faults with EMCY, a flooded CAN bus; a
+//! timing-faithful mode charges each RTU transaction its wire time.
 //!
 //! Main types and functions:
 //! - [`model`]: the pure model, the register map ([`model::addr`]) and its encoding
@@ -16,16 +19,21 @@
 //!   ([`Simulator::handle`]).
 //! - [`serve_rtu`]: the IO loop over any `AsyncRead + AsyncWrite` port.
 //! - [`rtu`]: server-side RTU framing (request deframing, CRC, reply PDUs).
-//! - [`console`]: the stdin commands of the `servosim` binary.
+//! - [`console`]: the stdin commands of `servosim modbus-rtu`.
+//! - [`canopen`]: `servosim canopen`: the sans-IO CANopen core ([`canopen::CanSim`]: NMT,
+//!   heartbeat, SDO server, TPDOs, EMCY, the CiA 402 state machine), its SocketCAN task
+//!   ([`canopen::serve_can`]) and its console.
 //!
-//! It does not do: Modbus TCP, coils or discrete inputs, the CiA 402 state machine driven
-//! by the controlword (writes are stored, not acted on), or CANopen (a later
-//! `servosim canopen`). tokio-modbus's RTU server is not used: in 0.17 it accepts only a
+//! It does not do: Modbus TCP, coils or discrete inputs, the CiA 402 state machine on
+//! Modbus (writes there are stored, not acted on), CANopen SDO block transfer, RPDOs or
+//! node guarding. tokio-modbus's RTU server is not used: in 0.17 it accepts only a
 //! `SerialStream` and hides its codec, while CRC noise and wire-time delays need the reply
 //! bytes and the request's arrival time; the client side of tokio-modbus is what the
-//! tests talk to.
+//! tests talk to. Likewise the CANopen side has its own SDO server and framing, not
+//! servogate-canopen's, so it checks the gateway rather than mirroring it.
 #![forbid(unsafe_code)]
 
+pub mod canopen;
 pub mod console;
 pub mod model;
 pub mod rtu;
@@ -44,6 +52,9 @@ pub enum SimError {
     /// The unit id is not one this simulator serves.
     #[error("unit {0} is not simulated")]
     UnknownUnit(u8),
+    /// The CANopen node id is not one this simulator runs.
+    #[error("node {0} is not simulated")]
+    UnknownNode(u8),
     /// A unit list that cannot be parsed or holds an invalid id.
     #[error("bad unit list {0}")]
     BadUnitList(String),

@@ -1,9 +1,13 @@
-//! `servosim`: simulated servo drives on a serial port, for servogate's tests and demos.
+//! `servosim`: simulated servo drives on a serial port or a CAN interface, for servogate's
+//! tests and demos.
 //!
 //! `servosim modbus-rtu --port PATH --units 1-6` answers every listed unit on PATH, prints
 //! `servosim ready port=PATH units=LIST` once it serves, then takes fault-injection
-//! commands on stdin (see `servosim::console`). It runs until SIGTERM or SIGINT; the end
-//! of stdin does not stop it.
+//! commands on stdin (see `servosim::console`). `servosim canopen --interface vcan0
+//! --nodes 1-4` runs CiA 402 nodes on a SocketCAN interface, prints `servosim ready
+//! interface=vcan0 nodes=1-4` once the socket is open, and takes the commands of
+//! `servosim::canopen::console`. Both run until SIGTERM or SIGINT; the end of stdin does
+//! not stop them.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -14,8 +18,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use servosim::canopen::{self, CanOptions, CanSim, ConsoleRequest, NodeDefaults, TpdoMode};
 use servosim::{console, serve_rtu, SimOptions, Simulator, Timing, UnitList};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
 use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
 
 #[derive(Debug, Parser)]
@@ -33,6 +39,65 @@ struct Cli {
 enum Command {
     /// Answer Modbus RTU requests for several units on one serial port.
     ModbusRtu(RtuArgs),
+    /// Run CiA 402 servo drives as CANopen nodes on a SocketCAN interface.
+    Canopen(CanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CanArgs {
+    /// SocketCAN interface, e.g. vcan0.
+    #[arg(long)]
+    interface: String,
+    /// Node ids: `1-4`, `1,3,5`, `1-3,7`; 1-127.
+    #[arg(long)]
+    nodes: UnitList,
+    /// Heartbeat producer time (object 0x1017), whole ms; `0` for none.
+    #[arg(long, value_parser = parse_ms_or_zero, default_value = "100ms")]
+    heartbeat: u16,
+    /// How TPDOs are sent: `timer` (every --period) or `sync` (on every SYNC).
+    #[arg(long, value_enum, default_value_t = TpdoArg::Timer)]
+    tpdo: TpdoArg,
+    /// TPDO event timer in `timer` mode, whole ms (1ms-65535ms).
+    #[arg(long, value_parser = parse_period, default_value = "10ms")]
+    period: u16,
+    /// A node that sends nothing at all until `alive N` (no boot-up). Repeatable.
+    #[arg(long)]
+    silent: Vec<u8>,
+    /// Start a node in CiA 402 Fault: `NODE:CODE`, e.g. `2:0x2310`. Repeatable.
+    #[arg(long, value_parser = parse_fault)]
+    fault: Vec<(u8, u16)>,
+    /// Start the drives in Switch on disabled instead of Operation enabled.
+    #[arg(long)]
+    disabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TpdoArg {
+    Timer,
+    Sync,
+}
+
+/// A duration in whole milliseconds that fits a u16 object (0x1017, 0x1800:05).
+fn parse_ms(s: &str) -> Result<u16, String> {
+    let d = console::parse_duration(s)?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{s:?}: whole milliseconds only"));
+    }
+    u16::try_from(d.as_millis()).map_err(|_| format!("{s:?} is above 65535ms"))
+}
+
+fn parse_ms_or_zero(s: &str) -> Result<u16, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_ms(s)
+}
+
+fn parse_period(s: &str) -> Result<u16, String> {
+    match parse_ms(s)? {
+        0 => Err(format!("{s:?}: the period must be at least 1ms")),
+        ms => Ok(ms),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +170,7 @@ fn main() -> ExitCode {
         .and_then(|runtime| {
             let result = match cli.command {
                 Command::ModbusRtu(args) => runtime.block_on(modbus_rtu(args)),
+                Command::Canopen(args) => runtime.block_on(canopen_nodes(args)),
             };
             // A stop signal means stop now: do not wait for the serving task to wind down. (The
             // console thread, blocked on stdin, does not hold the process either.)
@@ -183,6 +249,82 @@ async fn modbus_rtu(args: RtuArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, stopping"),
     }
     Ok(())
+}
+
+async fn canopen_nodes(args: CanArgs) -> anyhow::Result<()> {
+    let mut options = CanOptions::new(args.nodes.clone());
+    options.defaults = NodeDefaults {
+        heartbeat_ms: args.heartbeat,
+        tpdo: match args.tpdo {
+            TpdoArg::Timer => TpdoMode::Timer,
+            TpdoArg::Sync => TpdoMode::Sync,
+        },
+        period_ms: args.period,
+        start_enabled: !args.disabled,
+    };
+    options.silent = args.silent.clone();
+    for &(node, code) in &args.fault {
+        if code == 0 {
+            bail!("--fault {node}:0: error code 0 means no fault");
+        }
+    }
+    options.faults = args.fault.clone();
+    // Checked before the socket opens, so a bad node list is a usage error; the nodes
+    // power on (model time 0, boot-up messages) once the socket is there.
+    CanSim::new(&options, std::time::Instant::now()).context("--nodes/--silent/--fault")?;
+
+    let socket = socketcan::tokio::CanSocket::open(&args.interface)
+        .with_context(|| format!("opening CAN interface {}", args.interface))?;
+    let sim = CanSim::new(&options, std::time::Instant::now())?;
+    let (commands, requests) = mpsc::channel(16);
+    tokio::spawn(canopen::serve_can(socket, sim, requests));
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "servosim ready interface={} nodes={}",
+            args.interface, args.nodes
+        )?;
+        out.flush()?;
+    }
+    tracing::info!(interface = %args.interface, nodes = %args.nodes, "running CANopen nodes");
+
+    // A plain thread, as for Modbus: a read blocked on stdin must not hold the runtime.
+    std::thread::Builder::new()
+        .name("console".into())
+        .spawn(move || can_console_loop(&commands))
+        .context("starting the console thread")?;
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, stopping"),
+    }
+    Ok(())
+}
+
+/// Hands stdin lines to the CAN task (which owns the simulator) and prints its answers,
+/// until stdin ends; the nodes keep running after that.
+fn can_console_loop(commands: &mpsc::Sender<ConsoleRequest>) {
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let (reply, answer) = oneshot::channel();
+        if commands
+            .blocking_send(ConsoleRequest { line, reply })
+            .is_err()
+        {
+            break;
+        }
+        // The task answers every request; an error means it is gone (shutting down).
+        let Ok(Some(answer)) = answer.blocking_recv() else {
+            continue;
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed stdout only loses answers nobody reads; keep serving.
+        let _ = writeln!(out, "{answer}").and_then(|()| out.flush());
+    }
+    tracing::debug!("stdin closed; still running");
 }
 
 fn open_port(path: &Path, baud: u32) -> anyhow::Result<SerialStream> {
@@ -266,7 +408,9 @@ mod tests {
             "9",
         ])
         .unwrap();
-        let Command::ModbusRtu(a) = cli.command;
+        let Command::ModbusRtu(a) = cli.command else {
+            panic!("not modbus-rtu: {:?}", cli.command);
+        };
         assert_eq!(a.units.to_string(), "1-3,7");
         assert_eq!(a.turnaround, Duration::from_micros(100));
         assert_eq!(
@@ -278,6 +422,83 @@ mod tests {
             (vec![7], vec![(2, 0x2310)], Some(9))
         );
         assert!(a.timing_faithful && a.crc_noise == 0.05);
+    }
+
+    #[test]
+    fn the_documented_canopen_command_line_parses_with_its_defaults() {
+        let cli = Cli::try_parse_from([
+            "servosim",
+            "canopen",
+            "--interface",
+            "vcan0",
+            "--nodes",
+            "1-4",
+        ])
+        .unwrap();
+        let Command::Canopen(a) = cli.command else {
+            panic!("not canopen: {:?}", cli.command);
+        };
+        assert_eq!(
+            (a.interface.as_str(), a.nodes.to_string()),
+            ("vcan0", "1-4".into())
+        );
+        assert_eq!((a.heartbeat, a.tpdo, a.period), (100, TpdoArg::Timer, 10));
+        assert!(a.silent.is_empty() && a.fault.is_empty() && !a.disabled);
+
+        let cli = Cli::try_parse_from([
+            "servosim",
+            "canopen",
+            "--interface",
+            "can1",
+            "--nodes",
+            "1,3,5",
+            "--heartbeat",
+            "0",
+            "--tpdo",
+            "sync",
+            "--period",
+            "20ms",
+            "--silent",
+            "3",
+            "--silent",
+            "5",
+            "--fault",
+            "1:0x2310",
+            "--disabled",
+        ])
+        .unwrap();
+        let Command::Canopen(a) = cli.command else {
+            panic!("not canopen: {:?}", cli.command);
+        };
+        assert_eq!((a.heartbeat, a.tpdo, a.period), (0, TpdoArg::Sync, 20));
+        assert_eq!(
+            (a.silent, a.fault, a.disabled),
+            (vec![3, 5], vec![(1, 0x2310)], true)
+        );
+    }
+
+    #[test]
+    fn bad_canopen_arguments_are_refused() {
+        for extra in [
+            &["--heartbeat", "1.5ms"][..],
+            &["--heartbeat", "70s"],
+            &["--period", "0"],
+            &["--period", "0ms"],
+            &["--tpdo", "rtr"],
+            &["--fault", "2"],
+        ] {
+            let mut argv = vec![
+                "servosim",
+                "canopen",
+                "--interface",
+                "vcan0",
+                "--nodes",
+                "1-4",
+            ];
+            argv.extend_from_slice(extra);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{extra:?}");
+        }
+        assert!(Cli::try_parse_from(["servosim", "canopen", "--nodes", "1"]).is_err());
     }
 
     #[test]

@@ -1,0 +1,1199 @@
+//! One simulated CiA 402 drive on CANopen: NMT slave and heartbeat producer (CiA 301 v4.2,
+//! 7.2.8), the CiA 402 state machine driven by the controlword (CiA 402-2, "state
+//! machine"), the TPDO and EMCY producers, and the values behind its object dictionary.
+//!
+//! Sans-IO: every method takes the current [`Instant`] (for schedules) and the model time
+//! `t_ms` (for values), and pushes the frames to send into `out`.
+
+use std::time::{Duration, Instant};
+
+use super::od::{self, AbortCode, Entry, Object, ProcessValues, TPDO_COUNT};
+use super::sdo::{self, Dictionary, SdoServer};
+use super::{cob, Frame};
+use crate::model::{self, Sample};
+
+/// How the TPDOs are triggered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TpdoMode {
+    /// Transmission type 0xFE, every event timer (the `--period`).
+    #[default]
+    Timer,
+    /// Transmission type 1, on every SYNC.
+    Sync,
+}
+
+/// The power-on values of a node (from the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeDefaults {
+    /// 0x1017 producer heartbeat time, ms; 0 = no heartbeat.
+    pub heartbeat_ms: u16,
+    pub tpdo: TpdoMode,
+    /// Event timer of the TPDOs in [`TpdoMode::Timer`], ms.
+    pub period_ms: u16,
+    /// Start in Operation enabled (as if a PLC had enabled the drive) rather than in
+    /// Switch on disabled.
+    pub start_enabled: bool,
+}
+
+impl Default for NodeDefaults {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            tpdo: TpdoMode::Timer,
+            period_ms: 10,
+            start_enabled: true,
+        }
+    }
+}
+
+/// NMT commands (byte 0 of a frame on COB-ID 0x000; CiA 301 v4.2, 7.2.8.3.1).
+pub mod nmt {
+    pub const START: u8 = 0x01;
+    pub const STOP: u8 = 0x02;
+    pub const ENTER_PRE_OPERATIONAL: u8 = 0x80;
+    pub const RESET_NODE: u8 = 0x81;
+    pub const RESET_COMMUNICATION: u8 = 0x82;
+}
+
+/// The NMT state of a node (after initialisation, which sends the boot-up message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NmtState {
+    PreOperational,
+    Operational,
+    Stopped,
+}
+
+impl NmtState {
+    /// The state byte of a heartbeat (CiA 301 v4.2, 7.2.8.3.2.1).
+    pub fn heartbeat_byte(self) -> u8 {
+        match self {
+            NmtState::PreOperational => 0x7F,
+            NmtState::Operational => 0x05,
+            NmtState::Stopped => 0x04,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NmtState::PreOperational => "pre_operational",
+            NmtState::Operational => "operational",
+            NmtState::Stopped => "stopped",
+        }
+    }
+}
+
+/// The CiA 402 states this drive can be in. Not ready to switch on and Fault reaction
+/// active are passed through at once, so they never show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cia402State {
+    SwitchOnDisabled,
+    ReadyToSwitchOn,
+    SwitchedOn,
+    OperationEnabled,
+    QuickStopActive,
+    Fault,
+}
+
+/// Statusword bit 4: voltage enabled. Bit 9: remote (controlled over the network). Set in
+/// every state, as the Modbus simulator's statuswords have them.
+const SW_VOLTAGE_ENABLED_REMOTE: u16 = 0x0210;
+
+impl Cia402State {
+    /// The statusword: the state coding of CiA 402-2 (bits 0-3, 5, 6) plus voltage
+    /// enabled and remote.
+    pub fn statusword(self) -> u16 {
+        let coding = match self {
+            // x1xx 0000
+            Cia402State::SwitchOnDisabled => 0x0040,
+            // x01x 0001
+            Cia402State::ReadyToSwitchOn => 0x0021,
+            // x01x 0011
+            Cia402State::SwitchedOn => 0x0023,
+            // x01x 0111
+            Cia402State::OperationEnabled => 0x0027,
+            // x00x 0111
+            Cia402State::QuickStopActive => 0x0007,
+            // x0xx 1000
+            Cia402State::Fault => 0x0008,
+        };
+        coding | SW_VOLTAGE_ENABLED_REMOTE
+    }
+
+    /// The state's name in servogate's events (DESIGN.md section 2).
+    pub fn name(self) -> &'static str {
+        match self {
+            Cia402State::SwitchOnDisabled => "switch_on_disabled",
+            Cia402State::ReadyToSwitchOn => "ready_to_switch_on",
+            Cia402State::SwitchedOn => "switched_on",
+            Cia402State::OperationEnabled => "operation_enabled",
+            Cia402State::QuickStopActive => "quick_stop_active",
+            Cia402State::Fault => "fault",
+        }
+    }
+}
+
+/// Controlword bits (CiA 402-2, object 0x6040).
+mod cw {
+    pub const SWITCH_ON: u16 = 0x0001;
+    pub const ENABLE_VOLTAGE: u16 = 0x0002;
+    /// Active low: 0 commands a quick stop.
+    pub const QUICK_STOP: u16 = 0x0004;
+    pub const ENABLE_OPERATION: u16 = 0x0008;
+    pub const FAULT_RESET: u16 = 0x0080;
+    /// The controlword a PLC leaves in a drive it enabled: the enable operation command.
+    pub const ENABLED: u16 = SWITCH_ON | ENABLE_VOLTAGE | QUICK_STOP | ENABLE_OPERATION;
+}
+
+/// A device control command decoded from the controlword (CiA 402-2, "command coding").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    /// 0xxx x110
+    Shutdown,
+    /// 0xxx 0111: switch on, or disable operation.
+    SwitchOn,
+    /// 0xxx 1111: enable operation, or switch on + enable operation.
+    EnableOperation,
+    /// 0xxx xx0x
+    DisableVoltage,
+    /// 0xxx x01x
+    QuickStop,
+}
+
+fn decode(controlword: u16) -> Option<Command> {
+    if controlword & cw::FAULT_RESET != 0 {
+        // Every command has bit 7 = 0; with it set only its rising edge (fault reset)
+        // means anything.
+        return None;
+    }
+    if controlword & cw::ENABLE_VOLTAGE == 0 {
+        return Some(Command::DisableVoltage);
+    }
+    if controlword & cw::QUICK_STOP == 0 {
+        return Some(Command::QuickStop);
+    }
+    Some(if controlword & cw::SWITCH_ON == 0 {
+        Command::Shutdown
+    } else if controlword & cw::ENABLE_OPERATION != 0 {
+        Command::EnableOperation
+    } else {
+        Command::SwitchOn
+    })
+}
+
+/// The transition a command causes (CiA 402-2 state machine; transition numbers in the
+/// comments). Fault is left only by a fault reset, handled apart.
+fn transition(state: Cia402State, command: Command) -> Cia402State {
+    use Cia402State::*;
+    use Command::*;
+    match (state, command) {
+        (Fault, _) => Fault,
+        (SwitchOnDisabled, Shutdown) => ReadyToSwitchOn, // 2
+        (SwitchOnDisabled, _) => SwitchOnDisabled,
+        (ReadyToSwitchOn, SwitchOn) => SwitchedOn, // 3
+        (ReadyToSwitchOn, EnableOperation) => OperationEnabled, // 3 + 4
+        (ReadyToSwitchOn, DisableVoltage | QuickStop) => SwitchOnDisabled, // 7
+        (ReadyToSwitchOn, Shutdown) => ReadyToSwitchOn,
+        (SwitchedOn, Shutdown) => ReadyToSwitchOn, // 6
+        (SwitchedOn, EnableOperation) => OperationEnabled, // 4
+        (SwitchedOn, DisableVoltage | QuickStop) => SwitchOnDisabled, // 10
+        (SwitchedOn, SwitchOn) => SwitchedOn,
+        (OperationEnabled, SwitchOn) => SwitchedOn, // 5
+        (OperationEnabled, Shutdown) => ReadyToSwitchOn, // 8
+        (OperationEnabled, DisableVoltage) => SwitchOnDisabled, // 9
+        (OperationEnabled, QuickStop) => QuickStopActive, // 11
+        (OperationEnabled, EnableOperation) => OperationEnabled,
+        (QuickStopActive, DisableVoltage) => SwitchOnDisabled, // 12
+        (QuickStopActive, EnableOperation) => OperationEnabled, // 16
+        (QuickStopActive, _) => QuickStopActive,
+    }
+}
+
+/// The communication parameters of one TPDO (1800+k) and its schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tpdo {
+    cob_id: u32,
+    transmission_type: u8,
+    event_timer_ms: u16,
+    /// SYNCs counted towards transmission type n.
+    syncs: u8,
+    /// Next send of a timer-driven TPDO (only while operational).
+    due: Option<Instant>,
+}
+
+impl Tpdo {
+    fn power_on(node: u8, k: usize, defaults: &NodeDefaults) -> Self {
+        let base = [cob::TPDO1, cob::TPDO2, cob::TPDO3, cob::TPDO4][k];
+        let cob_id = u32::from(base + u16::from(node));
+        let (cob_id, transmission_type, event_timer_ms) = if od::TPDO_MAPPINGS[k].is_empty() {
+            (od::COB_ID_INVALID | cob_id, od::TRANSMISSION_EVENT, 0)
+        } else {
+            match defaults.tpdo {
+                TpdoMode::Timer => (cob_id, od::TRANSMISSION_EVENT, defaults.period_ms),
+                TpdoMode::Sync => (cob_id, od::TRANSMISSION_SYNC_EVERY, 0),
+            }
+        };
+        Self {
+            cob_id,
+            transmission_type,
+            event_timer_ms,
+            syncs: 0,
+            due: None,
+        }
+    }
+
+    fn is_valid(&self, k: usize) -> bool {
+        self.cob_id & od::COB_ID_INVALID == 0 && !od::TPDO_MAPPINGS[k].is_empty()
+    }
+
+    /// Transmission types 0xFE and 0xFF are event-driven; the event timer sends them.
+    fn is_timer_driven(&self) -> bool {
+        self.transmission_type >= 0xFE && self.event_timer_ms > 0
+    }
+
+    /// Transmission types 0 (acyclic synchronous, sent at every SYNC here since the values
+    /// always change) and 1-240 (every n-th SYNC).
+    fn is_sync_driven(&self) -> bool {
+        self.transmission_type <= 240
+    }
+}
+
+/// What a node shows at one instant: for `truth` and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NodeTruth {
+    pub node: u8,
+    pub t_ms: u32,
+    pub motion_ms: u32,
+    pub sample: Sample,
+    pub statusword: u16,
+    pub error_code: u16,
+    pub nmt: NmtState,
+    pub state: Cia402State,
+    pub silent: bool,
+}
+
+/// One simulated node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    id: u8,
+    defaults: NodeDefaults,
+    nmt: NmtState,
+    silent: bool,
+    heartbeat_ms: u16,
+    next_heartbeat: Option<Instant>,
+    tpdos: [Tpdo; TPDO_COUNT],
+    state: Cia402State,
+    controlword: u16,
+    mode: i8,
+    target_position: i32,
+    error_code: u16,
+    /// Model time spent outside Operation enabled in stretches already over.
+    stopped_ms: u32,
+    /// Model time at which the current stretch outside Operation enabled began.
+    stopped_since: Option<u32>,
+    sdo: SdoServer,
+    tpdo_sent: u64,
+}
+
+impl Node {
+    /// A node at power-on, model time 0, before its boot-up message ([`Self::power_on`]).
+    /// `fault`: start in Fault with this error code.
+    pub fn new(id: u8, defaults: NodeDefaults, fault: Option<u16>, silent: bool) -> Self {
+        let mut node = Self {
+            id,
+            defaults,
+            nmt: NmtState::PreOperational,
+            silent,
+            heartbeat_ms: defaults.heartbeat_ms,
+            next_heartbeat: None,
+            tpdos: std::array::from_fn(|k| Tpdo::power_on(id, k, &defaults)),
+            state: Cia402State::SwitchOnDisabled,
+            controlword: 0,
+            mode: model::MODE_CYCLIC_SYNC_POSITION as i8,
+            target_position: 0,
+            error_code: 0,
+            stopped_ms: 0,
+            // Not moving since model time 0 until the state says otherwise.
+            stopped_since: Some(0),
+            sdo: SdoServer::new(),
+            tpdo_sent: 0,
+        };
+        node.reset_application(0);
+        if let Some(code) = fault.filter(|&c| c != 0) {
+            node.error_code = code;
+            node.set_state(Cia402State::Fault, 0);
+        }
+        node
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    pub fn nmt(&self) -> NmtState {
+        self.nmt
+    }
+
+    pub fn state(&self) -> Cia402State {
+        self.state
+    }
+
+    pub fn is_silent(&self) -> bool {
+        self.silent
+    }
+
+    /// TPDO frames this node has sent.
+    pub fn tpdo_sent(&self) -> u64 {
+        self.tpdo_sent
+    }
+
+    /// Finishes initialisation: boot-up message, pre-operational, and the EMCY of a fault
+    /// it starts with (a drive that is faulted at power-on says so once it may).
+    pub fn power_on(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        self.boot(now, out);
+        if self.state == Cia402State::Fault {
+            self.emcy(self.error_code, out);
+        }
+    }
+
+    /// The boot-up message and a fresh start of the heartbeat.
+    fn boot(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        self.nmt = NmtState::PreOperational;
+        self.sdo.reset();
+        for t in &mut self.tpdos {
+            t.due = None;
+            t.syncs = 0;
+        }
+        self.next_heartbeat = after(now, self.heartbeat_ms);
+        self.send(out, cob::HEARTBEAT, &[0x00]);
+    }
+
+    /// Resets the communication area (0x1000-0x1FFF) to its power-on values, as NMT
+    /// reset communication and reset node do (CiA 301 v4.2, 7.3.2.2.1).
+    fn reset_communication(&mut self, now: Instant, out: &mut Vec<Frame>) {
+        self.heartbeat_ms = self.defaults.heartbeat_ms;
+        self.tpdos = std::array::from_fn(|k| Tpdo::power_on(self.id, k, &self.defaults));
+        self.boot(now, out);
+    }
+
+    /// Resets the application (0x2000-0x9FFF): fault cleared, the drive in its start
+    /// state, controlword, mode and target at their power-on values. The motion clock goes
+    /// on, so the axis does not jump.
+    fn reset_application(&mut self, t_ms: u32) {
+        self.error_code = 0;
+        let (state, controlword) = if self.defaults.start_enabled {
+            (Cia402State::OperationEnabled, cw::ENABLED)
+        } else {
+            (Cia402State::SwitchOnDisabled, 0)
+        };
+        self.set_state(state, t_ms);
+        self.controlword = controlword;
+        self.mode = model::MODE_CYCLIC_SYNC_POSITION as i8;
+        self.target_position = 0;
+    }
+
+    /// NMT reset node, from the bus or the console's `reboot`.
+    pub fn reset_node(&mut self, now: Instant, t_ms: u32, out: &mut Vec<Frame>) {
+        self.reset_application(t_ms);
+        self.reset_communication(now, out);
+    }
+
+    /// Carries out an NMT command addressed to this node (or to all).
+    pub fn handle_nmt(&mut self, command: u8, now: Instant, t_ms: u32, out: &mut Vec<Frame>) {
+        if self.silent {
+            return;
+        }
+        match command {
+            // Already operational: nothing changes (the TPDO cycle goes on).
+            nmt::START if self.nmt != NmtState::Operational => {
+                self.nmt = NmtState::Operational;
+                for k in 0..TPDO_COUNT {
+                    self.arm_tpdo(k, now);
+                }
+            }
+            nmt::STOP => {
+                self.nmt = NmtState::Stopped;
+                self.sdo.reset();
+                self.disarm_tpdos();
+            }
+            nmt::ENTER_PRE_OPERATIONAL => {
+                self.nmt = NmtState::PreOperational;
+                self.disarm_tpdos();
+            }
+            nmt::RESET_NODE => self.reset_node(now, t_ms, out),
+            nmt::RESET_COMMUNICATION => self.reset_communication(now, out),
+            // Unknown commands are ignored, as by any NMT slave.
+            _ => {}
+        }
+    }
+
+    /// Answers an SDO request (the data of a frame on 0x600 + node). `Some(true)` when
+    /// the answer is an abort, `None` when nothing was sent.
+    pub fn handle_sdo(
+        &mut self,
+        request: &[u8],
+        now: Instant,
+        t_ms: u32,
+        out: &mut Vec<Frame>,
+    ) -> Option<bool> {
+        // Not in STOPPED (CiA 301 v4.2, 7.3.2.2.2: only NMT and heartbeat there).
+        if self.silent || self.nmt == NmtState::Stopped {
+            return None;
+        }
+        // The server is taken out for the call so that the dictionary can borrow the
+        // rest of the node mutably.
+        let mut server = std::mem::take(&mut self.sdo);
+        let mut frames = Vec::new();
+        let answer = server.handle(
+            request,
+            &mut NodeDictionary {
+                node: self,
+                now,
+                t_ms,
+                out: &mut frames,
+            },
+        );
+        self.sdo = server;
+        let answer = answer?;
+        self.send(out, cob::SDO_TX, &answer);
+        // Frames the write caused (an EMCY after a fault reset) follow the answer.
+        out.append(&mut frames);
+        Some(sdo::is_abort(&answer))
+    }
+
+    /// A SYNC arrived: sends the synchronous TPDOs that are due, all from one sample.
+    pub fn handle_sync(&mut self, t_ms: u32, out: &mut Vec<Frame>) {
+        if self.silent || self.nmt != NmtState::Operational {
+            return;
+        }
+        let mut due = [false; TPDO_COUNT];
+        for (k, t) in self.tpdos.iter_mut().enumerate() {
+            if !t.is_valid(k) || !t.is_sync_driven() {
+                continue;
+            }
+            t.syncs = t.syncs.saturating_add(1);
+            if t.syncs >= t.transmission_type.max(1) {
+                t.syncs = 0;
+                due[k] = true;
+            }
+        }
+        self.send_tpdos(due, t_ms, out);
+    }
+
+    /// Sends what is due at `now`: heartbeat, timer-driven TPDOs.
+    pub fn poll(&mut self, now: Instant, t_ms: u32, out: &mut Vec<Frame>) {
+        if self.silent {
+            return;
+        }
+        if let Some(due) = self.next_heartbeat.filter(|&d| d <= now) {
+            self.next_heartbeat = Some(advance(due, self.heartbeat_ms, now));
+            let state = self.nmt.heartbeat_byte();
+            self.send(out, cob::HEARTBEAT, &[state]);
+        }
+        if self.nmt != NmtState::Operational {
+            return;
+        }
+        let mut due = [false; TPDO_COUNT];
+        for (k, t) in self.tpdos.iter_mut().enumerate() {
+            if let Some(d) = t.due.filter(|&d| d <= now) {
+                t.due = Some(advance(d, t.event_timer_ms, now));
+                due[k] = true;
+            }
+        }
+        self.send_tpdos(due, t_ms, out);
+    }
+
+    /// When [`Self::poll`] has something to send next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.silent {
+            return None;
+        }
+        let tpdos = self.tpdos.iter().filter_map(|t| t.due);
+        self.next_heartbeat.into_iter().chain(tpdos).min()
+    }
+
+    /// `silent`: sends nothing at all and ignores everything; resuming carries on where
+    /// it is (no boot-up), with its schedules restarted from `now`.
+    pub fn set_silent(&mut self, silent: bool, now: Instant) {
+        if self.silent == silent {
+            return;
+        }
+        self.silent = silent;
+        if !silent {
+            self.next_heartbeat = after(now, self.heartbeat_ms);
+            self.disarm_tpdos();
+            for k in 0..TPDO_COUNT {
+                self.arm_tpdo(k, now);
+            }
+        }
+    }
+
+    /// Puts the drive into Fault with `code` (a new code while faulted replaces the old
+    /// one): 0x603F = code, 0x1001 = generic error, EMCY. Code 0 clears the fault.
+    pub fn inject_fault(&mut self, code: u16, t_ms: u32, out: &mut Vec<Frame>) {
+        if code == 0 {
+            return self.clear_fault(t_ms, out);
+        }
+        self.error_code = code;
+        self.set_state(Cia402State::Fault, t_ms);
+        self.emcy(code, out);
+    }
+
+    /// The console's `clear`: the fault goes (EMCY error reset) and the drive returns to
+    /// its start state, Operation enabled unless started `--disabled`.
+    pub fn clear_fault(&mut self, t_ms: u32, out: &mut Vec<Frame>) {
+        if self.state != Cia402State::Fault {
+            return;
+        }
+        self.error_code = 0;
+        let state = if self.defaults.start_enabled {
+            Cia402State::OperationEnabled
+        } else {
+            Cia402State::SwitchOnDisabled
+        };
+        self.set_state(state, t_ms);
+        self.emcy(0, out);
+    }
+
+    /// Model time on the axis's motion clock: model time minus the time spent outside
+    /// Operation enabled.
+    pub fn motion_ms(&self, t_ms: u32) -> u32 {
+        let current = self.stopped_since.map_or(0, |s| t_ms.wrapping_sub(s));
+        t_ms.wrapping_sub(self.stopped_ms).wrapping_sub(current)
+    }
+
+    fn model_drive(&self, t_ms: u32) -> model::DriveState {
+        od::model_drive(
+            self.motion_ms(t_ms),
+            self.state == Cia402State::OperationEnabled,
+            self.error_code,
+        )
+    }
+
+    /// The process objects at `t_ms`, from one model sample.
+    pub fn process_values(&self, t_ms: u32) -> ProcessValues {
+        ProcessValues::at(self.id, t_ms, &self.model_drive(t_ms))
+    }
+
+    pub fn truth(&self, t_ms: u32) -> NodeTruth {
+        NodeTruth {
+            node: self.id,
+            t_ms,
+            motion_ms: self.motion_ms(t_ms),
+            sample: model::drive_sample(self.id, t_ms, &self.model_drive(t_ms)),
+            statusword: self.state.statusword(),
+            error_code: self.error_code,
+            nmt: self.nmt,
+            state: self.state,
+            silent: self.silent,
+        }
+    }
+
+    fn set_state(&mut self, state: Cia402State, t_ms: u32) {
+        let (was, is) = (
+            self.state == Cia402State::OperationEnabled,
+            state == Cia402State::OperationEnabled,
+        );
+        if was && !is {
+            self.stopped_since = Some(t_ms);
+        } else if !was && is {
+            if let Some(since) = self.stopped_since.take() {
+                self.stopped_ms = self.stopped_ms.wrapping_add(t_ms.wrapping_sub(since));
+            }
+        }
+        self.state = state;
+    }
+
+    /// A controlword written over SDO: the CiA 402 state machine.
+    fn write_controlword(&mut self, value: u16, t_ms: u32, out: &mut Vec<Frame>) {
+        let rising_fault_reset =
+            value & cw::FAULT_RESET != 0 && self.controlword & cw::FAULT_RESET == 0;
+        self.controlword = value;
+        if self.state == Cia402State::Fault {
+            if rising_fault_reset {
+                // Transition 15: the fault is gone; the drive must be enabled again.
+                self.error_code = 0;
+                self.set_state(Cia402State::SwitchOnDisabled, t_ms);
+                self.emcy(0, out);
+            }
+            return;
+        }
+        if let Some(command) = decode(value) {
+            self.set_state(transition(self.state, command), t_ms);
+        }
+    }
+
+    fn arm_tpdo(&mut self, k: usize, now: Instant) {
+        let operational = self.nmt == NmtState::Operational && !self.silent;
+        let period = self.tpdos[k].event_timer_ms;
+        // A TPDO (re)armed while others of the same period run joins their cycle, so they
+        // keep going out together, from one sample.
+        let cycle = self
+            .tpdos
+            .iter()
+            .enumerate()
+            .filter(|&(j, t)| j != k && t.event_timer_ms == period)
+            .find_map(|(_, t)| t.due);
+        let t = &mut self.tpdos[k];
+        t.syncs = 0;
+        t.due = if operational && t.is_valid(k) && t.is_timer_driven() {
+            cycle.or_else(|| after(now, period))
+        } else {
+            None
+        };
+    }
+
+    fn disarm_tpdos(&mut self) {
+        for t in &mut self.tpdos {
+            t.due = None;
+            t.syncs = 0;
+        }
+    }
+
+    /// Sends the TPDOs marked due, in order TPDO1, TPDO2, ... back to back, all built
+    /// from one model sample.
+    fn send_tpdos(&mut self, due: [bool; TPDO_COUNT], t_ms: u32, out: &mut Vec<Frame>) {
+        if !due.contains(&true) {
+            return;
+        }
+        let values = self.process_values(t_ms);
+        for (k, _) in due.iter().enumerate().filter(|(_, &d)| d) {
+            let mut data = Vec::with_capacity(8);
+            for &raw in od::TPDO_MAPPINGS[k] {
+                // The fixed mappings name existing objects of whole bytes (a unit test
+                // checks it); anything else would be skipped, not a panic.
+                let Ok(entry) = od::lookup((raw >> 16) as u16, (raw >> 8) as u8) else {
+                    continue;
+                };
+                let bytes = self.value(&entry, &values);
+                let len = ((raw & 0xFF) as usize / 8).min(bytes.len());
+                data.extend_from_slice(&bytes[..len]);
+            }
+            out.push(Frame::ours((self.tpdos[k].cob_id & 0x7FF) as u16, &data));
+            self.tpdo_sent += 1;
+        }
+    }
+
+    /// An EMCY (CiA 301 v4.2, 7.2.7): error code, error register, 5 zero bytes. Only in
+    /// pre-operational and operational.
+    fn emcy(&self, code: u16, out: &mut Vec<Frame>) {
+        if self.silent || self.nmt == NmtState::Stopped {
+            return;
+        }
+        let c = code.to_le_bytes();
+        self.send(
+            out,
+            cob::EMCY,
+            &[c[0], c[1], self.error_register(), 0, 0, 0, 0, 0],
+        );
+    }
+
+    fn error_register(&self) -> u8 {
+        if self.error_code != 0 {
+            od::ERROR_REGISTER_GENERIC
+        } else {
+            0
+        }
+    }
+
+    fn send(&self, out: &mut Vec<Frame>, function: u16, data: &[u8]) {
+        if !self.silent {
+            out.push(Frame::ours(function + u16::from(self.id), data));
+        }
+    }
+
+    /// The value of a readable object, little-endian.
+    fn value(&self, entry: &Entry, v: &ProcessValues) -> Vec<u8> {
+        use Object::*;
+        match entry.object {
+            DeviceType => od::DEVICE_TYPE.to_le_bytes().to_vec(),
+            ErrorRegister => vec![self.error_register()],
+            DeviceName => od::DEVICE_NAME.as_bytes().to_vec(),
+            HeartbeatTime => self.heartbeat_ms.to_le_bytes().to_vec(),
+            IdentityCount => vec![4],
+            VendorId => od::VENDOR_ID.to_le_bytes().to_vec(),
+            ProductCode => od::PRODUCT_CODE.to_le_bytes().to_vec(),
+            Revision => od::REVISION.to_le_bytes().to_vec(),
+            SerialNumber => u32::from(self.id).to_le_bytes().to_vec(),
+            TpdoCommCount(_) => vec![od::TPDO_COMM_SUBS],
+            TpdoCobId(k) => self.tpdos[k].cob_id.to_le_bytes().to_vec(),
+            TpdoTransmissionType(k) => vec![self.tpdos[k].transmission_type],
+            TpdoEventTimer(k) => self.tpdos[k].event_timer_ms.to_le_bytes().to_vec(),
+            TpdoMappingCount(k) => vec![od::TPDO_MAPPINGS[k].len() as u8],
+            TpdoMappingEntry(k, n) => od::TPDO_MAPPINGS[k][n - 1].to_le_bytes().to_vec(),
+            ModelTime => v.t_ms.to_le_bytes().to_vec(),
+            Temperature => v.temperature.to_le_bytes().to_vec(),
+            DcBusVoltage => v.dc_bus_mv.to_le_bytes().to_vec(),
+            ErrorCode => self.error_code.to_le_bytes().to_vec(),
+            Controlword => self.controlword.to_le_bytes().to_vec(),
+            Statusword => self.state.statusword().to_le_bytes().to_vec(),
+            ModesOfOperation | ModeDisplay => self.mode.to_le_bytes().to_vec(),
+            PositionActual => v.position.to_le_bytes().to_vec(),
+            VelocityActual => v.velocity.to_le_bytes().to_vec(),
+            TorqueActual => v.torque.to_le_bytes().to_vec(),
+            CurrentActual => v.current.to_le_bytes().to_vec(),
+            TargetPosition => self.target_position.to_le_bytes().to_vec(),
+        }
+    }
+}
+
+/// `now + ms`, or `None` for 0 ms (that schedule is off).
+fn after(now: Instant, ms: u16) -> Option<Instant> {
+    (ms > 0).then(|| now + Duration::from_millis(u64::from(ms)))
+}
+
+/// The next deadline of a periodic schedule that fired at `due`: one period on, or one
+/// period from `now` when the loop fell behind by more than a period (no burst of
+/// catch-up frames).
+fn advance(due: Instant, period_ms: u16, now: Instant) -> Instant {
+    let period = Duration::from_millis(u64::from(period_ms.max(1)));
+    let next = due + period;
+    if next <= now {
+        now + period
+    } else {
+        next
+    }
+}
+
+/// The node's object dictionary as the SDO server sees it, at one instant.
+struct NodeDictionary<'a> {
+    node: &'a mut Node,
+    now: Instant,
+    t_ms: u32,
+    out: &'a mut Vec<Frame>,
+}
+
+impl Dictionary for NodeDictionary<'_> {
+    fn entry(&self, index: u16, sub: u8) -> Result<Entry, AbortCode> {
+        od::lookup(index, sub)
+    }
+
+    fn read(&mut self, entry: &Entry) -> Vec<u8> {
+        let values = self.node.process_values(self.t_ms);
+        self.node.value(entry, &values)
+    }
+
+    fn write(&mut self, entry: &Entry, data: &[u8]) -> Result<(), AbortCode> {
+        use Object::*;
+        let node = &mut *self.node;
+        // The SDO server passes exactly the entry's size.
+        let u16_le = || u16::from_le_bytes([data[0], data[1]]);
+        let u32_le = || u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match entry.object {
+            HeartbeatTime => {
+                // The new producer time takes effect at once (CiA 301 v4.2, 7.2.8.3.2.1).
+                node.heartbeat_ms = u16_le();
+                node.next_heartbeat = after(self.now, node.heartbeat_ms);
+            }
+            TpdoCobId(k) => {
+                let value = u32_le();
+                let old = node.tpdos[k].cob_id;
+                let both_valid = value & od::COB_ID_INVALID == 0 && old & od::COB_ID_INVALID == 0;
+                // 29-bit ids are not supported; a valid PDO's id may not change without
+                // invalidating it first (CiA 301 v4.2, 7.5.2.35).
+                if value & od::COB_ID_EXTENDED != 0
+                    || value & 0x1FFF_F800 != 0
+                    || (both_valid && (value & 0x7FF) != (old & 0x7FF))
+                {
+                    return Err(AbortCode::INVALID_VALUE);
+                }
+                node.tpdos[k].cob_id = value;
+                node.arm_tpdo(k, self.now);
+            }
+            TpdoTransmissionType(k) => {
+                let value = data[0];
+                // 241-251 are reserved.
+                if (241..=251).contains(&value) {
+                    return Err(AbortCode::INVALID_VALUE);
+                }
+                node.tpdos[k].transmission_type = value;
+                node.arm_tpdo(k, self.now);
+            }
+            TpdoEventTimer(k) => {
+                node.tpdos[k].event_timer_ms = u16_le();
+                node.arm_tpdo(k, self.now);
+            }
+            Controlword => node.write_controlword(u16_le(), self.t_ms, self.out),
+            ModesOfOperation => {
+                let mode = data[0] as i8;
+                if !od::SUPPORTED_MODES.contains(&mode) {
+                    return Err(AbortCode::INVALID_VALUE);
+                }
+                node.mode = mode;
+            }
+            TargetPosition => node.target_position = u32_le() as i32,
+            // Every other object is read-only; the server checked that already.
+            _ => return Err(AbortCode::READ_ONLY),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn node(defaults: NodeDefaults) -> (Node, Instant, Vec<Frame>) {
+        let t0 = Instant::now();
+        let mut n = Node::new(2, defaults, None, false);
+        let mut out = Vec::new();
+        n.power_on(t0, &mut out);
+        (n, t0, out)
+    }
+
+    fn sdo_write(
+        n: &mut Node,
+        index: u16,
+        sub: u8,
+        data: &[u8],
+        t0: Instant,
+        t_ms: u32,
+    ) -> Vec<Frame> {
+        let i = index.to_le_bytes();
+        let cs = 0x23 | (((4 - data.len()) as u8) << 2);
+        let mut req = [cs, i[0], i[1], sub, 0, 0, 0, 0];
+        req[4..4 + data.len()].copy_from_slice(data);
+        let mut out = Vec::new();
+        n.handle_sdo(&req, t0, t_ms, &mut out);
+        out
+    }
+
+    fn sdo_read(n: &mut Node, index: u16, sub: u8, t_ms: u32) -> [u8; 8] {
+        let i = index.to_le_bytes();
+        let mut out = Vec::new();
+        n.handle_sdo(
+            &[0x40, i[0], i[1], sub, 0, 0, 0, 0],
+            Instant::now(),
+            t_ms,
+            &mut out,
+        );
+        out[0].data().try_into().unwrap()
+    }
+
+    fn controlword(n: &mut Node, value: u16, t_ms: u32) -> Vec<Frame> {
+        sdo_write(n, 0x6040, 0, &value.to_le_bytes(), Instant::now(), t_ms)
+    }
+
+    #[test]
+    fn the_statusword_of_each_state_decodes_to_that_state_under_the_cia402_masks() {
+        use Cia402State::*;
+        // CiA 402-2 state coding: (mask, value) over the statusword.
+        for (state, mask, value) in [
+            (SwitchOnDisabled, 0x4F, 0x40),
+            (ReadyToSwitchOn, 0x6F, 0x21),
+            (SwitchedOn, 0x6F, 0x23),
+            (OperationEnabled, 0x6F, 0x27),
+            (QuickStopActive, 0x6F, 0x07),
+            (Fault, 0x4F, 0x08),
+        ] {
+            assert_eq!(state.statusword() & mask, value, "{state:?}");
+            assert_eq!(state.statusword() & 0x0210, 0x0210, "{state:?}");
+        }
+        assert_eq!(
+            [
+                SwitchOnDisabled,
+                ReadyToSwitchOn,
+                SwitchedOn,
+                OperationEnabled,
+                QuickStopActive,
+                Fault
+            ]
+            .map(Cia402State::statusword),
+            [0x0250, 0x0231, 0x0233, 0x0237, 0x0217, 0x0218]
+        );
+    }
+
+    #[test]
+    fn a_disabled_drive_goes_through_shutdown_switch_on_and_enable_operation() {
+        let (mut n, _, _) = node(NodeDefaults {
+            start_enabled: false,
+            ..NodeDefaults::default()
+        });
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+        // Switch on and enable are refused from Switch on disabled
+        controlword(&mut n, 0x0F, 10);
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+        for (cw, state) in [
+            (0x06, Cia402State::ReadyToSwitchOn),
+            (0x07, Cia402State::SwitchedOn),
+            (0x0F, Cia402State::OperationEnabled),
+            (0x07, Cia402State::SwitchedOn),
+            (0x0F, Cia402State::OperationEnabled),
+            (0x06, Cia402State::ReadyToSwitchOn),
+            (0x0F, Cia402State::OperationEnabled),
+            (0x02, Cia402State::QuickStopActive),
+            (0x0F, Cia402State::OperationEnabled),
+            (0x00, Cia402State::SwitchOnDisabled),
+            (0x06, Cia402State::ReadyToSwitchOn),
+            (0x0B, Cia402State::SwitchOnDisabled),
+        ] {
+            controlword(&mut n, cw, 20);
+            assert_eq!(n.state(), state, "after controlword {cw:#06x}");
+        }
+        assert_eq!(sdo_read(&mut n, 0x6041, 0, 30)[4..6], [0x50, 0x02]);
+        assert_eq!(sdo_read(&mut n, 0x6040, 0, 30)[4..6], [0x0B, 0x00]);
+    }
+
+    #[test]
+    fn a_fault_sends_emcy_and_only_a_rising_fault_reset_leaves_it() {
+        let (mut n, _, _) = node(NodeDefaults::default());
+        let mut out = Vec::new();
+        n.inject_fault(0x2310, 100, &mut out);
+        assert_eq!(
+            out,
+            [Frame::ours(0x082, &[0x10, 0x23, 0x01, 0, 0, 0, 0, 0])]
+        );
+        assert_eq!(n.state(), Cia402State::Fault);
+        assert_eq!(sdo_read(&mut n, 0x603F, 0, 110)[4..6], [0x10, 0x23]);
+        assert_eq!(sdo_read(&mut n, 0x1001, 0, 110)[4], 0x01);
+        // Commands do nothing in Fault
+        assert_eq!(controlword(&mut n, 0x0F, 120).len(), 1);
+        assert_eq!(n.state(), Cia402State::Fault);
+        // The rising edge of bit 7 resets it: SDO answer, then the EMCY error reset
+        let out = controlword(&mut n, 0x8F, 130);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].id(), 0x582);
+        assert_eq!(out[1], Frame::ours(0x082, &[0; 8]));
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+        assert_eq!(sdo_read(&mut n, 0x603F, 0, 140)[4..6], [0, 0]);
+        assert_eq!(sdo_read(&mut n, 0x1001, 0, 140)[4], 0);
+        // Bit 7 still set: no command is carried out
+        controlword(&mut n, 0x86, 150);
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+    }
+
+    #[test]
+    fn a_fault_reset_needs_a_rising_edge() {
+        let (mut n, _, _) = node(NodeDefaults::default());
+        controlword(&mut n, 0x80, 5);
+        n.inject_fault(0x7500, 10, &mut Vec::new());
+        // Bit 7 was already set: no edge
+        controlword(&mut n, 0x80, 20);
+        assert_eq!(n.state(), Cia402State::Fault);
+        controlword(&mut n, 0x00, 30);
+        controlword(&mut n, 0x80, 40);
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+    }
+
+    #[test]
+    fn the_console_clear_returns_to_the_start_state() {
+        let (mut n, _, _) = node(NodeDefaults::default());
+        let mut out = Vec::new();
+        n.inject_fault(0x2310, 100, &mut out);
+        n.clear_fault(200, &mut out);
+        assert_eq!(out[1], Frame::ours(0x082, &[0; 8]));
+        assert_eq!(n.state(), Cia402State::OperationEnabled);
+        // A second clear has nothing to clear
+        n.clear_fault(300, &mut out);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn the_axis_stands_still_outside_operation_enabled_and_resumes_where_it_stopped() {
+        let (mut n, _, _) = node(NodeDefaults::default());
+        let at_stop = n.process_values(1_000);
+        n.inject_fault(0x2310, 1_000, &mut Vec::new());
+        let stopped = n.process_values(1_700);
+        assert_eq!(stopped.position, at_stop.position);
+        assert_eq!(
+            (stopped.velocity, stopped.torque, stopped.current),
+            (0, 0, 0)
+        );
+        assert_eq!(n.motion_ms(1_700), 1_000);
+        n.clear_fault(1_700, &mut Vec::new());
+        assert_eq!(n.motion_ms(1_700), 1_000);
+        assert_eq!(n.motion_ms(2_000), 1_300);
+        assert_eq!(n.process_values(1_700).position, at_stop.position);
+        // Quick stop freezes it too
+        controlword(&mut n, 0x02, 2_000);
+        assert_eq!(n.motion_ms(2_500), 1_300);
+    }
+
+    #[test]
+    fn nmt_moves_between_states_and_the_heartbeat_shows_each() {
+        let (mut n, t0, boot) = node(NodeDefaults::default());
+        assert_eq!(boot, [Frame::ours(0x702, &[0x00])]);
+        assert_eq!(n.nmt(), NmtState::PreOperational);
+        let hb = |n: &mut Node, at: Instant| {
+            let mut out = Vec::new();
+            n.poll(at, 0, &mut out);
+            out.into_iter()
+                .find(|f| f.id() == 0x702)
+                .map(|f| f.data()[0])
+        };
+        // The first heartbeat is one producer time after the boot-up
+        assert_eq!(n.poll_timeout(), Some(t0 + 100 * MS));
+        assert_eq!(hb(&mut n, t0 + 99 * MS), None);
+        assert_eq!(hb(&mut n, t0 + 100 * MS), Some(0x7F));
+        let mut t = t0 + 100 * MS;
+        for (command, state) in [
+            (nmt::START, 0x05),
+            (nmt::STOP, 0x04),
+            (nmt::START, 0x05),
+            (nmt::ENTER_PRE_OPERATIONAL, 0x7F),
+            (0x55, 0x7F),
+        ] {
+            n.handle_nmt(command, t, 0, &mut Vec::new());
+            t += 100 * MS;
+            assert_eq!(hb(&mut n, t), Some(state), "after NMT {command:#04x}");
+        }
+    }
+
+    #[test]
+    fn reset_node_sends_boot_up_and_restores_the_power_on_values() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(nmt::START, t0, 0, &mut Vec::new());
+        sdo_write(&mut n, 0x1017, 0, &[0xF4, 0x01], t0, 0);
+        n.inject_fault(0x2310, 10, &mut Vec::new());
+        let mut out = Vec::new();
+        n.handle_nmt(nmt::RESET_NODE, t0 + 20 * MS, 20, &mut out);
+        assert_eq!(out, [Frame::ours(0x702, &[0x00])]);
+        assert_eq!(n.nmt(), NmtState::PreOperational);
+        assert_eq!(n.state(), Cia402State::OperationEnabled);
+        assert_eq!(sdo_read(&mut n, 0x1017, 0, 30)[4..6], [100, 0]);
+        assert_eq!(sdo_read(&mut n, 0x603F, 0, 30)[4..6], [0, 0]);
+        // Reset communication restores 0x1017 but leaves the drive's state alone
+        sdo_write(&mut n, 0x1017, 0, &[0xF4, 0x01], t0, 30);
+        n.inject_fault(0x2310, 40, &mut Vec::new());
+        let mut out = Vec::new();
+        n.handle_nmt(nmt::RESET_COMMUNICATION, t0 + 50 * MS, 50, &mut out);
+        assert_eq!(out, [Frame::ours(0x702, &[0x00])]);
+        assert_eq!(sdo_read(&mut n, 0x1017, 0, 60)[4..6], [100, 0]);
+        assert_eq!(n.state(), Cia402State::Fault);
+    }
+
+    #[test]
+    fn a_heartbeat_time_written_over_sdo_takes_effect_at_once_and_zero_stops_it() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        let out = sdo_write(&mut n, 0x1017, 0, &[0xFA, 0x00], t0 + 10 * MS, 10);
+        assert_eq!(out[0].data(), [0x60, 0x17, 0x10, 0, 0, 0, 0, 0]);
+        assert_eq!(n.poll_timeout(), Some(t0 + 260 * MS));
+        sdo_write(&mut n, 0x1017, 0, &[0, 0], t0 + 20 * MS, 20);
+        assert_eq!(n.poll_timeout(), None);
+    }
+
+    #[test]
+    fn sdo_is_not_answered_in_stopped() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(nmt::STOP, t0, 0, &mut Vec::new());
+        let mut out = Vec::new();
+        assert_eq!(
+            n.handle_sdo(&[0x40, 0x41, 0x60, 0, 0, 0, 0, 0], t0, 0, &mut out),
+            None
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn emcy_is_not_sent_in_stopped() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(nmt::STOP, t0, 0, &mut Vec::new());
+        let mut out = Vec::new();
+        n.inject_fault(0x2310, 10, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(n.state(), Cia402State::Fault);
+    }
+
+    #[test]
+    fn a_valid_tpdo_cob_id_cannot_change_without_being_invalidated_first() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        let abort = |out: &[Frame]| u32::from_le_bytes(out[0].data()[4..8].try_into().unwrap());
+        let out = sdo_write(&mut n, 0x1800, 1, &0x190u32.to_le_bytes(), t0, 0);
+        assert_eq!(abort(&out), 0x0609_0030);
+        let out = sdo_write(&mut n, 0x1800, 1, &0x8000_0182u32.to_le_bytes(), t0, 0);
+        assert_eq!(out[0].data()[0], 0x60);
+        let out = sdo_write(&mut n, 0x1800, 1, &0x190u32.to_le_bytes(), t0, 0);
+        assert_eq!(out[0].data()[0], 0x60);
+        assert_eq!(sdo_read(&mut n, 0x1800, 1, 0)[4..8], 0x190u32.to_le_bytes());
+        let out = sdo_write(&mut n, 0x1800, 1, &0xA000_0190u32.to_le_bytes(), t0, 0);
+        assert_eq!(abort(&out), 0x0609_0030);
+        let out = sdo_write(&mut n, 0x6060, 0, &[0x55], t0, 0);
+        assert_eq!(abort(&out), 0x0609_0030);
+        let out = sdo_write(&mut n, 0x6060, 0, &[0x03], t0, 0);
+        assert_eq!(out[0].data()[0], 0x60);
+        assert_eq!(sdo_read(&mut n, 0x6061, 0, 0)[4], 0x03);
+    }
+
+    #[test]
+    fn silent_nodes_send_nothing_and_ignore_nmt_then_carry_on_without_boot_up() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(nmt::START, t0, 0, &mut Vec::new());
+        n.set_silent(true, t0);
+        assert_eq!(n.poll_timeout(), None);
+        let mut out = Vec::new();
+        n.handle_nmt(nmt::STOP, t0, 0, &mut out);
+        n.inject_fault(0x2310, 0, &mut out);
+        n.poll(t0 + 500 * MS, 500, &mut out);
+        assert_eq!(
+            n.handle_sdo(&[0x40, 0x41, 0x60, 0, 0, 0, 0, 0], t0, 0, &mut out),
+            None
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(n.nmt(), NmtState::Operational, "NMT stop was ignored");
+        // Back: no boot-up, heartbeat and TPDOs from now on
+        let t1 = t0 + 600 * MS;
+        n.set_silent(false, t1);
+        assert_eq!(n.poll_timeout(), Some(t1 + 10 * MS));
+        n.poll(t1 + 100 * MS, 700, &mut out);
+        assert!(
+            out.iter().all(|f| f.id() != 0x702 || f.data() == [0x05]),
+            "{out:?}"
+        );
+        assert!(out.iter().any(|f| f.id() == 0x702));
+    }
+
+    #[test]
+    fn sync_mode_sends_the_tpdos_on_each_sync_and_only_when_operational() {
+        let (mut n, t0, _) = node(NodeDefaults {
+            tpdo: TpdoMode::Sync,
+            ..NodeDefaults::default()
+        });
+        let mut out = Vec::new();
+        n.handle_sync(5, &mut out);
+        assert!(out.is_empty(), "pre-operational sends no TPDO");
+        n.handle_nmt(nmt::START, t0, 0, &mut out);
+        // No timer in sync mode: only the heartbeat is scheduled
+        assert_eq!(n.poll_timeout(), Some(t0 + 100 * MS));
+        n.handle_sync(5, &mut out);
+        assert_eq!(
+            out.iter().map(Frame::id).collect::<Vec<_>>(),
+            [0x182, 0x282, 0x382]
+        );
+        assert_eq!(sdo_read(&mut n, 0x1800, 2, 5)[4], 1);
+        assert_eq!(sdo_read(&mut n, 0x1800, 5, 5)[4..6], [0, 0]);
+    }
+
+    #[test]
+    fn timer_tpdos_come_every_period_in_order_from_one_sample() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(nmt::START, t0, 0, &mut Vec::new());
+        let mut out = Vec::new();
+        n.poll(t0 + 9 * MS, 9, &mut out);
+        assert!(out.is_empty());
+        n.poll(t0 + 10 * MS, 10, &mut out);
+        assert_eq!(
+            out.iter().map(Frame::id).collect::<Vec<_>>(),
+            [0x182, 0x282, 0x382]
+        );
+        let v = n.process_values(10);
+        let d: Vec<&[u8]> = out.iter().map(Frame::data).collect();
+        assert_eq!(d[0][0..2], n.state().statusword().to_le_bytes());
+        assert_eq!(d[0][2..6], v.position.to_le_bytes());
+        assert_eq!(d[0][6..8], v.torque.to_le_bytes());
+        assert_eq!(d[1][0..4], v.velocity.to_le_bytes());
+        assert_eq!(d[1][4..6], v.current.to_le_bytes());
+        assert_eq!(d[1][6..8], v.temperature.to_le_bytes());
+        assert_eq!(d[2], [10, 0, 0, 0, 0, 0, 8]);
+        assert_eq!(n.poll_timeout(), Some(t0 + 20 * MS));
+        // An invalidated TPDO2 is no longer sent
+        sdo_write(&mut n, 0x1801, 1, &0x8000_0282u32.to_le_bytes(), t0, 15);
+        let mut out = Vec::new();
+        n.poll(t0 + 20 * MS, 20, &mut out);
+        assert_eq!(
+            out.iter().map(Frame::id).collect::<Vec<_>>(),
+            [0x182, 0x382]
+        );
+        assert_eq!(n.tpdo_sent(), 5);
+    }
+}
