@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs the SocketCAN tests inside the qemu VM of scripts/vm/run.sh (this family of
+# machines has no CAN in its kernel): the end-to-end CANopen tests (tests/tests/canopen.rs:
+# mosquitto, servosim canopen and servogate on vcan0) and servosim's own vcan tests, with
+# SERVOGATE_REQUIRE_VCAN=1 so that a missing vcan0 fails instead of skipping.
+#
+#   scripts/vm/can-tests.sh            # debug build, as scripts/test.sh
+#
+# Prints the guest's output and one verdict line; exits 0 only if every test passed.
+# On a box whose kernel has vcan (scripts/vcan-setup.sh), run the tests directly instead:
+#   SERVOGATE_REQUIRE_VCAN=1 cargo test -p servogate-e2e --test canopen -- --test-threads=1
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+for p in mosquitto socat; do
+    command -v "$p" >/dev/null 2>&1 || [ -x "/usr/sbin/$p" ] || {
+        echo "can-tests: $p is missing (scripts/test.sh installs it)" >&2; exit 2; }
+done
+
+echo "can-tests: building the binaries and the test executables" >&2
+cargo build --workspace --bins --locked
+# The test executables' paths, from cargo's JSON messages.
+tests=()
+while IFS= read -r exe; do tests+=("$exe"); done < <(
+    cargo test --locked --no-run --message-format=json \
+        -p servogate-e2e --test canopen -p servosim --test canopen_vcan 2>/dev/null |
+        sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
+[ ${#tests[@]} -ge 1 ] || { echo "can-tests: no test executable found" >&2; exit 2; }
+
+files=(--file target/debug/servogate --file target/debug/servosim)
+for t in "${tests[@]}"; do files+=(--file "$t"); done
+for f in /usr/sbin/mosquitto /usr/bin/socat; do files+=(--file "$f"); done
+
+# One test at a time: they share vcan0, and the guest's two emulated CPUs.
+cmds="set -e
+export SERVOGATE_REQUIRE_VCAN=1 RUST_BACKTRACE=1
+cd /tmp"
+for t in "${tests[@]}"; do
+    cmds="$cmds
+echo \"can-tests: running $(basename "$t")\"
+$t --test-threads=1"
+done
+
+if VM_TIMEOUT="${VM_TIMEOUT:-600}" VM_MEM="${VM_MEM:-1024}" scripts/vm/run.sh "${files[@]}" -- "$cmds"; then
+    echo "can-tests: PASS (vcan0 in the VM)"
+else
+    rc=$?
+    echo "can-tests: FAIL (exit $rc)"
+    exit "$rc"
+fi

@@ -1,0 +1,242 @@
+//! CANopen drives on vcan: servosim canopen, servogate and a real mosquitto.
+//!
+//! These need a kernel with vcan0. Where there is none (this family of machines), each test
+//! says so and returns; `scripts/vm/can-tests.sh` runs them inside a qemu VM with vcan0
+//! and `SERVOGATE_REQUIRE_VCAN=1` (scripts/test.sh does, so CI does).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use servogate_e2e::*;
+
+/// Longest a test waits for what a step needs while other messages keep coming (a single
+/// message has [`DEADLINE`]): turns a step that never completes into a failure.
+const STEP: Duration = Duration::from_secs(60);
+
+/// Waits until every device in `devices` is online.
+async fn all_online(sub: &mut Subscriber, devices: &[&str]) {
+    let mut online = HashSet::new();
+    let start = Instant::now();
+    while online.len() < devices.len() {
+        assert!(start.elapsed() < STEP, "online so far: {online:?}");
+        let m = sub.next().await;
+        if let Some((device, "availability")) = m.device_stream() {
+            if m.json["state"] == "online" {
+                online.insert(device.to_owned());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_drives_send_telemetry_that_matches_the_model_with_state_and_seq_by_one() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let _sim = CanSim::start(can, "1-4", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-can4/#").await;
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        head("e2e-can4", &broker.url()),
+        can_config(can, &[1, 2, 3, 4], "")
+    ));
+
+    // Each drive: 50 telemetry events checked against the model, seq without a gap.
+    let mut seq: HashMap<String, u64> = HashMap::new();
+    let mut checked: HashMap<String, u32> = HashMap::new();
+    let mut meta = HashSet::new();
+    let start = Instant::now();
+    while checked.len() < 4 || checked.values().any(|&n| n < 50) {
+        assert!(start.elapsed() < STEP, "checked so far: {checked:?}");
+        let m = sub.next().await;
+        match m.device_stream() {
+            Some((device, "telemetry")) => {
+                let s = m.json["seq"].as_u64().unwrap();
+                if let Some(prev) = seq.insert(device.to_owned(), s) {
+                    assert_eq!(s, prev + 1, "{device}: seq {prev} then {s}");
+                } else {
+                    assert_eq!(s, 1, "{device}: the first telemetry is seq 1");
+                }
+                assert_eq!(m.json["quality"], "good", "{}", m.json);
+                assert_can_matches_truth(device, &m.json);
+                *checked.entry(device.to_owned()).or_default() += 1;
+            }
+            Some((device, "meta")) => {
+                assert_eq!(m.json["profile"], "cia402");
+                assert_eq!(m.json["fields"]["position"]["unit"], "mm");
+                meta.insert(device.to_owned());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(meta.len(), 4, "a retained meta per drive");
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silenced_node_goes_offline_within_one_and_a_half_heartbeats_and_comes_back() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let mut sim = CanSim::start(can, "1-3", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-cansilent/#").await;
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        head("e2e-cansilent", &broker.url()),
+        can_config(can, &[1, 2, 3], "")
+    ));
+    all_online(&mut sub, &["drive-1", "drive-2", "drive-3"]).await;
+
+    sim.cmd("silent 2");
+    let silenced = Instant::now();
+    let offline = sub
+        .until(|m| m.device_stream() == Some(("drive-2", "availability")))
+        .await;
+    let took = offline.at - silenced;
+    assert_eq!(offline.json["state"], "offline", "{}", offline.json);
+    println!("offline after {took:?} (1.5 x 100 ms heartbeat)");
+    // 150 ms after its last heartbeat, which came at most 100 ms before the silence; plus
+    // the scheduling slack of an emulated CPU.
+    assert!(
+        took <= Duration::from_millis(150 + 500),
+        "offline after {took:?}"
+    );
+
+    // The others keep sending meanwhile.
+    let mut others = HashSet::new();
+    let start = Instant::now();
+    while others.len() < 2 {
+        assert!(start.elapsed() < STEP, "telemetry from {others:?} only");
+        let m = sub.next().await;
+        match m.device_stream() {
+            Some(("drive-2", "telemetry")) => panic!("telemetry from a silent node"),
+            Some((device, "telemetry")) => {
+                others.insert(device.to_owned());
+            }
+            _ => {}
+        }
+    }
+
+    sim.cmd("alive 2");
+    let back = sub
+        .until(|m| m.device_stream() == Some(("drive-2", "availability")))
+        .await;
+    assert_eq!(back.json["state"], "online", "{}", back.json);
+    sub.until(|m| m.device_stream() == Some(("drive-2", "telemetry")))
+        .await;
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_drive_fault_gives_a_fault_event_with_the_emcy_code_then_fault_cleared() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let mut sim = CanSim::start(can, "1-2", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-canfault/#").await;
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        head("e2e-canfault", &broker.url()),
+        can_config(can, &[1, 2], "")
+    ));
+    sub.until(|m| m.device_stream() == Some(("drive-2", "telemetry")))
+        .await;
+
+    sim.cmd("fault 2 0x2310");
+    let fault = sub
+        .until(|m| m.device_stream() == Some(("drive-2", "events")) && m.json["kind"] == "fault")
+        .await;
+    assert_eq!(fault.json["code"], 0x2310, "{}", fault.json);
+    assert_eq!(fault.json["code_hex"], "0x2310");
+    // The drive's state follows: telemetry shows it in fault with the error code.
+    let faulted = sub
+        .until(|m| {
+            m.device_stream() == Some(("drive-2", "telemetry")) && m.json["state"] == "fault"
+        })
+        .await;
+    assert_eq!(faulted.json["fault_code"], 0x2310);
+
+    sim.cmd("clear 2");
+    let cleared = sub
+        .until(|m| {
+            m.device_stream() == Some(("drive-2", "events")) && m.json["kind"] == "fault_cleared"
+        })
+        .await;
+    assert_eq!(cleared.json["code"], 0x2310, "{}", cleared.json);
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdo_abort_for_a_missing_object_is_a_comm_error_and_the_drives_go_on() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let _sim = CanSim::start(can, "1-2", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-canabort/#").await;
+    // Every drive polls 0x2011 (DC bus, exists) and 0x2FFF (does not exist).
+    let cfg = can_config(can, &[1, 2], "").replace(
+        "objects = [",
+        "objects = [\n  { name = \"dc_bus\", index = 0x2011, type = \"u32\", scale = 0.001, unit = \"V\", every = \"200ms\" },\n  { name = \"missing\", index = 0x2FFF, type = \"u16\", every = \"200ms\" },",
+    );
+    assert!(cfg.contains("0x2FFF"));
+    let mut gw = Servogate::start(&format!("{}{cfg}", head("e2e-canabort", &broker.url())));
+
+    let abort = sub
+        .until(|m| {
+            m.device_stream().is_some_and(|(_, s)| s == "events") && m.json["kind"] == "comm_error"
+        })
+        .await;
+    assert_eq!(abort.json["error"], "sdo_abort", "{}", abort.json);
+    let message = abort.json["message"].as_str().unwrap();
+    assert!(
+        message.contains("0x2fff") && message.contains("object does not exist"),
+        "{message}"
+    );
+    // After the abort: the other object is still read, and TPDO telemetry goes on.
+    let mut dc_bus = HashSet::new();
+    let mut tpdo = HashSet::new();
+    let start = Instant::now();
+    while dc_bus.len() < 2 || tpdo.len() < 2 {
+        assert!(
+            start.elapsed() < STEP,
+            "dc_bus from {dc_bus:?}, TPDOs from {tpdo:?}"
+        );
+        let m = sub.next().await;
+        if let Some((device, "telemetry")) = m.device_stream() {
+            if let Some(v) = m.json["values"]["dc_bus"].as_f64() {
+                assert!((40.0..56.0).contains(&v), "{device}: dc_bus {v}");
+                dc_bus.insert(device.to_owned());
+            }
+            if m.json["position"].is_number() {
+                tpdo.insert(device.to_owned());
+            }
+        }
+    }
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_config_runs_a_modbus_pty_bus_and_a_canopen_bus_at_once() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let pty = PtyPair::start();
+    let _rtu = Servosim::start(&pty.sim, "1-2", &[]);
+    let _can = CanSim::start(can, "5-6", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-mixed/#").await;
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        config("e2e-mixed", &broker.url(), &pty.gateway, &[1, 2], ""),
+        can_config(can, &[5, 6], "")
+    ));
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let start = Instant::now();
+    while seen.len() < 4 || seen.values().any(|&n| n < 20) {
+        assert!(start.elapsed() < STEP, "telemetry so far: {seen:?}");
+        let m = sub.next().await;
+        if let Some((device, "telemetry")) = m.device_stream() {
+            if device.starts_with("drive-") {
+                assert_can_matches_truth(device, &m.json);
+            } else {
+                assert_matches_truth(device, &m.json);
+            }
+            *seen.entry(device.to_owned()).or_default() += 1;
+        }
+    }
+    assert!(gw.stop().success());
+}
