@@ -165,7 +165,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let result = tokio::runtime::Runtime::new()
+    let runtime = match cli.command {
+        Command::ModbusRtu(_) => tokio::runtime::Runtime::new(),
+        // One task owns the socket and the simulator, so worker threads have nothing to
+        // do; on one thread its timers and the socket's readiness are handled in one place.
+        // (Measured in the TCG test VM: SDO round trips the same with either runtime.)
+        Command::Canopen(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let result = runtime
         .context("starting the tokio runtime")
         .and_then(|runtime| {
             let result = match cli.command {

@@ -132,6 +132,7 @@ impl Outbox {
         }
         self.paused_until = None;
         while let Some(frame) = self.front() {
+            tracing::trace!(?frame, "tx");
             let result = match to_socket(frame) {
                 Some(f) => socket.try_write_frame(f),
                 // Cannot happen for the simulator's own frames (ids are 11-bit).
@@ -270,6 +271,7 @@ pub async fn serve_can(
 fn handle(sim: &mut CanSim, out: &mut Outbox, frame: &CanFrame) {
     match from_socket(frame) {
         Some(frame) => {
+            tracing::trace!(?frame, "rx");
             // The arrival time: the frame was just read.
             let answers = sim.handle_frame(&frame, Instant::now());
             out.extend(sim, answers);
