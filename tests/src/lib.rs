@@ -616,7 +616,8 @@ impl Drop for CanSim {
 /// (devices `drive-N`), scaled to servosim's units, its model time mapped in TPDO3.
 pub fn can_config(interface: &str, nodes: &[u8], device_extra: &str) -> String {
     let mut s = format!(
-        "\n[[buses]]\nname = \"can-a\"\nprotocol = \"canopen\"\ninterface = \"{interface}\"\n"
+        // SDO answers take tens of ms on an emulated CPU under load (TCG in CI).
+        "\n[[buses]]\nname = \"can-a\"\nprotocol = \"canopen\"\ninterface = \"{interface}\"\nsdo_timeout = \"1s\"\n"
     );
     for n in nodes {
         s.push_str(&format!(

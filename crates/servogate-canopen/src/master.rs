@@ -46,6 +46,11 @@ use crate::sync::SyncProducer;
 /// 0x1017 producer heartbeat time (u16, ms), CiA 301 v4.2 7.5.2.32.
 pub const PRODUCER_HEARTBEAT_TIME: u16 = 0x1017;
 
+/// First and longest wait before the start-up SDO jobs of a node are tried again after
+/// the drive did not answer (busy, not yet booted, a lost frame).
+pub const STARTUP_RETRY_MIN: Duration = Duration::from_millis(500);
+pub const STARTUP_RETRY_MAX: Duration = Duration::from_secs(10);
+
 /// Where a node's TPDO mappings come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TpdoSource {
@@ -149,11 +154,17 @@ struct Node {
     late_raised: bool,
     /// True once the TPDO mappings are known (from config, or read).
     mapped: bool,
+    /// Start-up jobs wait until then after one failed (the drive did not answer).
+    jobs_not_before: Option<Instant>,
+    /// The wait before the next retry of the start-up jobs.
+    retry_pause: Duration,
 }
 
 impl Node {
     fn startup_jobs(&mut self) {
         self.jobs.clear();
+        self.jobs_not_before = None;
+        self.retry_pause = STARTUP_RETRY_MIN;
         if self.settings.configure_heartbeat {
             self.jobs.push_back(Job::WriteHeartbeat);
         }
@@ -217,6 +228,8 @@ impl Master {
                 last_telemetry: None,
                 late_raised: false,
                 mapped,
+                jobs_not_before: None,
+                retry_pause: STARTUP_RETRY_MIN,
                 settings,
             };
             node.startup_jobs();
@@ -248,10 +261,12 @@ impl Master {
             let sdo = n.sdo.poll_timeout();
             // A poll can only start when the client is free; when it is busy, its
             // response or its timeout wakes us first.
-            let poll = if n.sdo.is_idle() && n.jobs.is_empty() {
-                n.poll_due.iter().min().copied()
-            } else {
+            let poll = if !n.sdo.is_idle() {
                 None
+            } else if !n.jobs.is_empty() {
+                n.jobs_not_before
+            } else {
+                n.poll_due.iter().min().copied()
             };
             let late = match (n.settings.late_after, n.last_telemetry) {
                 (Some(after), Some(last)) if !n.late_raised => Some(last + after),
@@ -296,7 +311,7 @@ impl Master {
                 let n = self.nodes.iter_mut().find(|n| n.settings.node == node)?;
                 let current = n.sdo.current();
                 let event = n.sdo.handle_frame(frame, now)?;
-                self.on_sdo(node, current, event, wall, sink)
+                self.on_sdo(node, current, event, now, wall, sink)
             }
             // TPDOs, on their predefined COB-IDs or any other one a mapping names.
             _ => {
@@ -325,7 +340,7 @@ impl Master {
             let node = n.settings.node;
             let current = n.sdo.current();
             if let Some(event) = n.sdo.handle_timeout(now) {
-                results.extend(self.on_sdo(node, current, event, wall, sink));
+                results.extend(self.on_sdo(node, current, event, now, wall, sink));
             }
         }
         for i in 0..self.nodes.len() {
@@ -470,8 +485,12 @@ impl Master {
                 continue;
             }
             let timeout = n.settings.sdo_timeout;
-            let start = if let Some(job) = n.jobs.pop_front() {
-                Some(job)
+            let waiting = n.jobs_not_before.is_some_and(|t| now < t);
+            let start = if !n.jobs.is_empty() {
+                if waiting {
+                    continue;
+                }
+                n.jobs.pop_front()
             } else {
                 // The most overdue poll first.
                 n.poll_due
@@ -671,6 +690,7 @@ impl Master {
         node: NodeId,
         current: Option<(u16, u8)>,
         event: SdoEvent,
+        now: Instant,
         wall: SystemTime,
         sink: &dyn EventSink,
     ) -> Option<SdoResult> {
@@ -719,7 +739,7 @@ impl Master {
                 }
             }
         };
-        self.finish_job(node, &result, wall, sink);
+        self.finish_job(node, &result, now, wall, sink);
         Some(result)
     }
 
@@ -728,6 +748,7 @@ impl Master {
         &mut self,
         node: NodeId,
         result: &SdoResult,
+        now: Instant,
         wall: SystemTime,
         sink: &dyn EventSink,
     ) {
@@ -756,11 +777,44 @@ impl Master {
                     n.mapped = true;
                 }
             }
-            (Job::ReadMapping(reader), SdoResult::Aborted { .. }) => {
-                // Keep what was read; without a mapping the node gives no TPDO telemetry,
-                // which the comm_error already said. The mapping is read again when the
-                // drive boots.
-                n.decoder = TpdoDecoder::new(reader.finish(), n.settings.objects.clone());
+            (
+                Job::ReadMapping(mut reader),
+                SdoResult::Aborted {
+                    by_server: true,
+                    code,
+                    ..
+                },
+            ) if *code == AbortCode::NO_OBJECT || *code == AbortCode::NO_SUB_INDEX => {
+                // The drive has no such TPDO: keep the others and go on.
+                reader.skip_tpdo();
+                if reader.next_object().is_some() {
+                    n.jobs.push_front(Job::ReadMapping(reader));
+                } else {
+                    n.decoder = TpdoDecoder::new(reader.finish(), n.settings.objects.clone());
+                    n.mapped = true;
+                }
+            }
+            (job @ (Job::ReadMapping(_) | Job::WriteHeartbeat), SdoResult::Aborted { .. }) => {
+                // No answer, or a refusal that may pass (the drive was busy or booting):
+                // the start-up jobs run again from this one after a growing pause. The
+                // comm_error already said why.
+                let retry = match job {
+                    Job::ReadMapping(_) => match &n.settings.tpdos {
+                        TpdoSource::Read(numbers) => {
+                            MappingReader::new(numbers).ok().map(Job::ReadMapping)
+                        }
+                        TpdoSource::Config(_) => None,
+                    },
+                    other => Some(other),
+                };
+                if let Some(retry) = retry {
+                    n.jobs.push_front(retry);
+                }
+                n.jobs_not_before = Some(now + n.retry_pause);
+                n.retry_pause = (n.retry_pause * 2).min(STARTUP_RETRY_MAX);
+            }
+            (Job::WriteHeartbeat, SdoResult::Downloaded { .. }) => {
+                n.retry_pause = STARTUP_RETRY_MIN;
             }
             (Job::Poll(k), SdoResult::Uploaded { data, .. }) => {
                 let Some(poll) = n.settings.polls.get(k) else {
@@ -1193,5 +1247,57 @@ mod tests {
         assert_eq!(m.poll_timeout(), Some(t0 + 100 * MS));
         m.handle_timeout(t0 + 100 * MS, WALL, &sink);
         assert_eq!(drain(&mut m).len(), 1);
+    }
+
+    #[test]
+    fn a_mapping_read_that_times_out_is_tried_again_after_a_pause() {
+        // Given node 4 whose TPDO1 mapping is read from the drive
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let settings = NodeSettings {
+            tpdos: TpdoSource::Read(vec![1]),
+            ..NodeSettings::new("axis-4", n(4), Duration::ZERO)
+        };
+        let mut m = Master::new(vec![settings], None, t0);
+        let first = drain(&mut m).pop().unwrap();
+        // When the drive does not answer within the SDO timeout
+        let timeout = t0 + 100 * MS;
+        m.handle_timeout(timeout, WALL, &sink);
+        let abort = drain(&mut m);
+        assert_eq!(abort.len(), 1, "the abort frame");
+        // Then nothing is asked until the pause is over, and then the read starts again
+        assert_eq!(m.poll_timeout(), Some(timeout + STARTUP_RETRY_MIN));
+        m.handle_timeout(timeout + STARTUP_RETRY_MIN / 2, WALL, &sink);
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(timeout + STARTUP_RETRY_MIN, WALL, &sink);
+        assert_eq!(drain(&mut m), vec![first]);
+        assert!(!m.is_configured(n(4)));
+    }
+
+    #[test]
+    fn a_tpdo_the_drive_does_not_have_is_skipped_and_the_others_are_read() {
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let settings = NodeSettings {
+            tpdos: TpdoSource::Read(vec![1, 2]),
+            ..NodeSettings::new("axis-4", n(4), Duration::ZERO)
+        };
+        let mut m = Master::new(vec![settings], None, t0);
+        drain(&mut m);
+        // 0x1800:01 does not exist on this drive
+        let abort = f(0x584, &[0x80, 0x00, 0x18, 1, 0x00, 0x00, 0x02, 0x06]);
+        m.handle_frame(&abort, t0, WALL, &sink);
+        // so TPDO2's 0x1801:01 is asked next, at once
+        assert_eq!(
+            drain(&mut m),
+            vec![f(0x604, &[0x40, 0x01, 0x18, 1, 0, 0, 0, 0])]
+        );
+        for (index, sub, value) in [(0x1801, 1, 0x284), (0x1A01, 0, 1), (0x1A01, 1, 0x606C_0020)] {
+            m.handle_frame(&upload_reply(4, index, sub, value), t0, WALL, &sink);
+            drain(&mut m);
+        }
+        assert!(m.is_configured(n(4)));
+        assert_eq!(m.tpdos(n(4)).len(), 1);
+        assert_eq!(m.tpdos(n(4))[0].cob_id(), 0x284);
     }
 }

@@ -522,6 +522,12 @@ impl MappingReader {
         self.done
     }
 
+    /// Gives up on the TPDO being read (the drive does not have one of its objects) and
+    /// goes on with the next; what was read of the others stays.
+    pub fn skip_tpdo(&mut self) {
+        self.next_tpdo();
+    }
+
     fn next_tpdo(&mut self) {
         self.current += 1;
         self.step = ReadStep::CobId;
