@@ -612,6 +612,11 @@ impl Drop for CanSim {
     }
 }
 
+/// The heartbeat time the CANopen tests configure (servogate writes it into each drive):
+/// long enough that an emulated CPU under load (TCG in CI) does not make drives flap
+/// offline, short enough to test offline detection.
+pub const HEARTBEAT_MS: u64 = 300;
+
 /// The CANopen part of a test config: bus `can-a` on `interface` with drives `nodes`
 /// (devices `drive-N`), scaled to servosim's units, its model time mapped in TPDO3.
 pub fn can_config(interface: &str, nodes: &[u8], device_extra: &str) -> String {
@@ -627,7 +632,7 @@ name = "drive-{n}"
 bus = "can-a"
 node = {n}
 profile = "cia402"
-heartbeat = "100ms"
+heartbeat = "{HEARTBEAT_MS}ms"
 objects = [
   {{ name = "position", scale = 0.001, unit = "mm" }},
   {{ name = "velocity", scale = 0.001, unit = "mm/s" }},

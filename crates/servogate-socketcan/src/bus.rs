@@ -92,9 +92,33 @@ enum Outcome {
     Lost(io::Error),
 }
 
-/// Runs the bus until `stop` is cancelled. Never returns an error: a missing interface is
-/// waited for, reported and retried.
+/// Runs the bus until `stop` is cancelled, then logs its counters. Never returns an error:
+/// a missing interface is waited for, reported and retried.
 pub async fn run_can_bus(
+    settings: CanBusSettings,
+    master: Master,
+    sink: Arc<dyn EventSink>,
+    stats: Arc<CanStats>,
+    stop: CancellationToken,
+) {
+    let name = settings.name.clone();
+    run(settings, master, sink, stats.clone(), stop).await;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    info!(
+        bus = %name,
+        rx_frames = n(&stats.rx_frames),
+        rx_lost = n(&stats.rx_lost),
+        tx_frames = n(&stats.tx_frames),
+        tx_enobufs = n(&stats.tx_enobufs),
+        tx_dropped = n(&stats.tx_dropped),
+        error_frames = n(&stats.error_frames),
+        ignored = n(&stats.ignored),
+        reopens = n(&stats.reopens),
+        "CAN bus stopped"
+    );
+}
+
+async fn run(
     settings: CanBusSettings,
     mut master: Master,
     sink: Arc<dyn EventSink>,

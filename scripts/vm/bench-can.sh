@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Benchmark of CAN ingest, recorded in BENCHMARKS.md (a benchmark, not a test): inside the
+# qemu VM (scripts/vm/run.sh, TCG), `servosim canopen` runs NODES drives sending TPDO1-3
+# every PERIOD (3 x NODES frames per PERIOD), and the release servogate takes them in,
+# merges each node's cycle into one telemetry event and publishes it to a mosquitto in the
+# guest at QoS 1. Reported from the guest:
+#   - frames/s the gateway received (its CAN counters over the measured window),
+#   - frames lost in its socket buffer (SO_RXQ_OVFL) and events dropped by the ring,
+#   - events/s pushed and acknowledged, and servogate's CPU time per frame.
+#
+#   scripts/vm/bench-can.sh [NODES...]        default: 30 (9,000 TPDO frames/s at 10 ms)
+#
+# Environment: PERIOD (default 10ms), DURATION seconds measured (default 10), WARMUP (3).
+# The 1 Mbit/s line rate of 8-byte frames is 9,009 frames/s (111 bits each, stuffing aside).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ $# -gt 0 ] || set -- 30
+period=${PERIOD:-10ms}
+duration=${DURATION:-10}
+warmup=${WARMUP:-3}
+
+cargo build --release --locked -p servogate -p servosim -q
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+for nodes in "$@"; do
+    cfg="$work/bench-$nodes.toml"
+    {
+        printf '[gateway]\nid = "bench"\nlog = "warn,servogate_socketcan=info,servogate::app=info"\n'
+        printf '[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n[buffer]\ncapacity = 200000\n'
+        printf '[[buses]]\nname = "can-a"\nprotocol = "canopen"\ninterface = "vcan0"\nsdo_timeout = "1s"\n'
+        for n in $(seq 1 "$nodes"); do
+            printf '[[devices]]\nname = "drive-%s"\nbus = "can-a"\nnode = %s\nprofile = "cia402"\nheartbeat = "1s"\n' "$n" "$n"
+            printf 'objects = [{ name = "position", scale = 0.001, unit = "mm" }, { name = "temperature", index = 0x2010, type = "i16", scale = 0.1 }]\n'
+        done
+    } >"$cfg"
+done
+cp target/release/servogate target/release/servosim "$work/"
+
+cmds='set -e
+cd /tmp
+printf "listener 1883 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n" > mq.conf
+mosquitto -c mq.conf -d; sleep 0.5
+ticks() { awk "{print \$14 + \$15}" /proc/$1/stat; }
+for cfg in /opt/bench/bench-*.toml; do
+    nodes=$(grep -c "^\[\[devices\]\]" "$cfg")
+    rm -f simin; mkfifo simin
+    servosim canopen --interface vcan0 --nodes 1-$nodes --heartbeat 1s --period '"$period"' <simin >sim.out 2>sim.err &
+    sim=$!
+    exec 3>simin
+    while ! grep -q ready sim.out; do sleep 0.1; done
+    servogate run --config "$cfg" >gw.log 2>&1 &
+    gw=$!
+    sleep '"$warmup"'
+    rx0=$(cat /sys/class/net/vcan0/statistics/rx_packets); c0=$(ticks $gw)
+    sleep '"$duration"'
+    rx1=$(cat /sys/class/net/vcan0/statistics/rx_packets); c1=$(ticks $gw)
+    kill -TERM $gw; wait $gw || true
+    echo stats >&3; sleep 0.5
+    kill -TERM $sim; wait $sim || true
+    exec 3>&-
+    echo "bench: nodes=$nodes period='"$period"' window='"$duration"'s vcan_frames=$((rx1 - rx0)) gw_cpu_ticks=$((c1 - c0)) clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)"
+    grep -o "CAN bus stopped.*" gw.log | sed "s/^/bench:   /"
+    grep -o "servogate stopped.*" gw.log | sed "s/^/bench:   /"
+    grep "^ok stats" sim.out | sed "s/^/bench:   sim /"
+done'
+VM_TIMEOUT=${VM_TIMEOUT:-900} scripts/vm/run.sh --file "$work/servogate:/usr/local/bin/servogate" \
+    --file "$work/servosim:/usr/local/bin/servosim" --file /usr/sbin/mosquitto \
+    --file "$work:/opt/bench" -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'
