@@ -9,6 +9,11 @@
 #   - events/s pushed and acknowledged, and servogate's CPU time per frame.
 #
 #   scripts/vm/bench-can.sh [NODES...]        default: 30 (9,000 TPDO frames/s at 10 ms)
+#   GEN=cangen scripts/vm/bench-can.sh [NODES...]
+#       the same frames from can-utils' cangen (one process per TPDO COB-ID, a frame every
+#       GAP ms, default 1: 3 x NODES x 1000 frames/s) instead of servosim, with the mappings
+#       given in the config and no heartbeat: what the gateway alone can take, without
+#       servosim's share of the guest's CPU.
 #
 # Environment: PERIOD (default 10ms), DURATION seconds measured (default 10), WARMUP (3).
 # The 1 Mbit/s line rate of 8-byte frames is 9,009 frames/s (111 bits each, stuffing aside).
@@ -16,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -gt 0 ] || set -- 30
 period=${PERIOD:-10ms}
+gen=${GEN:-servosim}
+gap=${GAP:-1}
 duration=${DURATION:-10}
 warmup=${WARMUP:-3}
 
@@ -30,8 +37,14 @@ for nodes in "$@"; do
         printf '[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n[buffer]\ncapacity = 200000\n'
         printf '[[buses]]\nname = "can-a"\nprotocol = "canopen"\ninterface = "vcan0"\nsdo_timeout = "1s"\n'
         for n in $(seq 1 "$nodes"); do
-            printf '[[devices]]\nname = "drive-%s"\nbus = "can-a"\nnode = %s\nprofile = "cia402"\nheartbeat = "1s"\n' "$n" "$n"
+            printf '[[devices]]\nname = "drive-%s"\nbus = "can-a"\nnode = %s\nprofile = "cia402"\n' "$n" "$n"
             printf 'objects = [{ name = "position", scale = 0.001, unit = "mm" }, { name = "temperature", index = 0x2010, type = "i16", scale = 0.1 }]\n'
+            if [ "$gen" = cangen ]; then
+                printf 'heartbeat = "0s"\nconfigure_heartbeat = false\n'
+                printf 'tpdos = [{ number = 1, map = [0x60410010, 0x60640020, 0x60770010] }, { number = 2, map = [0x606C0020, 0x60780010, 0x20100010] }, { number = 3, map = [0x20000020, 0x603F0010, 0x60610010] }]\n'
+            else
+                printf 'heartbeat = "1s"\n'
+            fi
         done
     } >"$cfg"
 done
@@ -45,10 +58,22 @@ ticks() { awk "{print \$14 + \$15}" /proc/$1/stat; }
 for cfg in /opt/bench/bench-*.toml; do
     nodes=$(grep -c "^\[\[devices\]\]" "$cfg")
     rm -f simin; mkfifo simin
-    servosim canopen --interface vcan0 --nodes 1-$nodes --heartbeat 1s --period '"$period"' <simin >sim.out 2>sim.err &
-    sim=$!
-    exec 3>simin
-    while ! grep -q ready sim.out; do sleep 0.1; done
+    gens=""
+    if [ '"$gen"' = cangen ]; then
+        : >sim.out; exec 3>/dev/null; sim=""
+        for n in $(seq 1 $nodes); do
+            for base in 180 280 380; do
+                id=$(printf "%X" $((0x$base + n)))
+                cangen vcan0 -g '"$gap"' -I $id -L 8 -D i -p 10 &
+                gens="$gens $!"
+            done
+        done
+    else
+        servosim canopen --interface vcan0 --nodes 1-$nodes --heartbeat 1s --period '"$period"' <simin >sim.out 2>sim.err &
+        sim=$!
+        exec 3>simin
+        while ! grep -q ready sim.out; do sleep 0.1; done
+    fi
     servogate run --config "$cfg" >gw.log 2>&1 &
     gw=$!
     sleep '"$warmup"'
@@ -56,14 +81,14 @@ for cfg in /opt/bench/bench-*.toml; do
     sleep '"$duration"'
     rx1=$(cat /sys/class/net/vcan0/statistics/rx_packets); c1=$(ticks $gw)
     kill -TERM $gw; wait $gw || true
-    echo stats >&3; sleep 0.5
-    kill -TERM $sim; wait $sim || true
+    if [ -n "$sim" ]; then echo stats >&3; sleep 0.5; kill -TERM $sim; wait $sim || true; fi
+    for g in $gens; do kill $g 2>/dev/null || true; done; wait 2>/dev/null || true
     exec 3>&-
-    echo "bench: nodes=$nodes period='"$period"' window='"$duration"'s vcan_frames=$((rx1 - rx0)) gw_cpu_ticks=$((c1 - c0)) clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)"
+    echo "bench: gen='"$gen"' nodes=$nodes period='"$period"' gap='"$gap"'ms window='"$duration"'s vcan_frames=$((rx1 - rx0)) gw_cpu_ticks=$((c1 - c0)) clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)"
     grep -o "CAN bus stopped.*" gw.log | sed "s/^/bench:   /"
     grep -o "servogate stopped.*" gw.log | sed "s/^/bench:   /"
     grep "^ok stats" sim.out | sed "s/^/bench:   sim /"
 done'
 VM_TIMEOUT=${VM_TIMEOUT:-900} scripts/vm/run.sh --file "$work/servogate:/usr/local/bin/servogate" \
     --file "$work/servosim:/usr/local/bin/servosim" --file /usr/sbin/mosquitto \
-    --file "$work:/opt/bench" -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'
+    --file "$work:/opt/bench" --file /usr/bin/cangen -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'

@@ -5,6 +5,7 @@
 # SERVOGATE_REQUIRE_VCAN=1 so that a missing vcan0 fails instead of skipping.
 #
 #   scripts/vm/can-tests.sh            # debug build, as scripts/test.sh
+#   CAN_TESTS_FILTER=interface scripts/vm/can-tests.sh    # only tests whose name matches
 #
 # Prints the guest's output and one verdict line; exits 0 only if every test passed.
 # On a box whose kernel has vcan (scripts/vcan-setup.sh), run the tests directly instead:
@@ -38,7 +39,7 @@ cd /tmp"
 for t in "${tests[@]}"; do
     cmds="$cmds
 echo \"can-tests: running $(basename "$t")\"
-$t --test-threads=1"
+$t --test-threads=1 ${CAN_TESTS_FILTER:-}"
 done
 
 if VM_TIMEOUT="${VM_TIMEOUT:-600}" VM_MEM="${VM_MEM:-1024}" scripts/vm/run.sh "${files[@]}" -- "$cmds"; then

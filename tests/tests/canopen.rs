@@ -13,6 +13,30 @@ use servogate_e2e::*;
 /// message has [`DEADLINE`]): turns a step that never completes into a failure.
 const STEP: Duration = Duration::from_secs(60);
 
+/// Waits for drive-1's `bus_state` event `bus` and its availability `availability`.
+async fn expect_bus_and_availability(sub: &mut Subscriber, bus: &str, availability: &str) {
+    let (mut bus_seen, mut availability_seen) = (false, false);
+    let start = Instant::now();
+    while !(bus_seen && availability_seen) {
+        assert!(
+            start.elapsed() < STEP,
+            "bus_state {bus}: {bus_seen}, {availability}: {availability_seen}"
+        );
+        let m = sub.next().await;
+        match m.device_stream() {
+            Some(("drive-1", "events")) if m.json["kind"] == "bus_state" => {
+                assert_eq!(m.json["state"], bus, "{}", m.json);
+                bus_seen = true;
+            }
+            Some(("drive-1", "availability")) => {
+                assert_eq!(m.json["state"], availability, "{}", m.json);
+                availability_seen = true;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Waits until every device in `devices` is online.
 async fn all_online(sub: &mut Subscriber, devices: &[&str]) {
     let mut online = HashSet::new();
@@ -244,5 +268,78 @@ async fn a_mixed_config_runs_a_modbus_pty_bus_and_a_canopen_bus_at_once() {
             *seen.entry(device.to_owned()).or_default() += 1;
         }
     }
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drives_on_the_gateways_sync_with_mappings_from_the_config_send_telemetry() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    // The drives send their TPDOs only on SYNC, which only servogate produces.
+    let _sim = CanSim::start(can, "1-2", &["--tpdo", "sync"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-cansync/#").await;
+    // servosim's TPDO1-3, as its README documents them, given instead of read.
+    let tpdos = "tpdos = [{ number = 1, map = [0x60410010, 0x60640020, 0x60770010] }, \
+                 { number = 2, map = [0x606C0020, 0x60780010, 0x20100010] }, \
+                 { number = 3, map = [0x20000020, 0x603F0010, 0x60610008] }]\n";
+    let cfg = can_config(can, &[1, 2], tpdos).replace(
+        "sdo_timeout = \"1s\"\n",
+        "sdo_timeout = \"1s\"\nsync_period = \"20ms\"\n",
+    );
+    assert!(cfg.contains("sync_period"));
+    let mut gw = Servogate::start(&format!("{}{cfg}", head("e2e-cansync", &broker.url())));
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let start = Instant::now();
+    while seen.len() < 2 || seen.values().any(|&n| n < 20) {
+        assert!(start.elapsed() < STEP, "telemetry so far: {seen:?}");
+        let m = sub.next().await;
+        if let Some((device, "telemetry")) = m.device_stream() {
+            assert_can_matches_truth(device, &m.json);
+            *seen.entry(device.to_owned()).or_default() += 1;
+        }
+    }
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interface_going_down_and_up_is_reported_and_the_drives_come_back() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let _sim = CanSim::start(can, "1", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-candown/#").await;
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        head("e2e-candown", &broker.url()),
+        can_config(can, &[1], "")
+    ));
+    // A TPDO can come before the first heartbeat: wait for both.
+    all_online(&mut sub, &["drive-1"]).await;
+    sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
+        .await;
+
+    let ip = |state: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", can, state])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip link set {can} {state}");
+    };
+    // Whatever happens below, vcan0 is up again for the next test.
+    struct UpAgain(&'static str);
+    impl Drop for UpAgain {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "set", self.0, "up"])
+                .status();
+        }
+    }
+    let _up_again = UpAgain(can);
+    ip("down");
+    // The bus says it is down, and the silent drive goes offline (in either order).
+    expect_bus_and_availability(&mut sub, "down", "offline").await;
+    ip("up");
+    expect_bus_and_availability(&mut sub, "up", "online").await;
+    sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
+        .await;
     assert!(gw.stop().success());
 }

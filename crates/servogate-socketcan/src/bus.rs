@@ -13,9 +13,9 @@
 //! - `ENOBUFS` on write (the interface's transmit queue is full, e.g. a flooded or bus-off
 //!   bus): the frame is kept and tried again after a short, growing pause, never in a busy
 //!   loop; the queue of unsent frames is bounded and what falls off it is counted;
-//! - the interface goes down (`ENETDOWN`): a `bus_state` `down` event; it is watched and
-//!   `up` is reported when frames flow again or the interface is up; the heartbeat consumer
-//!   meanwhile takes the silent drives offline;
+//! - the interface goes down (its flags, read every 250 ms, or `ENETDOWN`): a `bus_state`
+//!   `down` event, and `up` when it is up again; the heartbeat consumer meanwhile takes the
+//!   silent drives offline;
 //! - the interface disappears (`ENODEV`) or cannot be opened: the socket is reopened with
 //!   a capped back-off, and the master's timers keep running in between.
 
@@ -80,7 +80,7 @@ const ENOBUFS_MIN: Duration = Duration::from_millis(1);
 const ENOBUFS_MAX: Duration = Duration::from_millis(50);
 /// First wait before reopening a missing interface.
 const REOPEN_MIN: Duration = Duration::from_millis(100);
-/// How often a down interface is looked at.
+/// How often the interface's flags are looked at (up / down).
 const DOWN_CHECK: Duration = Duration::from_millis(250);
 /// At most one `rx_overflow` notice per this, with the frames lost in between.
 const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -251,6 +251,7 @@ impl Link {
     fn set_down(&mut self, master: &mut Master, sink: &dyn EventSink, why: &str) {
         if !self.down {
             self.down = true;
+            warn!(bus = %self.bus, "CAN bus down: {why}");
             master.notify_all(
                 SystemTime::now(),
                 EventKind::BusState { state: "down" },
@@ -343,6 +344,8 @@ async fn serve(
     let mut cmsg = nix::cmsg_space!(u32);
     // A fresh socket's drop counter starts at zero.
     link.lost_total = 0;
+    let mut down_check = tokio::time::interval(DOWN_CHECK);
+    down_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         while let Some(frame) = master.poll_transmit() {
             if unsent.len() >= MAX_UNSENT {
@@ -410,17 +413,24 @@ async fn serve(
                     let (n, dropped) = match read {
                         Err(_would_block) => break,
                         Ok(Ok(r)) => r,
-                        Ok(Err(e)) => match e.raw_os_error() {
-                            Some(libc::ENETDOWN) => {
-                                link.set_down(master, sink, "interface down (ENETDOWN)");
-                                break;
+                        Ok(Err(e)) => {
+                            // The error is reported once; wait for the next readiness edge
+                            // instead of asking again at once (which would starve the
+                            // timers that take the silent drives offline).
+                            guard.clear_ready();
+                            match e.raw_os_error() {
+                                // Reported once per down; when it is read after the
+                                // interface came back, it is stale.
+                                Some(libc::ENETDOWN) => {
+                                    if interface_is_up(&settings.interface) != Some(true) {
+                                        link.set_down(master, sink, "interface down (ENETDOWN)");
+                                    }
+                                }
+                                Some(libc::ENODEV) | Some(libc::ENXIO) => return Outcome::Lost(e),
+                                _ => warn!(bus = %settings.name, error = %e, "CAN receive failed"),
                             }
-                            Some(libc::ENODEV) | Some(libc::ENXIO) => return Outcome::Lost(e),
-                            _ => {
-                                warn!(bus = %settings.name, error = %e, "CAN receive failed");
-                                break;
-                            }
-                        },
+                            break;
+                        }
                     };
                     let now = Instant::now();
                     if let Some(total) = dropped {
@@ -471,9 +481,14 @@ async fn serve(
             _ = async { sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
                 retry_at = None;
             }
-            _ = tokio::time::sleep(DOWN_CHECK), if link.down => {
-                if interface_is_up(&settings.interface) == Some(true) {
-                    link.set_up(master, sink);
+            // The kernel tells a bound CAN_RAW socket that its interface went down only
+            // as a socket error (EPOLLERR), which readable() does not wake for; so the
+            // interface's flags are looked at too, and they also say when it is back.
+            _ = down_check.tick() => {
+                match interface_is_up(&settings.interface) {
+                    Some(true) => link.set_up(master, sink),
+                    Some(false) => link.set_down(master, sink, "interface is down"),
+                    None => {}
                 }
             }
         }
