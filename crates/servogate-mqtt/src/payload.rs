@@ -157,8 +157,9 @@ pub fn encode_notice(seq: u64, ts: SystemTime, n: &Notice) -> Vec<u8> {
             elapsed,
             late_after,
         } => {
-            o.f64("elapsed_ms", elapsed.as_secs_f64() * 1e3);
-            o.f64("late_after_ms", late_after.as_secs_f64() * 1e3);
+            // Whole microseconds: 31.349, not 31.349406000000002.
+            o.f64("elapsed_ms", elapsed.as_micros() as f64 / 1e3);
+            o.f64("late_after_ms", late_after.as_micros() as f64 / 1e3);
         }
         EventKind::CommError { error } => o.str("error", error),
         EventKind::StateChange { from, to } => {

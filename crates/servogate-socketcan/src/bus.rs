@@ -234,6 +234,9 @@ struct Link {
     lost_total: u32,
     lost_unreported: u64,
     last_loss_report: Option<Instant>,
+    /// Sends refused with ENOBUFS since the last report.
+    enobufs_unreported: u64,
+    last_enobufs_report: Option<Instant>,
 }
 
 impl Link {
@@ -245,6 +248,8 @@ impl Link {
             lost_total: 0,
             lost_unreported: 0,
             last_loss_report: None,
+            enobufs_unreported: 0,
+            last_enobufs_report: None,
         }
     }
 
@@ -300,6 +305,32 @@ impl Link {
         self.lost_total = total;
         self.lost_unreported += new;
         new
+    }
+
+    /// At most once a second: the sends the interface refused (ENOBUFS), to the log and to
+    /// every device as a `comm_error` (`tx_enobufs`). The frames were kept and retried.
+    fn report_enobufs(&mut self, now: Instant, master: &mut Master, sink: &dyn EventSink) {
+        if self.enobufs_unreported == 0
+            || self
+                .last_enobufs_report
+                .is_some_and(|t| now < t + LOSS_REPORT_EVERY)
+        {
+            return;
+        }
+        let n = std::mem::take(&mut self.enobufs_unreported);
+        self.last_enobufs_report = Some(now);
+        warn!(bus = %self.bus, refused = n, "CAN transmit queue full (ENOBUFS); frames held and retried");
+        master.notify_all(
+            SystemTime::now(),
+            EventKind::CommError {
+                error: "tx_enobufs",
+            },
+            &format!(
+                "the CAN interface refused {n} sends (ENOBUFS: its transmit queue is full; \
+                 bus flooded, or bus-off); they are retried"
+            ),
+            sink,
+        );
     }
 
     fn report_loss(&mut self, now: Instant, master: &mut Master, sink: &dyn EventSink) {
@@ -375,6 +406,7 @@ async fn serve(
                         // The interface's queue is full: no readiness event will say when
                         // it has room, so wait a little, longer each time.
                         stats.tx_enobufs.fetch_add(1, Ordering::Relaxed);
+                        link.enobufs_unreported += 1;
                         retry_at = Some(Instant::now() + enobufs_pause);
                         enobufs_pause = (enobufs_pause * 2).min(ENOBUFS_MAX);
                         break;
@@ -480,6 +512,7 @@ async fn serve(
             }
             _ = async { sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
                 retry_at = None;
+                link.report_enobufs(Instant::now(), master, sink);
             }
             // The kernel tells a bound CAN_RAW socket that its interface went down only
             // as a socket error (EPOLLERR), which readable() does not wake for; so the

@@ -66,15 +66,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     demo_overrides(&mut cfg, &path, &url, args.axes);
     let prefix = cfg.mqtt.topic_prefix.clone();
 
-    println!("servogate demo: {} simulated axes on {path}", args.axes);
-    println!("MQTT broker: {url}   topics: {prefix}/#");
+    // The header stays on top of every redraw of the table: the broker's address is what
+    // a user needs to watch the raw messages.
+    let mut header = format!(
+        "servogate demo: {} simulated axes on {path}\nMQTT broker: {url}   topics: {prefix}/#\n",
+        args.axes
+    );
     if let Some(port) = url.strip_prefix("mqtt://127.0.0.1:") {
-        println!("watch it:    mosquitto_sub -h 127.0.0.1 -p {port} -v -t '{prefix}/#'");
+        header.push_str(&format!(
+            "watch it:    mosquitto_sub -h 127.0.0.1 -p {port} -v -t '{prefix}/#'\n"
+        ));
     }
-    println!();
+    println!("{header}");
 
     let shutdown = CancellationToken::new();
-    let table = tokio::spawn(show_live_values(url.clone(), prefix, shutdown.clone()));
+    let table = tokio::spawn(show_live_values(
+        url.clone(),
+        prefix,
+        header,
+        shutdown.clone(),
+    ));
     let stop = shutdown.clone();
     let duration = args.duration.map(Duration::from);
     tokio::spawn(async move {
@@ -182,7 +193,12 @@ struct Row {
 
 /// Subscribes to the gateway's topics and redraws a table twice a second.
 /// Returns the number of telemetry messages received.
-async fn show_live_values(url: String, prefix: String, shutdown: CancellationToken) -> u64 {
+async fn show_live_values(
+    url: String,
+    prefix: String,
+    header: String,
+    shutdown: CancellationToken,
+) -> u64 {
     let Some(hostport) = url.strip_prefix("mqtt://") else {
         eprintln!("live view needs an mqtt:// broker; values still go to {url}");
         shutdown.cancelled().await;
@@ -204,7 +220,12 @@ async fn show_live_values(url: String, prefix: String, shutdown: CancellationTok
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = redraw.tick() => draw(&rows, tty),
+            _ = redraw.tick() => {
+                // Off a terminal, print the table only once there is something in it.
+                if tty || !rows.is_empty() {
+                    draw(&rows, tty, &header);
+                }
+            }
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     let _ = client.try_subscribe(format!("{prefix}/devices/+/telemetry"), QoS::AtMostOnce);
@@ -232,14 +253,18 @@ async fn show_live_values(url: String, prefix: String, shutdown: CancellationTok
             }
         }
     }
-    draw(&rows, tty);
+    if tty {
+        draw(&rows, tty, &header);
+    }
     total
 }
 
-fn draw(rows: &BTreeMap<String, Row>, tty: bool) {
+fn draw(rows: &BTreeMap<String, Row>, tty: bool, header: &str) {
     let mut out = String::new();
     if tty {
         out.push_str("\x1b[H\x1b[J"); // home, clear screen
+        out.push_str(header);
+        out.push('\n');
     }
     out.push_str(&format!(
         "{:<8} {:<8} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7} {:<18} {:>8}\n",
