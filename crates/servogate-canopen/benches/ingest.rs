@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use servogate_canopen::pdo::TpdoMapping;
-use servogate_canopen::{Frame, Master, NodeId, NodeSettings, ObjType, ObjectSpec, ObjectTable, TpdoSource};
+use servogate_canopen::{
+    Frame, Master, NodeId, NodeSettings, ObjType, ObjectSpec, ObjectTable, TpdoSource,
+};
 use servogate_core::{Event, EventSink};
 
 struct CountSink(AtomicU64);
