@@ -304,6 +304,11 @@ pub struct Servogate {
 
 impl Servogate {
     pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// As [`Servogate::start`], with extra environment variables (e.g. systemd's).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("servogate.toml");
         std::fs::write(&path, config).unwrap();
@@ -311,6 +316,7 @@ impl Servogate {
             .arg("run")
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

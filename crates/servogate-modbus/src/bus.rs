@@ -64,6 +64,9 @@ pub struct BusStats {
     pub reopens: AtomicU64,
     /// Sum of reply times in microseconds (mean = this / replies).
     pub reply_micros: AtomicU64,
+    /// Notified after every attempt to open the port, success or not: the daemon tells
+    /// systemd it is ready once each bus has tried.
+    pub open_attempted: tokio::sync::Notify,
 }
 
 impl BusStats {
@@ -168,6 +171,7 @@ pub async fn run_bus(
                     reopen_wait = (reopen_wait * 2).min(settings.reopen_max);
                 }
             }
+            stats.open_attempted.notify_one();
         }
 
         let poller = &mut pollers[index];

@@ -69,6 +69,9 @@ pub struct CanStats {
     /// Frames of no use here (29-bit ids, remote frames).
     pub ignored: AtomicU64,
     pub reopens: AtomicU64,
+    /// Notified after every attempt to open the interface, success or not: the daemon
+    /// tells systemd it is ready once each bus has tried.
+    pub open_attempted: tokio::sync::Notify,
 }
 
 /// Most frames read in one wake-up before the timers get a turn.
@@ -128,7 +131,9 @@ async fn run(
     let mut link = Link::new(settings.name.clone());
     let mut backoff = REOPEN_MIN;
     loop {
-        match open(&settings) {
+        let opened = open(&settings);
+        stats.open_attempted.notify_one();
+        match opened {
             Ok(fd) => {
                 backoff = REOPEN_MIN;
                 info!(bus = %settings.name, interface = %settings.interface, "CAN interface open");

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, DeviceAddress};
+use crate::systemd;
 
 /// How `run` is embedded: by the daemon (signals stop it) or by the demo (a token does).
 #[derive(Debug, Default)]
@@ -41,6 +42,8 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let buses_stop = CancellationToken::new();
     let mut buses = Vec::new();
     let mut meta = Vec::new();
+    let mut rtu_stats: Vec<Arc<BusStats>> = Vec::new();
+    let mut can_stats: Vec<Arc<CanStats>> = Vec::new();
 
     for d in &cfg.devices {
         let address = match d.address {
@@ -61,6 +64,7 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     for (bus, devices) in cfg.rtu_buses() {
         info!(bus = %bus.name, port = %bus.port.display(), devices = devices.len(), "starting bus");
         let stats = Arc::new(BusStats::default());
+        rtu_stats.push(stats.clone());
         let (sink, stop) = (sink.clone(), buses_stop.clone());
         // Each bus gets an OS thread with a runtime of its own: the reply's wake-up, the
         // t3.5 timer and the next request never queue behind MQTT work or migrate between
@@ -81,6 +85,7 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         let now = std::time::Instant::now();
         let master = Master::new(nodes, sync.map(|p| SyncProducer::new(p, None, now)), now);
         let stats = Arc::new(CanStats::default());
+        can_stats.push(stats.clone());
         let (sink, stop) = (sink.clone(), buses_stop.clone());
         let name = bus.name.clone();
         let finished =
@@ -91,7 +96,58 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let forwarder_stop = CancellationToken::new();
     let forwarder = tokio::spawn(forwarder.run(forwarder_stop.clone()));
 
-    wait_for_shutdown(options.shutdown).await;
+    // systemd (Type=notify): ready once every bus has tried to open its port or
+    // interface. A bus that failed keeps retrying and its devices go offline; waiting for
+    // it would only turn a missing adapter into a start timeout and a restart loop.
+    let shutdown = wait_for_shutdown(options.shutdown);
+    tokio::pin!(shutdown);
+    let all_tried = async {
+        for s in &rtu_stats {
+            s.open_attempted.notified().await;
+        }
+        for s in &can_stats {
+            s.open_attempted.notified().await;
+        }
+    };
+    let stopped_early = tokio::select! {
+        _ = all_tried => false,
+        _ = &mut shutdown => true,
+    };
+    let status = format!(
+        "{} buses, {} devices, publishing to {}",
+        rtu_stats.len() + can_stats.len(),
+        cfg.devices.len(),
+        cfg.mqtt.url
+    );
+    if let Err(e) = systemd::ready().and_then(|()| systemd::status(&status)) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+    info!("{status}");
+
+    // The watchdog is fed from here, the task that also waits for the shutdown signal,
+    // and only while every bus thread is alive: a bus that died stops the pings and
+    // systemd restarts the daemon.
+    let watchdog = systemd::watchdog_interval();
+    let mut feed = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    if !stopped_early {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = feed.tick(), if watchdog.is_some() => {
+                    if buses.iter_mut().all(|b| matches!(b.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))) {
+                        if let Err(e) = systemd::watchdog_ping() {
+                            warn!(error = %e, "cannot feed the systemd watchdog");
+                        }
+                    } else {
+                        error!("a bus task has ended: no more watchdog pings, systemd restarts the daemon");
+                    }
+                }
+            }
+        }
+    }
+    if let Err(e) = systemd::stopping() {
+        warn!(error = %e, "cannot notify systemd");
+    }
     info!("stopping: buses first, then the forwarder");
     buses_stop.cancel();
     for b in buses {

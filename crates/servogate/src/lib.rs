@@ -4,6 +4,7 @@
 //! - [`app`]: `servogate run`: bus tasks, the ring and the forwarder, and their shutdown.
 //! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
 //! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
+//! - [`systemd`]: READY / WATCHDOG / STOPPING / STATUS for `Type=notify`.
 //!
 //! Architecture invariant: only this crate reads files, the environment and signals.
 
@@ -11,3 +12,4 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod systemd;
