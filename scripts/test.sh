@@ -55,4 +55,8 @@ else
     scripts/vm/can-tests.sh
 fi
 
+# The systemd unit's hardening: systemd-analyze's exposure figure, at most 2.0.
+echo "==> systemd unit exposure"
+scripts/check-unit.sh
+
 echo "==> all checks passed"
