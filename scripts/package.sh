@@ -42,6 +42,6 @@ out="$(cargo deb -p servogate --no-build --locked --dbgsym --compress-debug-symb
     || { echo "$out" >&2; exit 1; }
 echo "$out" >&2
 deb="$(grep -E '\.deb$' <<<"$out" | tail -1)"
-[ -n "$deb" ] && [ -f "$deb" ] || { log "error: cargo deb printed no .deb path"; exit 1; }
+if [ -z "$deb" ] || [ ! -f "$deb" ]; then log "error: cargo deb printed no .deb path"; exit 1; fi
 log "$(dpkg-deb -f "$deb" Package Version Architecture Depends | tr '\n' ' ')"
 echo "$deb"

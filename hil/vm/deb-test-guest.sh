@@ -13,6 +13,7 @@
 #   USB:   a real /dev/ttyUSB0 (qemu's emulated FTDI adapter, kernel ftdi_sio driver)
 #          wired to the VM's /dev/ttyS1, servosim on ttyS1: online with no drop-in,
 #          restarted after a kill and online again;
+#   CAN:   a canopen bus on vcan0 opens and sends in the sandbox (AF_CAN, no netlink);
 #   a bad config fails the start in ExecStartPre with file, line and key.
 set -u
 
@@ -104,6 +105,22 @@ profile = "servosim-ax"
 poll = "100ms"
 late_after = "1s"
 EOF
+    if [ "${2:-}" = can ]; then
+        cat >>/etc/servogate/servogate.toml <<EOF
+
+# A CANopen bus on vcan0 with one CiA 402 drive that is not there (no simulator).
+[[buses]]
+name = "can-a"
+protocol = "canopen"
+interface = "vcan0"
+
+[[devices]]
+name = "axis-5"
+bus = "can-a"
+node = 5
+profile = "cia402"
+EOF
+    fi
 }
 
 # --- the system ----------------------------------------------------------------------
@@ -228,7 +245,7 @@ rm -f /dev/servogate-test-misc
 # qemu's usb-serial (an FTDI FT232 to the guest) and the guest's second UART (ttyS1) are
 # the two ends of one virtual cable. udev makes /dev/ttyUSB0 root:dialout 0660, as for a
 # real USB-RS485 adapter; the unit opens it through DeviceAllow=char-ttyUSB and dialout.
-check "/dev/ttyUSB0 exists, root:dialout 0660 ($(ls -l /dev/ttyUSB0 2>&1 | cut -d' ' -f1,3,4))" \
+check "/dev/ttyUSB0 exists, root:dialout 0660 ($(stat -c '%U:%G %a' /dev/ttyUSB0 2>&1))" \
     wait_for 30 sh -c "[ \"\$(stat -c '%U:%G %a' /dev/ttyUSB0 2>/dev/null)\" = 'root:dialout 660' ]"
 note "ttyUSB0 driver: $(basename "$(readlink -f /sys/class/tty/ttyUSB0/device/driver 2>/dev/null)" 2>/dev/null)"
 servosim modbus-rtu --port /dev/ttyS1 --units 1-2 >"$work/servosim-usb.out" 2>"$work/servosim-usb.err" &
@@ -260,6 +277,27 @@ check "MQTT: after the restart axis-1 is online again" wait_for 90 online_since 
 }
 
 systemctl stop servogate
+
+# --- CAN: a SocketCAN bus inside the sandbox ------------------------------------------
+# RestrictAddressFamilies= allows AF_CAN and no AF_NETLINK: opening vcan0 and sending on
+# it (NMT, SDO to the absent node 5) must work without either being refused.
+if modprobe vcan && ip link add vcan0 type vcan && ip link set vcan0 up; then
+    write_config /dev/ttyUSB0 can
+    tx0=$(cat /sys/class/net/vcan0/statistics/tx_packets)
+    m=$(mark)
+    systemctl start servogate
+    check "CAN: servogate opens vcan0 in its sandbox (journal: CAN interface open)" \
+        wait_for 60 sh -c "journalctl -u servogate --no-pager -o cat | grep 'CAN interface open' | grep -q vcan0" \
+        || tell_journal
+    check "CAN: and sends frames on it (tx_packets $tx0 -> $(cat /sys/class/net/vcan0/statistics/tx_packets))" \
+        wait_for 30 sh -c "[ \$(cat /sys/class/net/vcan0/statistics/tx_packets) -gt $tx0 ]"
+    check "CAN: no address family refused" \
+        not sh -c "journalctl -u servogate --no-pager -o cat | grep -qi 'address family not supported'"
+    check "CAN: the Modbus bus polls beside it (axis-1 online)" wait_for 60 online_since "$m" axis-1
+    systemctl stop servogate
+else
+    fail "CAN: cannot create vcan0 in the VM"
+fi
 kill "$sim_pid" 2>/dev/null
 
 # --- a bad config fails the start before anything opens -------------------------------

@@ -114,8 +114,8 @@ host_mirror() {
 
 # What goes into the image. systemd as PID 1 (systemd-sysv), udev (device nodes and their
 # groups, as on a real box), dbus (logind), the kernel's needs (kmod, linux-base,
-# initramfs-tools), adduser (the package's postinst), the test's tools.
-packages=systemd,systemd-sysv,udev,dbus,kmod,linux-base,initramfs-tools,adduser,procps,mosquitto,mosquitto-clients,socat
+# initramfs-tools), adduser (the package's postinst), the test's tools (iproute2: vcan).
+packages=systemd,systemd-sysv,udev,dbus,kmod,linux-base,initramfs-tools,adduser,procps,iproute2,mosquitto,mosquitto-clients,socat
 
 # configure_root ROOT: everything done to the debootstrap'd tree before it becomes a disk.
 configure_root() {
@@ -214,9 +214,8 @@ flock -u 8
 work="$(mktemp -d "${TMPDIR:-/tmp}/servogate-deb-test.XXXXXX")"
 qpid=""
 stop_qemu() {   # TERM, and KILL if it is still there 5 s later
-    local i
     kill -TERM "$qpid" 2>/dev/null || return 0
-    for i in $(seq 50); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 50); do kill -0 "$qpid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$qpid" 2>/dev/null || true
     wait "$qpid" 2>/dev/null || true
 }
