@@ -28,7 +28,8 @@ while IFS= read -r exe; do tests+=("$exe"); done < <(
         sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
 [ ${#tests[@]} -ge 1 ] || { echo "can-tests: no test executable found" >&2; exit 2; }
 
-files=(--file target/debug/servogate --file target/debug/servosim)
+target="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+files=(--file "$target/debug/servogate" --file "$target/debug/servosim")
 for t in "${tests[@]}"; do files+=(--file "$t"); done
 for f in /usr/sbin/mosquitto /usr/bin/socat; do files+=(--file "$f"); done
 
