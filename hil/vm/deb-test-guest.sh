@@ -159,12 +159,12 @@ journal | grep 'still the example' | tail -1 | sed 's/^/  journal: /'
 
 dropins=/etc/systemd/system/servogate.service.d
 if [ "$DEB_TEST_NOTIFY" != 1 ]; then
-    # Until the daemon sends READY=1 and WATCHDOG=1, Type=notify would time the start out
-    # and the watchdog would kill it: this drop-in runs the shipped unit as Type=simple.
+    # Without READY=1 and WATCHDOG=1, Type=notify would time the start out and the
+    # watchdog would kill the daemon: this drop-in runs the shipped unit as Type=simple.
     mkdir -p "$dropins"
     printf '[Service]\nType=simple\nWatchdogSec=0\n' >"$dropins/60-vm-test-no-notify.conf"
     systemctl daemon-reload
-    note "DEB_TEST_NOTIFY=0: drop-in Type=simple, WatchdogSec=0 (the daemon does not send READY=1 yet)"
+    note "DEB_TEST_NOTIFY=0: drop-in Type=simple, WatchdogSec=0"
 fi
 
 # Every message under the gateway's prefix, from here on. Appending (>>): the log is

@@ -13,9 +13,9 @@
 # exits 0 only if every check passed and the guest reported so.
 #
 # Environment:
-#   DEB_TEST_NOTIFY   0 (default until the daemon sends READY=1): the test adds a drop-in
-#                     with Type=simple and WatchdogSec=0; 1: the unit as shipped
-#                     (Type=notify, watchdog), with checks that READY=1 and WATCHDOG=1 come
+#   DEB_TEST_NOTIFY   1 (default): the unit as shipped (Type=notify, watchdog), with checks
+#                     that READY=1 and WATCHDOG=1 come; 0: a drop-in with Type=simple and
+#                     WatchdogSec=0 (to test a build whose notifications are broken)
 #   DEB_TEST_TIMEOUT  seconds for the VM run (boot, checks, power-off); default 600
 #   DEB_TEST_MIRROR   Debian mirror for debootstrap (default: the host's apt source)
 #   DEB_TEST_SUITE    Debian suite of the image (default: the host's, e.g. bookworm)
@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
 done
 
 t_start="$(now)"
-notify="${DEB_TEST_NOTIFY:-0}"
+notify="${DEB_TEST_NOTIFY:-1}"
 timeout_s="${DEB_TEST_TIMEOUT:-600}"
 case "$notify" in 0|1) ;; *) die "DEB_TEST_NOTIFY must be 0 or 1" ;; esac
 
