@@ -137,12 +137,20 @@ pub async fn run_bus(
     // When the line last fell quiet: the next request waits `silence` after it.
     let mut quiet_since = start;
     let mut extra_guard = Duration::ZERO;
+    // After a timeout, the unit is not asked again for two more timeouts. RTU has no
+    // transaction id: a reply that comes later than the timeout and lands while the same
+    // unit is asked again has the right unit, function and length, and would be taken
+    // for the new answer. Held back, its straggler arrives while another unit is asked
+    // (and is refused: wrong unit) or while the line is idle (and is discarded before the
+    // next request). The price: a dead unit goes offline after about
+    // offline_after x 3 x timeout instead of offline_after x (poll + timeout).
+    let mut held_until: Vec<std::time::Instant> = vec![start.into_std(); pollers.len()];
 
     loop {
         let (index, due) = pollers
             .iter()
             .enumerate()
-            .map(|(i, p)| (i, p.next_due()))
+            .map(|(i, p)| (i, p.next_due().max(held_until[i])))
             .min_by_key(|&(_, due)| due)
             .expect("at least one device"); // checked non-empty above
         let due = Instant::from_std(due);
@@ -235,6 +243,7 @@ pub async fn run_bus(
                            unit = req.unit, "read failed: {}", failure.kind());
                     if failure == Failure::Timeout {
                         extra_guard = guard.saturating_sub(silence);
+                        held_until[index] = (now + 2 * timeout).into_std();
                     }
                     let io = failure == Failure::Io;
                     poller.on_failure(now.into_std(), wall, failure, &*sink);
