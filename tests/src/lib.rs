@@ -247,6 +247,7 @@ fn line_reader(r: impl std::io::Read + Send + 'static) -> std_mpsc::Receiver<Str
 }
 
 /// `servosim modbus-rtu` on a pty, driven through its stdin commands.
+/// A `servosim` process (either subcommand), with its stdin console.
 pub struct Servosim {
     child: Child,
     stdin: ChildStdin,
@@ -254,13 +255,16 @@ pub struct Servosim {
 }
 
 impl Servosim {
+    /// `servosim modbus-rtu` on `port`, answering `units`.
     pub fn start(port: &Path, units: &str, extra: &[&str]) -> Self {
+        let port = port.to_str().expect("a UTF-8 pty path");
+        Self::spawn(&["modbus-rtu", "--port", port, "--units", units], extra)
+    }
+
+    /// Starts `servosim ARGS EXTRA` and waits for its `servosim ready` line.
+    fn spawn(args: &[&str], extra: &[&str]) -> Self {
         let mut child = Command::new(bin("servosim"))
-            .arg("modbus-rtu")
-            .arg("--port")
-            .arg(port)
-            .arg("--units")
-            .arg(units)
+            .args(args)
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -569,52 +573,13 @@ pub fn vcan() -> Option<&'static str> {
     None
 }
 
-/// `servosim canopen` on a CAN interface, with its stdin console.
-pub struct CanSim {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: std_mpsc::Receiver<String>,
-}
-
-impl CanSim {
-    pub fn start(interface: &str, nodes: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin("servosim"))
-            .arg("canopen")
-            .arg("--interface")
-            .arg(interface)
-            .arg("--nodes")
-            .arg(nodes)
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start servosim canopen");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = line_reader(child.stdout.take().unwrap());
-        let ready = stdout.recv_timeout(DEADLINE).expect("servosim ready line");
-        assert!(ready.starts_with("servosim ready"), "{ready}");
-        Self {
-            child,
-            stdin,
-            stdout,
-        }
-    }
-
-    /// Sends one console command and returns its answer (which must start with `ok`).
-    pub fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").expect("servosim stdin");
-        self.stdin.flush().unwrap();
-        let answer = self.stdout.recv_timeout(DEADLINE).expect("servosim answer");
-        assert!(answer.starts_with("ok"), "servosim `{line}`: {answer}");
-        answer
-    }
-}
-
-impl Drop for CanSim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Servosim {
+    /// `servosim canopen` on `interface`, running `nodes`.
+    pub fn start_can(interface: &str, nodes: &str, extra: &[&str]) -> Self {
+        Self::spawn(
+            &["canopen", "--interface", interface, "--nodes", nodes],
+            extra,
+        )
     }
 }
 

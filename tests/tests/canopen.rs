@@ -56,7 +56,7 @@ async fn all_online(sub: &mut Subscriber, devices: &[&str]) {
 async fn four_drives_send_telemetry_that_matches_the_model_with_state_and_seq_by_one() {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
-    let _sim = CanSim::start(can, "1-4", &["--period", "20ms"]);
+    let _sim = Servosim::start_can(can, "1-4", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-can4/#").await;
     let mut gw = Servogate::start(&format!(
         "{}{}",
@@ -100,7 +100,7 @@ async fn four_drives_send_telemetry_that_matches_the_model_with_state_and_seq_by
 async fn a_silenced_node_goes_offline_within_one_and_a_half_heartbeats_and_comes_back() {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
-    let mut sim = CanSim::start(can, "1-3", &["--period", "20ms"]);
+    let mut sim = Servosim::start_can(can, "1-3", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-cansilent/#").await;
     let mut gw = Servogate::start(&format!(
         "{}{}",
@@ -159,7 +159,7 @@ async fn a_silenced_node_goes_offline_within_one_and_a_half_heartbeats_and_comes
 async fn an_injected_drive_fault_gives_a_fault_event_with_the_emcy_code_then_fault_cleared() {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
-    let mut sim = CanSim::start(can, "1-2", &["--period", "20ms"]);
+    let mut sim = Servosim::start_can(can, "1-2", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-canfault/#").await;
     let mut gw = Servogate::start(&format!(
         "{}{}",
@@ -197,7 +197,7 @@ async fn an_injected_drive_fault_gives_a_fault_event_with_the_emcy_code_then_fau
 async fn an_sdo_abort_for_a_missing_object_is_a_comm_error_and_the_drives_go_on() {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
-    let _sim = CanSim::start(can, "1-2", &["--period", "20ms"]);
+    let _sim = Servosim::start_can(can, "1-2", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-canabort/#").await;
     // Every drive polls 0x2011 (DC bus, exists) and 0x2FFF (does not exist).
     let cfg = can_config(can, &[1, 2], "").replace(
@@ -247,7 +247,7 @@ async fn a_mixed_config_runs_a_modbus_pty_bus_and_a_canopen_bus_at_once() {
     let broker = Mosquitto::start();
     let pty = PtyPair::start();
     let _rtu = Servosim::start(&pty.sim, "1-2", &[]);
-    let _can = CanSim::start(can, "5-6", &["--period", "20ms"]);
+    let _can = Servosim::start_can(can, "5-6", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-mixed/#").await;
     let mut gw = Servogate::start(&format!(
         "{}{}",
@@ -276,7 +276,7 @@ async fn drives_on_the_gateways_sync_with_mappings_from_the_config_send_telemetr
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
     // The drives send their TPDOs only on SYNC, which only servogate produces.
-    let _sim = CanSim::start(can, "1-2", &["--tpdo", "sync"]);
+    let _sim = Servosim::start_can(can, "1-2", &["--tpdo", "sync"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-cansync/#").await;
     // servosim's TPDO1-3, as its README documents them, given instead of read.
     let tpdos = "tpdos = [{ number = 1, map = [0x60410010, 0x60640020, 0x60770010] }, \
@@ -305,7 +305,7 @@ async fn drives_on_the_gateways_sync_with_mappings_from_the_config_send_telemetr
 async fn the_interface_going_down_and_up_is_reported_and_the_drives_come_back() {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
-    let _sim = CanSim::start(can, "1", &["--period", "20ms"]);
+    let _sim = Servosim::start_can(can, "1", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-candown/#").await;
     let mut gw = Servogate::start(&format!(
         "{}{}",

@@ -559,18 +559,7 @@ impl Master {
             return;
         }
         n.late_raised = true;
-        sink.push(n.events.notice(
-            wall,
-            EventKind::Late {
-                elapsed,
-                late_after: after,
-            },
-            format!(
-                "no TPDO for {} ms (late_after {} ms)",
-                elapsed.as_millis(),
-                after.as_millis()
-            ),
-        ));
+        late_notice(&mut n.events, wall, elapsed, after, "no TPDO for", sink);
     }
 
     fn on_availability(
@@ -662,18 +651,8 @@ impl Master {
                 if elapsed >= after || n.late_raised {
                     if !n.late_raised {
                         // The timer did not fire first (a busy task): say it now.
-                        sink.push(n.events.notice(
-                            wall,
-                            EventKind::Late {
-                                elapsed,
-                                late_after: after,
-                            },
-                            format!(
-                                "TPDO cycle {} ms after the previous (late_after {} ms)",
-                                elapsed.as_millis(),
-                                after.as_millis()
-                            ),
-                        ));
+                        let what = "TPDO cycle after the previous:";
+                        late_notice(&mut n.events, wall, elapsed, after, what, sink);
                     }
                     telemetry.quality.late = true;
                 }
@@ -845,6 +824,29 @@ impl Master {
             _ => {}
         }
     }
+}
+
+/// The `late` notice of a TPDO gap of `elapsed` against `late_after`.
+fn late_notice(
+    events: &mut DeviceEvents,
+    wall: SystemTime,
+    elapsed: Duration,
+    late_after: Duration,
+    what: &str,
+    sink: &dyn EventSink,
+) {
+    sink.push(events.notice(
+        wall,
+        EventKind::Late {
+            elapsed,
+            late_after,
+        },
+        format!(
+            "{what} {} ms (late_after {} ms)",
+            elapsed.as_millis(),
+            late_after.as_millis()
+        ),
+    ));
 }
 
 #[cfg(test)]
