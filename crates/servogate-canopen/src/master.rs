@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use servogate_core::{
     Availability, AvailabilityState, DeviceEvents, DriveState, EventBody, EventKind, EventSink,
-    Telemetry,
+    SeqBook, Telemetry,
 };
 
 use crate::emcy::{EmcyConsumer, FaultChange};
@@ -205,6 +205,17 @@ impl Master {
     /// optional SYNC producer. NMT start commands for every node are queued at once, then
     /// the start-up SDO jobs.
     pub fn new(nodes: Vec<NodeSettings>, sync: Option<SyncProducer>, now: Instant) -> Self {
+        Self::with_seq_book(nodes, sync, now, &SeqBook::default())
+    }
+
+    /// As [`Master::new`], with each node's sequences continued from `book` (the daemon
+    /// keeps one book for the life of the process, so a restarted bus goes on counting).
+    pub fn with_seq_book(
+        nodes: Vec<NodeSettings>,
+        sync: Option<SyncProducer>,
+        now: Instant,
+        book: &SeqBook,
+    ) -> Self {
         let mut heartbeat = HeartbeatConsumer::new();
         let mut kept: Vec<Node> = Vec::new();
         for settings in nodes {
@@ -217,7 +228,7 @@ impl Master {
                 TpdoSource::Read(_) => (Vec::new(), false),
             };
             let mut node = Node {
-                events: DeviceEvents::new(settings.name.clone()),
+                events: book.events(&settings.name),
                 decoder: TpdoDecoder::new(mappings, settings.objects.clone()),
                 sdo: SdoClient::new(settings.node),
                 drive_state: None,

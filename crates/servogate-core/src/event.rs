@@ -4,7 +4,9 @@
 //! grows by exactly one per (device, stream) since start-up, and the acquisition time: when
 //! the bytes arrived from the field, not when they were published.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::cia402::DriveState;
@@ -215,37 +217,70 @@ impl EventKind {
 }
 
 /// Sequence counters of one device: each stream starts at 1 and grows by exactly 1.
-#[derive(Debug, Clone, Default)]
+///
+/// Shared (`Arc`) between the [`DeviceEvents`] that number a device's events and the
+/// daemon's [`SeqBook`], so a device whose bus task is restarted (a reload) goes on
+/// counting where it stopped: a consumer keyed on (boot_id, device, stream, seq) sees no
+/// gap and no repeat. Only one live `DeviceEvents` numbers a device at a time.
+#[derive(Debug, Default)]
 pub struct SeqCounters {
-    last: [u64; 4],
+    last: [AtomicU64; 4],
 }
 
 impl SeqCounters {
     /// Takes the next sequence number of `stream`.
-    pub fn next(&mut self, stream: Stream) -> u64 {
-        let slot = &mut self.last[stream.index()];
-        *slot += 1;
-        *slot
+    pub fn next(&self, stream: Stream) -> u64 {
+        self.last[stream.index()].fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The last number handed out on `stream` (0 before the first).
     pub fn last(&self, stream: Stream) -> u64 {
-        self.last[stream.index()]
+        self.last[stream.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// The sequence counters of every device for the life of the process, by device name.
+///
+/// Bus tasks take a device's counters from here when they start numbering it, so a
+/// restarted bus or a replaced device continues its sequences.
+#[derive(Debug, Default, Clone)]
+pub struct SeqBook {
+    devices: Arc<Mutex<HashMap<Arc<str>, Arc<SeqCounters>>>>,
+}
+
+impl SeqBook {
+    /// The counters of `device`, new (all zero) the first time it is named.
+    pub fn counters(&self, device: &Arc<str>) -> Arc<SeqCounters> {
+        // A panic elsewhere while holding this lock cannot leave the map inconsistent
+        // (one insert), so a poisoned lock is taken over.
+        let mut map = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(device.clone()).or_default().clone()
+    }
+
+    /// A numberer for `device` that continues its sequences.
+    pub fn events(&self, device: &Arc<str>) -> DeviceEvents {
+        DeviceEvents::with_counters(device.clone(), self.counters(device))
     }
 }
 
 /// Builds events for one device, numbering them per stream.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeviceEvents {
     device: Arc<str>,
-    seq: SeqCounters,
+    seq: Arc<SeqCounters>,
 }
 
 impl DeviceEvents {
+    /// A device whose sequences start at 1.
     pub fn new(device: impl Into<Arc<str>>) -> Self {
+        Self::with_counters(device, Arc::default())
+    }
+
+    /// A device whose sequences continue from `seq` (see [`SeqBook`]).
+    pub fn with_counters(device: impl Into<Arc<str>>, seq: Arc<SeqCounters>) -> Self {
         Self {
             device: device.into(),
-            seq: SeqCounters::default(),
+            seq,
         }
     }
 
@@ -292,6 +327,24 @@ mod tests {
         assert_eq!((a.seq, b.seq, c.seq), (1, 1, 2));
         assert_eq!(a.stream(), Stream::Telemetry);
         assert_eq!(b.stream(), Stream::Events);
+    }
+
+    #[test]
+    fn a_device_numbered_again_from_the_book_continues_its_sequences() {
+        let book = SeqBook::default();
+        let name: Arc<str> = Arc::from("axis-1");
+        let t = SystemTime::UNIX_EPOCH;
+        let mut first = book.events(&name);
+        first.event(t, EventBody::Telemetry(Telemetry::default()));
+        first.event(t, EventBody::Telemetry(Telemetry::default()));
+        drop(first);
+        // As after a reload that restarted the device's bus task.
+        let mut second = book.events(&name);
+        let next = second.event(t, EventBody::Telemetry(Telemetry::default()));
+        let other = book
+            .events(&Arc::from("axis-2"))
+            .event(t, EventBody::Telemetry(Telemetry::default()));
+        assert_eq!((next.seq, other.seq), (3, 1));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`event`]: typed events (telemetry, availability, events, command results) with a
 //!   per-(device, stream) sequence number, the acquisition time and a quality.
 //! - [`cia402`]: CiA 402 statusword decoding into the drive state.
+//! - [`histogram`]: a lock-free latency histogram that bus tasks fill and the metrics
+//!   endpoint reads.
 //! - [`ring`]: the bounded delivery ring: `drop_oldest` on overflow with an exact drop
 //!   count, and an entry leaves only once the broker acknowledged it.
 //!
@@ -11,11 +13,13 @@
 
 pub mod cia402;
 pub mod event;
+pub mod histogram;
 pub mod ring;
 
 pub use cia402::DriveState;
 pub use event::{
     Availability, AvailabilityState, DeviceEvents, Event, EventBody, EventKind, EventSink, Notice,
-    Quality, QualityReason, SeqCounters, Stream, Telemetry,
+    Quality, QualityReason, SeqBook, SeqCounters, Stream, Telemetry,
 };
+pub use histogram::{Histogram, HistogramSnapshot};
 pub use ring::{OnFull, Ring, RingStats};

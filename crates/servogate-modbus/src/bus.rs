@@ -14,13 +14,15 @@
 //! - an IO error on the port closes it and reopens it, with a capped back-off, while the
 //!   devices on it count failures and go offline.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use servogate_core::EventSink;
+use servogate_core::{EventSink, Histogram, SeqBook};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::slave::{Slave, SlaveContext};
@@ -35,7 +37,7 @@ use crate::profile::RegisterKind;
 use crate::timing::{t35, PreciseTimer};
 
 /// How the port is opened (from the config).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BusSettings {
     pub name: Arc<str>,
     pub port: PathBuf,
@@ -64,17 +66,40 @@ pub struct BusStats {
     pub reopens: AtomicU64,
     /// Sum of reply times in microseconds (mean = this / replies).
     pub reply_micros: AtomicU64,
+    /// Time from request to complete reply, for every reply (exceptions included).
+    pub reply_time: Histogram,
+    /// Exception replies by exception code (Illegal Data Address, 2, included).
+    exception_codes: Mutex<BTreeMap<u8, u64>>,
     /// Notified after every attempt to open the port, success or not: the daemon tells
     /// systemd it is ready once each bus has tried.
     pub open_attempted: tokio::sync::Notify,
 }
 
 impl BusStats {
+    /// Exception replies counted by code, in code order.
+    pub fn exception_codes(&self) -> Vec<(u8, u64)> {
+        let codes = self
+            .exception_codes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        codes.iter().map(|(&c, &n)| (c, n)).collect()
+    }
+
+    fn count_exception(&self, code: u8) {
+        self.exceptions.fetch_add(1, Ordering::Relaxed);
+        // A counter map insert cannot leave the map inconsistent: take over a poisoned lock.
+        let mut codes = self
+            .exception_codes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *codes.entry(code).or_default() += 1;
+    }
+
     fn count(&self, failure: &Failure) {
         let counter = match failure {
             Failure::Timeout => &self.timeouts,
             Failure::Crc => &self.crc_errors,
-            Failure::Exception(_) => &self.exceptions,
+            Failure::Exception(code) => return self.count_exception(*code),
             Failure::WrongReply => &self.wrong_replies,
             Failure::Io => &self.io_errors,
         };
@@ -105,12 +130,61 @@ struct Line {
     monitor: Arc<LineMonitor>,
 }
 
-/// Polls every device in `devices` on the port of `settings` until `cancel` fires.
+/// The devices of a bus, as the daemon sees them: a reload sends a new list, and the bus
+/// task applies it without closing its port (see [`run_bus`]).
+pub type DeviceList = watch::Receiver<Vec<DeviceSettings>>;
+
+/// A device list that never changes (tests, benchmarks, the demo).
+pub fn fixed_devices(devices: Vec<DeviceSettings>) -> DeviceList {
+    watch::channel(devices).1
+}
+
+/// The pollers of a bus and, per poller, until when it is held back after a timeout.
+struct Pollers {
+    pollers: Vec<DevicePoller>,
+    held_until: Vec<std::time::Instant>,
+}
+
+impl Pollers {
+    /// Replaces the device list: a device whose settings did not change keeps its poller
+    /// (schedule, availability, plan splits, all of it); a changed or new device gets a
+    /// new poller that continues its sequences from `book`; a device no longer listed is
+    /// dropped.
+    fn update(&mut self, list: &[DeviceSettings], book: &SeqBook, now: std::time::Instant) {
+        let mut old: Vec<(DevicePoller, std::time::Instant)> = self
+            .pollers
+            .drain(..)
+            .zip(self.held_until.drain(..))
+            .collect();
+        for settings in list {
+            let same = old.iter().position(|(p, _)| p.settings() == settings);
+            let (poller, held) = match same {
+                Some(i) => old.swap_remove(i),
+                None => {
+                    // The old poller of this device, if any, stops numbering first.
+                    old.retain(|(p, _)| p.settings().name != settings.name);
+                    let events = book.events(&settings.name);
+                    let p = DevicePoller::with_events(settings.clone(), now, events);
+                    (p, now)
+                }
+            };
+            self.pollers.push(poller);
+            self.held_until.push(held);
+        }
+    }
+}
+
+/// Polls every device of `devices` on the port of `settings` until `cancel` fires.
+///
+/// `devices` may change while the bus runs (a reload): the port stays open, unchanged
+/// devices keep polling as before, and a device's sequence numbers come from `book`, so
+/// a replaced device continues its sequences.
 pub async fn run_bus(
     settings: BusSettings,
-    devices: Vec<DeviceSettings>,
+    mut devices: DeviceList,
     sink: Arc<dyn EventSink>,
     stats: Arc<BusStats>,
+    book: SeqBook,
     cancel: CancellationToken,
 ) -> Result<(), BusError> {
     let mut timer = PreciseTimer::new().map_err(|source| BusError::Timer {
@@ -122,14 +196,11 @@ pub async fn run_bus(
     // t3.5 (even on a pty) before the next request, then its bytes are discarded.
     let guard = silence.max(t35(settings.baud));
     let start = Instant::now();
-    let mut pollers: Vec<DevicePoller> = devices
-        .into_iter()
-        .map(|d| DevicePoller::new(d, start.into_std()))
-        .collect();
-    if pollers.is_empty() {
-        cancel.cancelled().await;
-        return Ok(());
-    }
+    let mut set = Pollers {
+        pollers: Vec::new(),
+        held_until: Vec::new(),
+    };
+    set.update(&devices.borrow_and_update(), &book, start.into_std());
 
     let mut line: Option<Line> = None;
     let mut reopen_at = start;
@@ -137,27 +208,53 @@ pub async fn run_bus(
     // When the line last fell quiet: the next request waits `silence` after it.
     let mut quiet_since = start;
     let mut extra_guard = Duration::ZERO;
-    // After a timeout, the unit is not asked again for two more timeouts. RTU has no
-    // transaction id: a reply that comes later than the timeout and lands while the same
-    // unit is asked again has the right unit, function and length, and would be taken
-    // for the new answer. Held back, its straggler arrives while another unit is asked
-    // (and is refused: wrong unit) or while the line is idle (and is discarded before the
-    // next request). The price: a dead unit goes offline after about
+    // After a timeout, the unit is not asked again for two more timeouts (`held_until`).
+    // RTU has no transaction id: a reply that comes later than the timeout and lands
+    // while the same unit is asked again has the right unit, function and length, and
+    // would be taken for the new answer. Held back, its straggler arrives while another
+    // unit is asked (and is refused: wrong unit) or while the line is idle (and is
+    // discarded before the next request). The price: a dead unit goes offline after about
     // offline_after x 3 x timeout instead of offline_after x (poll + timeout).
-    let mut held_until: Vec<std::time::Instant> = vec![start.into_std(); pollers.len()];
 
     loop {
-        let (index, due) = pollers
+        // A new device list (reload) is applied between transactions, never during one.
+        if devices.has_changed().unwrap_or(false) {
+            let list = devices.borrow_and_update().clone();
+            info!(bus = %settings.name, devices = list.len(), "device list updated");
+            set.update(&list, &book, Instant::now().into_std());
+        }
+        let next = set
+            .pollers
             .iter()
+            .zip(&set.held_until)
             .enumerate()
-            .map(|(i, p)| (i, p.next_due().max(held_until[i])))
-            .min_by_key(|&(_, due)| due)
-            .expect("at least one device"); // checked non-empty above
+            .map(|(i, (p, &held))| (i, p.next_due().max(held)))
+            .min_by_key(|&(_, due)| due);
+        let Some((index, due)) = next else {
+            // No devices (all removed by a reload): wait for some, or the stop.
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = devices.changed() => {
+                    if changed.is_err() {
+                        cancel.cancelled().await;
+                        break;
+                    }
+                    continue;
+                }
+            }
+        };
         let due = Instant::from_std(due);
         if due > Instant::now() {
+            // A lost sender (the daemon keeps it for the bus's life) means no more updates.
+            let updates = async {
+                if devices.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                _ = updates => continue,
                 _ = tokio::time::sleep_until(due) => {}
             }
         } else if cancel.is_cancelled() {
@@ -182,7 +279,7 @@ pub async fn run_bus(
             stats.open_attempted.notify_one();
         }
 
-        let poller = &mut pollers[index];
+        let poller = &mut set.pollers[index];
         let Some(l) = line.as_mut() else {
             // No port: the device's poll fails, so it goes offline and backs off.
             poller.next_request();
@@ -228,22 +325,27 @@ pub async fn run_bus(
                     stats
                         .reply_micros
                         .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+                    stats.reply_time.record(elapsed);
                     if elapsed > poller.settings().late_after {
                         stats.late_replies.fetch_add(1, Ordering::Relaxed);
                     }
                     poller.on_reply(now.into_std(), wall, elapsed, &regs, &*sink)
                 }
                 Outcome::IllegalAddress => {
-                    stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                    stats.reply_time.record(now - sent);
+                    stats.count_exception(u8::from(ExceptionCode::IllegalDataAddress));
                     poller.on_illegal_address(now.into_std(), wall, &*sink)
                 }
                 Outcome::Failed(failure) => {
+                    if let Failure::Exception(_) = failure {
+                        stats.reply_time.record(now - sent);
+                    }
                     stats.count(&failure);
                     debug!(bus = %settings.name, device = %poller.settings().name,
                            unit = req.unit, "read failed: {}", failure.kind());
                     if failure == Failure::Timeout {
                         extra_guard = guard.saturating_sub(silence);
-                        held_until[index] = (now + 2 * timeout).into_std();
+                        set.held_until[index] = (now + 2 * timeout).into_std();
                     }
                     let io = failure == Failure::Io;
                     poller.on_failure(now.into_std(), wall, failure, &*sink);

@@ -21,7 +21,7 @@ use crate::profile::{Field, RegisterKind};
 const LATE_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How one device is polled (from the config).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceSettings {
     pub name: Arc<str>,
     /// Modbus unit id, 1-247.
@@ -112,11 +112,18 @@ pub struct DevicePoller {
 }
 
 impl DevicePoller {
-    /// A device first due at `now`.
+    /// A device first due at `now`, its sequences starting at 1.
     pub fn new(settings: DeviceSettings, now: Instant) -> Self {
+        let events = DeviceEvents::new(settings.name.clone());
+        Self::with_events(settings, now, events)
+    }
+
+    /// A device first due at `now` whose events are numbered by `events` (which may
+    /// continue the sequences of an earlier poller of the same device).
+    pub fn with_events(settings: DeviceSettings, now: Instant, events: DeviceEvents) -> Self {
         let plan = ReadPlan::new(&settings.fields, settings.max_gap, settings.max_registers);
         Self {
-            events: DeviceEvents::new(settings.name.clone()),
+            events,
             plan,
             next_due: now,
             failures: 0,

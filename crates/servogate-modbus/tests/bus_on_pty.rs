@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use servogate_core::{AvailabilityState, Event, EventBody, EventSink};
-use servogate_modbus::bus::{run_bus, BusSettings, BusStats};
+use servogate_core::{AvailabilityState, Event, EventBody, EventSink, SeqBook};
+use servogate_modbus::bus::{fixed_devices, run_bus, BusSettings, BusStats};
 use servogate_modbus::poll::DeviceSettings;
 use servogate_modbus::profile::{DataType, Field, WordOrder};
 use servosim::model;
@@ -95,9 +95,16 @@ async fn rig_with(units: u8, device: impl Fn(u8) -> DeviceSettings) -> Rig {
     let stats = Arc::new(BusStats::default());
     let st = stats.clone();
     let bus = tokio::spawn(async move {
-        run_bus(settings, devices, Arc::new(Channel(tx)), st, c)
-            .await
-            .unwrap();
+        run_bus(
+            settings,
+            fixed_devices(devices),
+            Arc::new(Channel(tx)),
+            st,
+            SeqBook::default(),
+            c,
+        )
+        .await
+        .unwrap();
     });
     Rig {
         sim,

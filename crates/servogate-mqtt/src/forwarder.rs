@@ -42,6 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::outbox::Outbox;
 use crate::payload::{self, DeviceMeta, DeviceTopic};
 use crate::settings::{BrokerUrl, MqttError, MqttSettings};
+use tokio::sync::watch;
 
 /// Largest number of publishes handed to rumqttc and not yet acknowledged.
 ///
@@ -398,8 +399,10 @@ struct Publisher {
     prefix: String,
     telemetry_qos: QoS,
     max_packet_size: usize,
-    /// (topic, payload) of every device's meta.
-    metas: Vec<(String, Vec<u8>)>,
+    /// (topic, payload) of every device's meta, by device name.
+    metas: BTreeMap<String, (String, Vec<u8>)>,
+    /// New device lists (a reload), when the daemon gave a channel for them.
+    meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     /// Last availability published per device, repeated (same payload and seq) after a
     /// reconnect so the retained state survives a broker that lost it.
     availability: BTreeMap<String, (String, Vec<u8>)>,
@@ -441,6 +444,7 @@ impl Publisher {
             self.seen_epoch = t.epoch;
             self.new_session();
         }
+        self.take_meta_update();
         if t.in_flight() >= MAX_IN_FLIGHT {
             return false;
         }
@@ -559,8 +563,37 @@ impl Publisher {
                 self.identity.status(true),
             ));
         }
-        self.preamble.extend(self.metas.iter().cloned());
+        self.preamble.extend(self.metas.values().cloned());
         self.preamble.extend(self.availability.values().cloned());
+    }
+
+    /// Takes a new device list, if one came: a new or changed device's meta goes out
+    /// (retained), and a device no longer listed has its retained meta and availability
+    /// cleared (an empty retained message), so subscribers stop seeing it.
+    fn take_meta_update(&mut self) {
+        let Some(rx) = self.meta_updates.as_mut() else {
+            return;
+        };
+        if !rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let fresh = metas_by_device(&self.prefix, &rx.borrow_and_update());
+        for (name, (topic, _)) in &self.metas {
+            if !fresh.contains_key(name) {
+                info!(device = %name, "device removed: clearing its retained topics");
+                self.preamble.push_back((topic.clone(), Vec::new()));
+                let availability =
+                    payload::device_topic(&self.prefix, name, DeviceTopic::Availability);
+                self.preamble.push_back((availability, Vec::new()));
+                self.availability.remove(name);
+            }
+        }
+        for (name, meta) in &fresh {
+            if self.metas.get(name) != Some(meta) {
+                self.preamble.push_back(meta.clone());
+            }
+        }
+        self.metas = fresh;
     }
 
     /// All done: the offline status and every ring entry acknowledged.
@@ -576,8 +609,19 @@ pub struct Forwarder {
     url: BrokerUrl,
     identity: Arc<Identity>,
     outbox: Arc<Outbox>,
-    metas: Vec<(String, Vec<u8>)>,
+    metas: BTreeMap<String, (String, Vec<u8>)>,
+    meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     stats: Arc<MqttStats>,
+}
+
+/// (meta topic, meta payload) of each device, by device name.
+fn metas_by_device(prefix: &str, meta: &[DeviceMeta]) -> BTreeMap<String, (String, Vec<u8>)> {
+    meta.iter()
+        .map(|m| {
+            let topic = payload::device_topic(prefix, &m.name, DeviceTopic::Meta);
+            (m.name.clone(), (topic, payload::encode_meta(m)))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -603,13 +647,7 @@ impl Forwarder {
             crate::settings::tls_client_config(files)?;
         }
         let prefix = &settings.topic_prefix;
-        let metas = meta
-            .iter()
-            .map(|m| {
-                let topic = payload::device_topic(prefix, &m.name, DeviceTopic::Meta);
-                (topic, payload::encode_meta(m))
-            })
-            .collect();
+        let metas = metas_by_device(prefix, &meta);
         let identity = Arc::new(Identity {
             status_topic: payload::status_topic(prefix),
             boot_id,
@@ -621,12 +659,27 @@ impl Forwarder {
             identity,
             outbox,
             metas,
+            meta_updates: None,
             stats: Arc::default(),
         })
     }
 
+    /// Device lists sent on `updates` replace the one given to [`Forwarder::new`] while
+    /// the forwarder runs (a reload): see the publisher's handling of retained topics.
+    pub fn with_meta_updates(mut self, updates: watch::Receiver<Vec<DeviceMeta>>) -> Self {
+        self.meta_updates = Some(updates);
+        self
+    }
+
     pub fn stats(&self) -> Arc<MqttStats> {
         self.stats.clone()
+    }
+
+    /// Counts into `stats` (the daemon keeps one for the life of the process, so a
+    /// forwarder restarted by a reload does not look like a counter reset).
+    pub fn with_stats(mut self, stats: Arc<MqttStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Runs until `shutdown` is cancelled, then publishes `online:false`, waits up to
@@ -639,6 +692,15 @@ impl Forwarder {
             self.settings
                 .mqtt_options(&self.url, self.identity.will(), MAX_IN_FLIGHT as u16)?;
         let (client, eventloop) = AsyncClient::new(opts, CHANNEL_CAPACITY);
+        // Entries an earlier forwarder on this ring handed out and never saw acknowledged
+        // (the daemon restarts the forwarder when a reload changes [mqtt]) go out again.
+        let requeued = self.outbox.lock().requeue_all();
+        if requeued > 0 {
+            debug!(
+                requeued,
+                "unacknowledged events of the previous connection go out again"
+            );
+        }
         let shared = Arc::new(Shared {
             track: Mutex::new(Track::default()),
             wake: tokio::sync::Notify::new(),
@@ -661,6 +723,7 @@ impl Forwarder {
             telemetry_qos: self.settings.telemetry_qos(),
             max_packet_size: self.settings.max_packet_size,
             metas: self.metas,
+            meta_updates: self.meta_updates,
             availability: BTreeMap::new(),
             preamble: VecDeque::new(),
             seen_epoch: 0,
@@ -668,6 +731,9 @@ impl Forwarder {
             farewell_epoch: None,
         };
 
+        // A receiver of its own to wake on: the publisher's keeps its change unseen
+        // until it takes the new list.
+        let mut meta_wake = publisher.meta_updates.clone();
         let mut deadline: Option<Instant> = None;
         loop {
             if deadline.is_none() && shutdown.is_cancelled() {
@@ -689,6 +755,12 @@ impl Forwarder {
                 _ = self.outbox.notified() => {}
                 _ = shared.wake.notified() => {}
                 _ = shutdown.cancelled(), if deadline.is_none() => {}
+                changed = async { meta_wake.as_mut()?.changed().await.ok() },
+                    if meta_wake.is_some() => {
+                    if changed.is_none() {
+                        meta_wake = None;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
                     if deadline.is_some() => {}
                 ended = &mut event_loop.0 => {

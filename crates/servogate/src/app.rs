@@ -1,6 +1,20 @@
 //! `servogate run`: wires the validated config into bus tasks, the ring and the forwarder,
-//! and shuts them down in order.
+//! applies a new config on SIGHUP, and shuts everything down in order.
+//!
+//! Reading order: [`run`] (start-up, the main loop, shutdown), then [`Buses`] (which bus
+//! task runs with which settings, and what a reload changes), then [`reload`].
+//!
+//! A reload (SIGHUP) reads and validates the file first; a bad file changes nothing and
+//! is logged. A good one is applied by difference: a Modbus bus whose port settings are
+//! unchanged keeps its port and gets its new device list (unchanged devices keep
+//! polling untouched); a bus whose own settings changed, and a CANopen bus with any
+//! change, is stopped and started again; new buses start and removed ones stop. A
+//! changed `[mqtt]` restarts the forwarder (the ring keeps every event not yet
+//! acknowledged), a changed `[metrics] listen` moves the endpoint, `gateway.log` takes
+//! effect at once, and `[buffer]` waits for a restart (the ring is not resized under
+//! load). Sequence numbers continue across all of it ([`SeqBook`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,15 +22,19 @@ use anyhow::Context as _;
 
 use servogate_canopen::sync::SyncProducer;
 use servogate_canopen::Master;
-use servogate_core::EventSink;
-use servogate_modbus::bus::{run_bus, BusStats};
-use servogate_mqtt::{DeviceMeta, Forwarder, Outbox};
-use servogate_socketcan::{run_can_bus, CanStats};
+use servogate_core::{EventSink, SeqBook};
+use servogate_modbus::bus::{run_bus, BusSettings};
+use servogate_modbus::poll::DeviceSettings;
+use servogate_mqtt::{DeviceMeta, Forwarder, MqttStats, Outbox};
+use servogate_socketcan::run_can_bus;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, DeviceAddress};
-use crate::systemd;
+use crate::metrics::{self, Metrics, Observed};
+use crate::{logging, systemd};
 
 /// How `run` is embedded: by the daemon (signals stop it) or by the demo (a token does).
 #[derive(Debug, Default)]
@@ -30,111 +48,91 @@ fn boot_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
+/// What lives for the whole process, whatever reloads change.
+struct Shared {
+    boot_id: String,
+    version: String,
+    outbox: Arc<Outbox>,
+    /// The sink every bus task pushes into: the ring, seen by the metrics on the way.
+    observed: Arc<Observed>,
+    mqtt_stats: Arc<MqttStats>,
+    metrics: Arc<Metrics>,
+    /// Device lists for the forwarder's retained meta topics.
+    meta: watch::Sender<Vec<DeviceMeta>>,
+}
+
 pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let boot_id = boot_id();
     let version = env!("CARGO_PKG_VERSION").to_owned();
     info!(gateway = %cfg.gateway.id, %boot_id, version, "servogate starting");
 
     let outbox = Outbox::new(cfg.buffer.capacity, cfg.buffer.on_full);
-    let settings = mqtt_settings(&cfg)?;
+    let observed = Arc::new(Observed::new(outbox.clone()));
+    let mqtt_stats = Arc::new(MqttStats::default());
+    let metrics = Arc::new(Metrics::new(
+        &cfg.gateway.id,
+        &version,
+        &boot_id,
+        outbox.clone(),
+        mqtt_stats.clone(),
+        observed.clone(),
+    ));
+    let (meta, _) = watch::channel(device_metas(&cfg));
+    observed.set_devices(device_buses(&cfg));
+    let shared = Shared {
+        boot_id,
+        version,
+        outbox,
+        observed,
+        mqtt_stats,
+        metrics,
+        meta,
+    };
 
-    let sink: Arc<dyn EventSink> = outbox.clone();
-    let buses_stop = CancellationToken::new();
-    let mut buses = Vec::new();
-    let mut meta = Vec::new();
-    let mut rtu_stats: Vec<Arc<BusStats>> = Vec::new();
-    let mut can_stats: Vec<Arc<CanStats>> = Vec::new();
+    // Checked (url, TLS files, credentials, the metrics port) before any bus starts: a
+    // bad setting stops the start with nothing opened.
+    let forwarder = build_forwarder(&cfg, &shared).context("MQTT settings")?;
+    let mut endpoint = match &cfg.metrics {
+        Some(m) => Some(
+            Endpoint::start(m.listen, shared.metrics.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {}", m.listen))?,
+        ),
+        None => None,
+    };
 
-    for d in &cfg.devices {
-        let address = match d.address {
-            DeviceAddress::Unit(u) => serde_json::json!(u),
-            DeviceAddress::Node(n) => serde_json::json!(n),
-        };
-        meta.push(DeviceMeta {
-            name: d.name.clone(),
-            bus: d.bus.clone(),
-            address,
-            profile: d.profile.clone(),
-            fields: cfg.units(d),
-        });
-    }
-    // Checked (url, TLS files) before any bus starts: a bad setting stops the start.
-    let forwarder = Forwarder::new(settings, boot_id, version, outbox.clone(), meta)
-        .context("MQTT settings")?;
-    for (bus, devices) in cfg.rtu_buses() {
-        info!(bus = %bus.name, port = %bus.port.display(), devices = devices.len(), "starting bus");
-        let stats = Arc::new(BusStats::default());
-        rtu_stats.push(stats.clone());
-        let (sink, stop) = (sink.clone(), buses_stop.clone());
-        // Each bus gets an OS thread with a runtime of its own: the reply's wake-up, the
-        // t3.5 timer and the next request never queue behind MQTT work or migrate between
-        // workers, which on a 115200-baud line is the difference between 93 % and 97 % of
-        // the physical limit (BENCHMARKS.md).
-        let name = bus.name.clone();
-        let task_name = name.clone();
-        let finished = spawn_bus_thread(&name, move || async move {
-            if let Err(e) = run_bus(bus, devices, sink, stats, stop).await {
-                error!(bus = %task_name, "bus task failed: {e}");
-            }
-        })?;
-        buses.push(finished);
-    }
-
-    for (bus, sync, nodes) in cfg.can_buses() {
-        info!(bus = %bus.name, interface = %bus.interface, devices = nodes.len(), "starting bus");
-        let now = std::time::Instant::now();
-        let master = Master::new(nodes, sync.map(|p| SyncProducer::new(p, None, now)), now);
-        let stats = Arc::new(CanStats::default());
-        can_stats.push(stats.clone());
-        let (sink, stop) = (sink.clone(), buses_stop.clone());
-        let name = bus.name.clone();
-        let finished =
-            spawn_bus_thread(&name, move || run_can_bus(bus, master, sink, stats, stop))?;
-        buses.push(finished);
-    }
-
-    let forwarder_stop = CancellationToken::new();
-    let forwarder = tokio::spawn(forwarder.run(forwarder_stop.clone()));
+    let mut buses = Buses::new(shared.observed.clone(), shared.metrics.clone());
+    buses.apply(&cfg).await?;
+    let mut forwarder = RunningForwarder::spawn(forwarder, mqtt_fingerprint(&cfg));
 
     // systemd (Type=notify): ready once every bus has tried to open its port or
     // interface. A bus that failed keeps retrying and its devices go offline; waiting for
     // it would only turn a missing adapter into a start timeout and a restart loop.
     let shutdown = wait_for_shutdown(options.shutdown);
     tokio::pin!(shutdown);
-    let all_tried = async {
-        for s in &rtu_stats {
-            s.open_attempted.notified().await;
-        }
-        for s in &can_stats {
-            s.open_attempted.notified().await;
-        }
-    };
     let stopped_early = tokio::select! {
-        _ = all_tried => false,
+        _ = buses.all_tried_to_open() => false,
         _ = &mut shutdown => true,
     };
-    let status = format!(
-        "{} buses, {} devices, publishing to {}",
-        rtu_stats.len() + can_stats.len(),
-        cfg.devices.len(),
-        cfg.mqtt.url
-    );
-    if let Err(e) = systemd::ready().and_then(|()| systemd::status(&status)) {
-        warn!(error = %e, "cannot notify systemd");
-    }
-    info!("{status}");
+    announce_ready(&cfg, &buses);
 
     // The watchdog is fed from here, the task that also waits for the shutdown signal,
     // and only while every bus thread is alive: a bus that died stops the pings and
     // systemd restarts the daemon.
     let watchdog = systemd::watchdog_interval();
     let mut feed = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut cfg = cfg;
     if !stopped_early {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                // Cancellation-safe: a signal not yet taken stays pending for the next turn.
+                Some(()) = async { hangup.as_mut()?.recv().await } => {
+                    cfg = reload(cfg, &shared, &mut buses, &mut forwarder, &mut endpoint).await;
+                }
                 _ = feed.tick(), if watchdog.is_some() => {
-                    if buses.iter_mut().all(|b| matches!(b.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))) {
+                    if buses.all_alive() {
                         if let Err(e) = systemd::watchdog_ping() {
                             warn!(error = %e, "cannot feed the systemd watchdog");
                         }
@@ -149,19 +147,12 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         warn!(error = %e, "cannot notify systemd");
     }
     info!("stopping: buses first, then the forwarder");
-    buses_stop.cancel();
-    for b in buses {
-        let _ = b.await;
+    buses.stop_all().await;
+    forwarder.stop(cfg.mqtt.shutdown_grace).await;
+    if let Some(e) = endpoint {
+        e.stop().await;
     }
-    forwarder_stop.cancel();
-    let grace = cfg.mqtt.shutdown_grace + Duration::from_secs(2);
-    match tokio::time::timeout(grace, forwarder).await {
-        Ok(Ok(Ok(report))) => info!(?report, "forwarder stopped"),
-        Ok(Ok(Err(e))) => warn!("forwarder stopped with an error: {e}"),
-        Ok(Err(e)) => warn!("forwarder task failed: {e}"),
-        Err(_) => warn!("forwarder did not stop within {grace:?}"),
-    }
-    let stats = outbox.stats();
+    let stats = shared.outbox.stats();
     info!(
         pushed = stats.pushed,
         dropped = stats.dropped,
@@ -170,6 +161,388 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         "servogate stopped"
     );
     Ok(())
+}
+
+fn announce_ready(cfg: &Config, buses: &Buses) {
+    let status = format!(
+        "{} buses, {} devices, publishing to {}",
+        buses.running.len(),
+        cfg.devices.len(),
+        cfg.mqtt.url
+    );
+    if let Err(e) = systemd::ready().and_then(|()| systemd::status(&status)) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+    info!("{status}");
+}
+
+/// SIGHUP: validates the file again and applies what changed; returns the config now in
+/// force (the old one when the new one is bad).
+async fn reload(
+    current: Config,
+    shared: &Shared,
+    buses: &mut Buses,
+    forwarder: &mut RunningForwarder,
+    endpoint: &mut Option<Endpoint>,
+) -> Config {
+    info!(file = %current.file.display(), "SIGHUP: reloading the config");
+    if let Err(e) = systemd::reloading() {
+        warn!(error = %e, "cannot notify systemd");
+    }
+    let new = match config::load(&current.file) {
+        Ok(new) => new,
+        Err(e) => {
+            error!("reload refused, the running config stays in force: {e}");
+            shared.metrics.reloaded(false);
+            announce_ready(&current, buses);
+            return current;
+        }
+    };
+    if new.gateway.log != current.gateway.log {
+        match logging::set_level(&new.gateway.log) {
+            Ok(()) => info!(log = %new.gateway.log, "log filter changed"),
+            Err(e) => warn!("log filter not changed: {e}"),
+        }
+    }
+    if new.buffer != current.buffer {
+        warn!(
+            capacity = current.buffer.capacity,
+            "[buffer] changed: it takes effect at the next restart (the ring holding              unacknowledged events is not resized while running)"
+        );
+    }
+    // The forwarder first: if the new [mqtt] cannot be used (a TLS file unreadable), the
+    // old connection stays and so does the rest of the old config's broker settings.
+    let fingerprint = mqtt_fingerprint(&new);
+    if fingerprint != forwarder.fingerprint {
+        match build_forwarder(&new, shared) {
+            Ok(f) => {
+                info!(url = %new.mqtt.url, "[mqtt] changed: reconnecting");
+                forwarder.stop(current.mqtt.shutdown_grace).await;
+                *forwarder = RunningForwarder::spawn(f, fingerprint);
+            }
+            Err(e) => error!("[mqtt] change not applied, the old connection stays: {e:#}"),
+        }
+    }
+    if let Err(e) = buses.apply(&new).await {
+        error!("reload: {e:#}");
+    }
+    shared.observed.set_devices(device_buses(&new));
+    shared.meta.send_replace(device_metas(&new));
+    let listen = |c: &Config| c.metrics.as_ref().map(|m| m.listen);
+    if listen(&new) != listen(&current) {
+        if let Some(old) = endpoint.take() {
+            old.stop().await;
+        }
+        if let Some(addr) = listen(&new) {
+            match Endpoint::start(addr, shared.metrics.clone()).await {
+                Ok(e) => *endpoint = Some(e),
+                Err(e) => error!("cannot serve metrics on {addr}: {e}"),
+            }
+        }
+    }
+    shared.metrics.reloaded(true);
+    info!("config reloaded");
+    announce_ready(&new, buses);
+    new
+}
+
+/// One bus task and what it was started from.
+struct RunningBus {
+    /// The bus's `[[buses]]` entry and its devices' entries, as started.
+    bus: config::Bus,
+    devices: Vec<config::Device>,
+    /// Modbus RTU: the port settings and the channel that hands the task new device
+    /// lists. `None` for a CANopen bus, which is restarted on any change.
+    rtu: Option<(BusSettings, watch::Sender<Vec<DeviceSettings>>)>,
+    stop: CancellationToken,
+    finished: oneshot::Receiver<()>,
+}
+
+/// The bus tasks, by bus name.
+struct Buses {
+    running: BTreeMap<String, RunningBus>,
+    sink: Arc<Observed>,
+    metrics: Arc<Metrics>,
+    /// Every device's sequence counters for the life of the process.
+    book: SeqBook,
+}
+
+impl Buses {
+    fn new(sink: Arc<Observed>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            running: BTreeMap::new(),
+            sink,
+            metrics,
+            book: SeqBook::default(),
+        }
+    }
+
+    /// Makes the running buses match `cfg`: starts, restarts, updates and stops.
+    async fn apply(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        let rtu = cfg.rtu_buses();
+        let can = cfg.can_buses();
+        let wanted: Vec<String> = rtu
+            .iter()
+            .map(|(b, _)| b.name.to_string())
+            .chain(can.iter().map(|(b, _, _)| b.name.to_string()))
+            .collect();
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            info!(bus = %name, "bus removed from the config: stopping it");
+            self.stop(&name).await;
+        }
+        let entry = |name: &str| -> (config::Bus, Vec<config::Device>) {
+            let bus = cfg
+                .bus(name)
+                .cloned()
+                .expect("rtu_buses/can_buses list config buses");
+            (bus, cfg.devices_on(name).cloned().collect())
+        };
+        for (settings, devices) in rtu {
+            let name = settings.name.to_string();
+            let (bus, entries) = entry(&name);
+            if let Some(r) = self.running.get_mut(&name) {
+                match &r.rtu {
+                    Some((s, list)) if *s == settings => {
+                        if *list.borrow() != devices {
+                            info!(bus = %name, devices = devices.len(), "devices changed: updating the bus in place");
+                            list.send_replace(devices);
+                        }
+                        r.bus = bus;
+                        r.devices = entries;
+                        continue;
+                    }
+                    _ => {
+                        info!(bus = %name, "bus settings changed: restarting it");
+                        self.stop(&name).await;
+                    }
+                }
+            }
+            info!(bus = %name, port = %settings.port.display(), devices = devices.len(), "starting bus");
+            let stats = self.metrics.rtu_stats(&name);
+            let (list, devices) = watch::channel(devices);
+            let (sink, book, stop) = (
+                self.sink.clone(),
+                self.book.clone(),
+                CancellationToken::new(),
+            );
+            let task_stop = stop.clone();
+            let task_settings = settings.clone();
+            let task_name = name.clone();
+            // Each bus gets an OS thread with a runtime of its own: the reply's wake-up,
+            // the t3.5 timer and the next request never queue behind MQTT work or migrate
+            // between workers, which on a 115200-baud line is the difference between 93 %
+            // and 97 % of the physical limit (BENCHMARKS.md).
+            let finished = spawn_bus_thread(&name, move || async move {
+                let sink: Arc<dyn EventSink> = sink;
+                if let Err(e) = run_bus(task_settings, devices, sink, stats, book, task_stop).await
+                {
+                    error!(bus = %task_name, "bus task failed: {e}");
+                }
+            })?;
+            self.running.insert(
+                name,
+                RunningBus {
+                    bus,
+                    devices: entries,
+                    rtu: Some((settings, list)),
+                    stop,
+                    finished,
+                },
+            );
+        }
+        for (settings, sync, nodes) in can {
+            let name = settings.name.to_string();
+            let (bus, entries) = entry(&name);
+            if let Some(r) = self.running.get(&name) {
+                if r.rtu.is_none() && r.bus == bus && r.devices == entries {
+                    continue;
+                }
+                info!(bus = %name, "bus or its drives changed: restarting it");
+                self.stop(&name).await;
+            }
+            info!(bus = %name, interface = %settings.interface, devices = nodes.len(), "starting bus");
+            let now = std::time::Instant::now();
+            let producer = sync.map(|p| SyncProducer::new(p, None, now));
+            let master = Master::with_seq_book(nodes, producer, now, &self.book);
+            let stats = self.metrics.can_stats(&name);
+            let (sink, stop) = (self.sink.clone(), CancellationToken::new());
+            let task_stop = stop.clone();
+            let finished = spawn_bus_thread(&name, move || {
+                let sink: Arc<dyn EventSink> = sink;
+                run_can_bus(settings, master, sink, stats, task_stop)
+            })?;
+            self.running.insert(
+                name,
+                RunningBus {
+                    bus,
+                    devices: entries,
+                    rtu: None,
+                    stop,
+                    finished,
+                },
+            );
+        }
+        self.metrics
+            .set_running(self.running.keys().cloned().collect());
+        Ok(())
+    }
+
+    /// Stops bus `name` and waits for its thread to let go of the port or interface
+    /// (a bus started again on the same port must find it free).
+    async fn stop(&mut self, name: &str) {
+        if let Some(r) = self.running.remove(name) {
+            r.stop.cancel();
+            let _ = r.finished.await;
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for r in self.running.values() {
+            r.stop.cancel();
+        }
+        for (_, r) in std::mem::take(&mut self.running) {
+            let _ = r.finished.await;
+        }
+    }
+
+    /// Resolves once every running bus has tried to open its port or interface.
+    async fn all_tried_to_open(&self) {
+        for (name, r) in &self.running {
+            if r.rtu.is_some() {
+                self.metrics.rtu_stats(name).open_attempted.notified().await;
+            } else {
+                self.metrics.can_stats(name).open_attempted.notified().await;
+            }
+        }
+    }
+
+    /// True while no bus thread has ended.
+    fn all_alive(&mut self) -> bool {
+        self.running.values_mut().all(|r| {
+            matches!(
+                r.finished.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            )
+        })
+    }
+}
+
+/// The forwarder task and the broker settings it was built from.
+struct RunningForwarder {
+    task: JoinHandle<Result<servogate_mqtt::ForwarderReport, servogate_mqtt::MqttError>>,
+    stop: CancellationToken,
+    fingerprint: MqttFingerprint,
+}
+
+impl RunningForwarder {
+    fn spawn(forwarder: Forwarder, fingerprint: MqttFingerprint) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(forwarder.run(stop.clone()));
+        Self {
+            task,
+            stop,
+            fingerprint,
+        }
+    }
+
+    /// Publishes `online:false`, gives the ring up to `grace` to drain, disconnects.
+    async fn stop(&mut self, grace: Duration) {
+        self.stop.cancel();
+        let grace = grace + Duration::from_secs(2);
+        match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(Ok(Ok(report))) => info!(?report, "forwarder stopped"),
+            Ok(Ok(Err(e))) => warn!("forwarder stopped with an error: {e}"),
+            Ok(Err(e)) => warn!("forwarder task failed: {e}"),
+            Err(_) => {
+                warn!("forwarder did not stop within {grace:?}");
+                self.task.abort();
+            }
+        }
+    }
+}
+
+/// Everything a forwarder is built from: the `[mqtt]` table and the contents of the files
+/// it names (a reload after a certificate or password rotation reconnects).
+#[derive(Debug, PartialEq)]
+struct MqttFingerprint {
+    mqtt: config::MqttConfig,
+    files: Vec<Option<Vec<u8>>>,
+}
+
+fn mqtt_fingerprint(cfg: &Config) -> MqttFingerprint {
+    let m = &cfg.mqtt;
+    let files = [&m.ca_file, &m.cert_file, &m.key_file, &m.credentials_file]
+        .into_iter()
+        .map(|f| f.as_ref().and_then(|path| std::fs::read(path).ok()))
+        .collect();
+    MqttFingerprint {
+        mqtt: m.clone(),
+        files,
+    }
+}
+
+fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
+    let forwarder = Forwarder::new(
+        mqtt_settings(cfg)?,
+        shared.boot_id.clone(),
+        shared.version.clone(),
+        shared.outbox.clone(),
+        device_metas(cfg),
+    )?;
+    Ok(forwarder
+        .with_stats(shared.mqtt_stats.clone())
+        .with_meta_updates(shared.meta.subscribe()))
+}
+
+/// What each device's retained `meta` topic says.
+fn device_metas(cfg: &Config) -> Vec<DeviceMeta> {
+    cfg.devices
+        .iter()
+        .map(|d| DeviceMeta {
+            name: d.name.clone(),
+            bus: d.bus.clone(),
+            address: match d.address {
+                DeviceAddress::Unit(u) => serde_json::json!(u),
+                DeviceAddress::Node(n) => serde_json::json!(n),
+            },
+            profile: d.profile.clone(),
+            fields: cfg.units(d),
+        })
+        .collect()
+}
+
+/// (device, bus) of every device, for the metrics.
+fn device_buses(cfg: &Config) -> Vec<(String, String)> {
+    cfg.devices
+        .iter()
+        .map(|d| (d.name.clone(), d.bus.clone()))
+        .collect()
+}
+
+/// The metrics endpoint's task.
+struct Endpoint {
+    task: JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Endpoint {
+    async fn start(listen: std::net::SocketAddr, m: Arc<Metrics>) -> std::io::Result<Self> {
+        let listener = metrics::bind(listen).await?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(metrics::serve(listener, m, stop.clone()));
+        Ok(Self { task, stop })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 /// Runs one bus task on an OS thread with a runtime of its own; the receiver fires when

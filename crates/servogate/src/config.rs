@@ -99,7 +99,7 @@ pub struct Config {
 }
 
 /// `[gateway]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Gateway {
     /// Letters, digits, `-` and `_`: it goes into topics.
     pub id: String,
@@ -108,7 +108,7 @@ pub struct Gateway {
 }
 
 /// `[mqtt]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttConfig {
     /// `mqtt://host[:port]` or `mqtts://host[:port]`, never with credentials in it.
     pub url: String,
@@ -135,26 +135,26 @@ pub struct MqttConfig {
 }
 
 /// `[buffer]`: the delivery ring.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Buffer {
     pub capacity: NonZeroUsize,
     pub on_full: OnFull,
 }
 
 /// `[metrics]` (served from a later issue on).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Metrics {
     pub listen: SocketAddr,
 }
 
 /// One `[[buses]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bus {
     pub name: String,
     pub kind: BusKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BusKind {
     ModbusRtu(RtuBus),
     /// Parsed and validated; run support comes with the CANopen issue.
@@ -172,7 +172,7 @@ impl BusKind {
 }
 
 /// A Modbus RTU bus: one serial port, owned by one task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RtuBus {
     pub port: PathBuf,
     pub baud: u32,
@@ -201,7 +201,7 @@ impl RtuBus {
 }
 
 /// A CANopen bus on SocketCAN.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CanBus {
     pub interface: String,
     /// Period of the SYNC this gateway produces; `None`: no SYNC producer.
@@ -215,7 +215,7 @@ pub struct CanBus {
 }
 
 /// What a device on a CANopen bus adds to [`Device`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CanDevice {
     /// The drive's heartbeat producer time; zero: not watched.
     pub heartbeat: Duration,
@@ -249,7 +249,7 @@ impl fmt::Display for DeviceAddress {
 }
 
 /// One `[[devices]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Device {
     /// Unique, letters, digits, `-` and `_`: it goes into topics.
     pub name: String,

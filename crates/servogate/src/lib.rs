@@ -12,4 +12,5 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod systemd;

@@ -12,7 +12,7 @@
 //!
 //! What this module does not do: decide *when* to notify. The daemon sends `ready()` once
 //! the config is valid and the buses are open, `watchdog_ping()` from its main loop every
-//! `watchdog_interval()`, and `stopping()` when shutdown begins.
+//! `watchdog_interval()`, and `stopping()` when shutdown begins, and `reloading()` then `ready()` around a reload.
 
 use std::io;
 use std::time::Duration;
@@ -23,6 +23,16 @@ use sd_notify::NotifyState;
 /// `systemctl start` returns and units ordered after servogate start only now.
 pub fn ready() -> io::Result<()> {
     notify(&[NotifyState::Ready])
+}
+
+/// `RELOADING=1` with `MONOTONIC_USEC`: a reload (SIGHUP) has begun; [`ready`] ends it.
+/// systemd shows "reloading" meanwhile, and `systemctl reload` waits for the `READY=1`
+/// (systemd 253 and later; older ones ignore it).
+pub fn reloading() -> io::Result<()> {
+    let now =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
+    let usec = i128::from(now.tv_sec()) * 1_000_000 + i128::from(now.tv_nsec()) / 1_000;
+    notify(&[NotifyState::Reloading, NotifyState::MonotonicUsec(usec)])
 }
 
 /// `STOPPING=1`: shutdown has begun, so systemd shows "deactivating" and does not take the
