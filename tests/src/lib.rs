@@ -351,13 +351,65 @@ impl Servogate {
     }
 }
 
+impl Servogate {
+    /// Writes `config` over the running config file and sends SIGHUP.
+    pub fn reload(&self, config: &str) {
+        std::fs::write(&self.config, config).unwrap();
+        signal(self.child.id(), "-HUP");
+    }
+}
+
 fn unsafe_free_sigterm(pid: u32) {
+    signal(pid, "-TERM");
+}
+
+fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
-        .arg("-TERM")
+        .arg(sig)
         .arg(pid.to_string())
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+/// `GET /metrics` from a servogate's metrics endpoint on 127.0.0.1:`port`: the body.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample `series` (name with its labels, exactly as exposed).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes until `pred` holds for the exposition (each scrape is a fresh reading of the
+/// daemon's counters), or panics after [`DEADLINE`].
+pub async fn scrape_until(port: u16, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let text = tokio::task::spawn_blocking(move || scrape(port))
+            .await
+            .unwrap();
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "metrics never showed {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Drop for Servogate {
@@ -415,8 +467,13 @@ impl Subscriber {
                         sub_tx.send_modify(|n| *n += 1);
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
-                        let json = serde_json::from_slice(&p.payload)
-                            .unwrap_or_else(|e| panic!("{}: payload is not JSON: {e}", p.topic));
+                        // An empty payload clears a retained topic (a removed device).
+                        let json = if p.payload.is_empty() {
+                            Value::Null
+                        } else {
+                            serde_json::from_slice(&p.payload)
+                                .unwrap_or_else(|e| panic!("{}: payload is not JSON: {e}", p.topic))
+                        };
                         let msg = Msg {
                             topic: p.topic,
                             retain: p.retain,

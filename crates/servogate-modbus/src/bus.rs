@@ -216,9 +216,11 @@ pub async fn run_bus(
     // discarded before the next request). The price: a dead unit goes offline after about
     // offline_after x 3 x timeout instead of offline_after x (poll + timeout).
 
+    // Set when a wait ended on a new device list: `changed()` marked it seen already.
+    let mut new_list = false;
     loop {
         // A new device list (reload) is applied between transactions, never during one.
-        if devices.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut new_list) || devices.has_changed().unwrap_or(false) {
             let list = devices.borrow_and_update().clone();
             info!(bus = %settings.name, devices = list.len(), "device list updated");
             set.update(&list, &book, Instant::now().into_std());
@@ -239,6 +241,7 @@ pub async fn run_bus(
                         cancel.cancelled().await;
                         break;
                     }
+                    new_list = true;
                     continue;
                 }
             }
@@ -254,7 +257,10 @@ pub async fn run_bus(
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                _ = updates => continue,
+                _ = updates => {
+                    new_list = true;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(due) => {}
             }
         } else if cancel.is_cancelled() {

@@ -456,7 +456,8 @@ impl RunningForwarder {
         self.stop.cancel();
         let grace = grace + Duration::from_secs(2);
         match tokio::time::timeout(grace, &mut self.task).await {
-            Ok(Ok(Ok(report))) => info!(?report, "forwarder stopped"),
+            // The forwarder logs its own report.
+            Ok(Ok(Ok(_))) => {}
             Ok(Ok(Err(e))) => warn!("forwarder stopped with an error: {e}"),
             Ok(Err(e)) => warn!("forwarder task failed: {e}"),
             Err(_) => {

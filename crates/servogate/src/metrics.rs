@@ -268,9 +268,7 @@ impl Metrics {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let bus = |name: &String| vec![("bus", name.clone())];
-        let per_bus = |f: RtuCounter| {
-            buses.iter().map(move |(n, s)| (bus(n), f(s).load(Relaxed)))
-        };
+        let per_bus = |f: RtuCounter| buses.iter().map(move |(n, s)| (bus(n), f(s).load(Relaxed)));
         counters(
             e,
             "modbus_transactions",
