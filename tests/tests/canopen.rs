@@ -343,3 +343,63 @@ async fn the_interface_going_down_and_up_is_reported_and_the_drives_come_back() 
         .await;
     assert!(gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_a_drive_restarts_only_the_can_bus_and_every_seq_goes_on() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let pty = PtyPair::start();
+    let _rtu = Servosim::start(&pty.sim, "1", &[]);
+    let _can = Servosim::start_can(can, "1-3", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-canreload/#").await;
+    let rtu = config("e2e-canreload", &broker.url(), &pty.gateway, &[1], "");
+    let mut gw = Servogate::start(&format!("{rtu}{}", can_config(can, &[1, 2], "")));
+    all_online(&mut sub, &["axis-1", "drive-1", "drive-2"]).await;
+
+    // Every telemetry seq grows by exactly 1, before, across and after the reload.
+    let mut seq: HashMap<String, u64> = HashMap::new();
+    let mut availability: Vec<String> = Vec::new();
+    let mut see = |m: &Msg, availability: &mut Vec<String>| match m.device_stream() {
+        Some((device, "telemetry")) => {
+            let s = m.json["seq"].as_u64().unwrap();
+            if let Some(prev) = seq.insert(device.to_owned(), s) {
+                assert_eq!(s, prev + 1, "{device}: seq {prev} then {s}");
+            }
+        }
+        Some((device, "availability")) => availability.push(device.to_owned()),
+        _ => {}
+    };
+    let start = Instant::now();
+    let mut before: HashMap<String, u32> = HashMap::new();
+    while before.len() < 3 || before.values().any(|&n| n < 10) {
+        assert!(start.elapsed() < STEP, "telemetry so far: {before:?}");
+        let m = sub.next().await;
+        see(&m, &mut availability);
+        if let Some((device, "telemetry")) = m.device_stream() {
+            *before.entry(device.to_owned()).or_default() += 1;
+        }
+    }
+    availability.clear();
+
+    gw.reload(&format!("{rtu}{}", can_config(can, &[1, 2, 3], "")));
+    let mut after: HashMap<String, u32> = HashMap::new();
+    let start = Instant::now();
+    while after.len() < 4 || after.values().any(|&n| n < 10) {
+        assert!(start.elapsed() < STEP, "telemetry since the reload: {after:?}");
+        let m = sub.next().await;
+        see(&m, &mut availability);
+        if let Some((device, "telemetry")) = m.device_stream() {
+            *after.entry(device.to_owned()).or_default() += 1;
+            if device.starts_with("drive-") {
+                assert_can_matches_truth(device, &m.json);
+            }
+        }
+    }
+    // The Modbus bus was not touched: axis-1 never announced itself again.
+    assert!(
+        !availability.iter().any(|d| d == "axis-1"),
+        "availability since the reload: {availability:?}"
+    );
+    assert!(availability.iter().any(|d| d == "drive-3"));
+    assert!(gw.stop().success());
+}
