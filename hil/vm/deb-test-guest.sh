@@ -13,6 +13,9 @@
 #   USB:   a real /dev/ttyUSB0 (qemu's emulated FTDI adapter, kernel ftdi_sio driver)
 #          wired to the VM's /dev/ttyS1, servosim on ttyS1: online with no drop-in,
 #          restarted after a kill and online again;
+#   operate: `systemctl reload` switches the metrics endpoint on (scraped: axis-1 online,
+#          transactions, broker connected); a bad edit is refused, counted and logged
+#          with file, line and key while polling goes on;
 #   CAN:   a canopen bus on vcan0 opens and sends in the sandbox (AF_CAN, no netlink);
 #   a bad config fails the start in ExecStartPre with file, line and key.
 set -u
@@ -275,6 +278,42 @@ check "MQTT: after the restart axis-1 is online again" wait_for 90 online_since 
     tail -n 3 "$work/servosim-usb.err" 2>&1 | sed 's/^/  log: /'
     since_mark "$m" | grep -av telemetry | tail -n 6 | cut -c1-160 | sed 's/^/  mqtt: /'
 }
+
+# --- operate: reload (SIGHUP through ExecReload=) and the metrics endpoint --------------
+# The endpoint is switched on by a reload, which proves both: the reload applied a new
+# [metrics] section, and the sandbox lets the daemon listen on loopback. The image has no
+# curl: bash's /dev/tcp does the GET.
+cat >/usr/local/bin/sg-scrape <<'EOF'
+#!/bin/bash
+exec 3<>/dev/tcp/127.0.0.1/9898 || exit 1
+printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+sed '1,/^\r$/d' <&3
+EOF
+chmod 755 /usr/local/bin/sg-scrape
+printf '\n[metrics]\nlisten = "127.0.0.1:9898"\n' >>/etc/servogate/servogate.toml
+if systemctl reload servogate 2>"$work/reload.err"; then
+    pass "systemctl reload servogate"
+else
+    fail "systemctl reload servogate: $(cat "$work/reload.err")"
+fi
+check "reload: the metrics endpoint comes up, the reload counted" \
+    wait_for 30 sh -c "sg-scrape | grep -q '^servogate_reloads_total{result=\"ok\"} 1'" || tell_journal
+check "metrics: axis-1 online, Modbus transactions and reply times counted" \
+    sh -c "sg-scrape | grep -q '^servogate_device_online{device=\"axis-1\",bus=\"rs485-a\"} 1' && sg-scrape | grep -q '^servogate_modbus_reply_seconds_count{bus=\"rs485-a\"} [1-9]'"
+check "metrics: connected to the broker" sh -c "sg-scrape | grep -q '^servogate_mqtt_connected 1'"
+sg-scrape | grep -E '^servogate_(modbus_transactions_total|modbus_errors_total\{.*timeout|ring_events |mqtt_acks_total)' | sed 's/^/  metrics: /'
+# A bad edit: the reload is refused, counted, logged with file, line and key, and the
+# service goes on polling with the config it had.
+sed -i '0,/^poll = "100ms"$/s//poll = "fast"/' /etc/servogate/servogate.toml
+systemctl reload servogate 2>/dev/null || true
+check "a bad edit: the reload is refused and counted" \
+    wait_for 30 sh -c "sg-scrape | grep -q '^servogate_reloads_total{result=\"failed\"} 1'"
+check "the journal names the file, line and key of the refused reload" \
+    sh -c "journalctl -u servogate --no-pager -o cat | grep 'reload refused' | grep -q 'servogate.toml:[0-9]*:[0-9]*: devices\[0\].poll'"
+journal | grep 'reload refused' | tail -1 | cut -c1-200 | sed 's/^/  journal: /'
+m=$(mark)
+check "and the service keeps running and publishing ($(prop ActiveState))" \
+    wait_for 30 sh -c "systemctl is-active --quiet servogate && tail -n +$((m + 1)) '$mqtt_log' | grep -aq '^$prefix/devices/axis-1/telemetry'"
 
 systemctl stop servogate
 
