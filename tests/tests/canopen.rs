@@ -385,7 +385,10 @@ async fn a_reload_that_adds_a_drive_restarts_only_the_can_bus_and_every_seq_goes
     let mut after: HashMap<String, u32> = HashMap::new();
     let start = Instant::now();
     while after.len() < 4 || after.values().any(|&n| n < 10) {
-        assert!(start.elapsed() < STEP, "telemetry since the reload: {after:?}");
+        assert!(
+            start.elapsed() < STEP,
+            "telemetry since the reload: {after:?}"
+        );
         let m = sub.next().await;
         see(&m, &mut availability);
         if let Some((device, "telemetry")) = m.device_stream() {

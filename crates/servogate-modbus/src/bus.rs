@@ -123,6 +123,9 @@ enum Outcome {
     Reply(Vec<u16>),
     IllegalAddress,
     Failed(Failure),
+    /// tokio-modbus could not decode the reply (noise). Its codec may hold half a frame
+    /// or have ended its stream, so its client must be rebuilt.
+    Garbled,
 }
 
 struct Line {
@@ -342,6 +345,18 @@ pub async fn run_bus(
                     stats.count_exception(u8::from(ExceptionCode::IllegalDataAddress));
                     poller.on_illegal_address(now.into_std(), wall, &*sink)
                 }
+                Outcome::Garbled => {
+                    // A bad reply to the device; the port itself is fine, but the
+                    // client's codec must start afresh: reopen at once, no back-off.
+                    stats.count(&Failure::WrongReply);
+                    debug!(bus = %settings.name, device = %poller.settings().name,
+                           unit = req.unit, "undecodable reply; reopening the port");
+                    poller.on_failure(now.into_std(), wall, Failure::WrongReply, &*sink);
+                    stats.reopens.fetch_add(1, Ordering::Relaxed);
+                    port_failed = true;
+                    reopen_at = now;
+                    false
+                }
                 Outcome::Failed(failure) => {
                     if let Failure::Exception(_) = failure {
                         stats.reply_time.record(now - sent);
@@ -420,6 +435,12 @@ async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outco
         Ok(Ok(Err(ExceptionCode::IllegalDataAddress))) => Outcome::IllegalAddress,
         Ok(Ok(Err(code))) => Outcome::Failed(Failure::Exception(u8::from(code))),
         Ok(Err(tokio_modbus::Error::Protocol(_))) => Outcome::Failed(Failure::WrongReply),
+        // The codec's verdict on a garbled frame (noise), not a port failure: the read
+        // failed as a bad reply, and the client is rebuilt on the same open port.
+        Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == io::ErrorKind::InvalidData => {
+            debug!("undecodable reply: {e}");
+            Outcome::Garbled
+        }
         Ok(Err(tokio_modbus::Error::Transport(e))) => {
             debug!("transport error: {e}");
             Outcome::Failed(Failure::Io)
