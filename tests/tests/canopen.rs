@@ -302,16 +302,24 @@ async fn drives_on_the_gateways_sync_with_mappings_from_the_config_send_telemetr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_interface_going_down_and_up_is_reported_and_the_drives_come_back() {
+async fn the_interface_going_down_and_up_is_reported_on_mqtt_and_in_the_metrics_and_the_drives_come_back(
+) {
     let Some(can) = vcan() else { return };
     let broker = Mosquitto::start();
     let _sim = Servosim::start_can(can, "1", &["--period", "20ms"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-candown/#").await;
+    let port = free_port();
     let mut gw = Servogate::start(&format!(
-        "{}{}",
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
         head("e2e-candown", &broker.url()),
         can_config(can, &[1], "")
     ));
+    let state = |t: &str, st: &str| {
+        sample(
+            t,
+            &format!("servogate_can_bus_state{{bus=\"can-a\",state=\"{st}\"}}"),
+        )
+    };
     // A TPDO can come before the first heartbeat: wait for both.
     all_online(&mut sub, &["drive-1"]).await;
     sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
@@ -334,11 +342,42 @@ async fn the_interface_going_down_and_up_is_reported_and_the_drives_come_back() 
         }
     }
     let _up_again = UpAgain(can);
+    let text = scrape_until(port, "frames received, bus active", |t| {
+        sample(
+            t,
+            r#"servogate_can_frames_total{bus="can-a",direction="rx"}"#,
+        )
+        .unwrap_or(0.0)
+            > 0.0
+            && state(t, "active") == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"servogate_device_online{device="drive-1",bus="can-a"}"#
+        ),
+        Some(1.0)
+    );
     ip("down");
     // The bus says it is down, and the silent drive goes offline (in either order).
     expect_bus_and_availability(&mut sub, "down", "offline").await;
+    // The metrics say so too.
+    let text = scrape_until(port, "the bus down", |t| state(t, "down") == Some(1.0)).await;
+    assert_eq!(state(&text, "active"), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            r#"servogate_device_online{device="drive-1",bus="can-a"}"#
+        ),
+        Some(0.0)
+    );
     ip("up");
     expect_bus_and_availability(&mut sub, "up", "online").await;
+    scrape_until(port, "the bus active again", |t| {
+        state(t, "active") == Some(1.0)
+    })
+    .await;
     sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
         .await;
     assert!(gw.stop().success());
