@@ -326,35 +326,21 @@ impl Buses {
             info!(bus = %name, port = %settings.port.display(), devices = devices.len(), "starting bus");
             let stats = self.metrics.rtu_stats(&name);
             let (list, devices) = watch::channel(devices);
-            let (sink, book, stop) = (
-                self.sink.clone(),
-                self.book.clone(),
-                CancellationToken::new(),
-            );
-            let task_stop = stop.clone();
+            let (sink, book) = (self.sink.clone(), self.book.clone());
             let task_settings = settings.clone();
             let task_name = name.clone();
-            // Each bus gets an OS thread with a runtime of its own: the reply's wake-up,
-            // the t3.5 timer and the next request never queue behind MQTT work or migrate
-            // between workers, which on a 115200-baud line is the difference between 93 %
-            // and 97 % of the physical limit (BENCHMARKS.md).
-            let finished = spawn_bus_thread(&name, move || async move {
-                let sink: Arc<dyn EventSink> = sink;
-                if let Err(e) = run_bus(task_settings, devices, sink, stats, book, task_stop).await
-                {
-                    error!(bus = %task_name, "bus task failed: {e}");
-                }
-            })?;
-            self.running.insert(
+            self.launch(
                 name,
-                RunningBus {
-                    bus,
-                    devices: entries,
-                    rtu: Some((settings, list)),
-                    stop,
-                    finished,
+                bus,
+                entries,
+                Some((settings, list)),
+                move |stop| async move {
+                    let sink: Arc<dyn EventSink> = sink;
+                    if let Err(e) = run_bus(task_settings, devices, sink, stats, book, stop).await {
+                        error!(bus = %task_name, "bus task failed: {e}");
+                    }
                 },
-            );
+            )?;
         }
         for (settings, sync, nodes) in can {
             let name = settings.name.to_string();
@@ -371,25 +357,46 @@ impl Buses {
             let producer = sync.map(|p| SyncProducer::new(p, None, now));
             let master = Master::with_seq_book(nodes, producer, now, &self.book);
             let stats = self.metrics.can_stats(&name);
-            let (sink, stop) = (self.sink.clone(), CancellationToken::new());
-            let task_stop = stop.clone();
-            let finished = spawn_bus_thread(&name, move || {
+            let sink = self.sink.clone();
+            self.launch(name, bus, entries, None, move |stop| {
                 let sink: Arc<dyn EventSink> = sink;
-                run_can_bus(settings, master, sink, stats, task_stop)
+                run_can_bus(settings, master, sink, stats, stop)
             })?;
-            self.running.insert(
-                name,
-                RunningBus {
-                    bus,
-                    devices: entries,
-                    rtu: None,
-                    stop,
-                    finished,
-                },
-            );
         }
         self.metrics
             .set_running(self.running.keys().cloned().collect());
+        Ok(())
+    }
+
+    /// Starts `task` (given its stop token) on a bus thread of its own and records it.
+    ///
+    /// Each bus gets an OS thread with a runtime of its own: the reply's wake-up, the t3.5
+    /// timer and the next request never queue behind MQTT work or migrate between
+    /// workers, which on a 115200-baud line is the difference between 93 % and 97 % of the
+    /// physical limit (BENCHMARKS.md).
+    fn launch<F, Fut>(
+        &mut self,
+        name: String,
+        bus: config::Bus,
+        devices: Vec<config::Device>,
+        rtu: Option<(BusSettings, watch::Sender<Vec<DeviceSettings>>)>,
+        task: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let stop = CancellationToken::new();
+        let task_stop = stop.clone();
+        let finished = spawn_bus_thread(&name, move || task(task_stop))?;
+        let running = RunningBus {
+            bus,
+            devices,
+            rtu,
+            stop,
+            finished,
+        };
+        self.running.insert(name, running);
         Ok(())
     }
 
