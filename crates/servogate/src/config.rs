@@ -141,7 +141,7 @@ pub struct Buffer {
     pub on_full: OnFull,
 }
 
-/// `[metrics]` (served from a later issue on).
+/// `[metrics]`: where the Prometheus endpoint listens (`GET /metrics`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Metrics {
     pub listen: SocketAddr,
@@ -157,7 +157,7 @@ pub struct Bus {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BusKind {
     ModbusRtu(RtuBus),
-    /// Parsed and validated; run support comes with the CANopen issue.
+    /// CiA 402 drives on a SocketCAN interface.
     Canopen(CanBus),
 }
 
