@@ -187,3 +187,64 @@ async fn scenario() {
     let mut gw = gw;
     assert!(gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_another_broker_moves_every_stream_there_without_a_gap() {
+    tokio::time::timeout(4 * DEADLINE, move_broker())
+        .await
+        .expect("the broker move finished within its deadline");
+}
+
+async fn move_broker() {
+    let (a, b) = (Mosquitto::start(), Mosquitto::start());
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1", &[]);
+    let mut sub_a = Subscriber::start(a.port, "servogate/e2e-move/#").await;
+    let mut sub_b = Subscriber::start(b.port, "servogate/e2e-move/#").await;
+    let mut gw = Servogate::start(&config("e2e-move", &a.url(), &pty.gateway, &[1], ""));
+    // Telemetry seqs from both brokers: together they must cover 1..=last without a hole.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 20 {
+        let m = sub_a.next().await;
+        if m.device_stream() == Some(("axis-1", "telemetry")) {
+            seen.insert(m.json["seq"].as_u64().unwrap());
+        }
+    }
+
+    gw.reload(&config("e2e-move", &b.url(), &pty.gateway, &[1], ""));
+    let (mut birth, mut meta, mut on_b) = (false, false, 0);
+    while !(birth && meta && on_b >= 20) {
+        let m = sub_b.next().await;
+        match m.device_stream() {
+            Some(("axis-1", "telemetry")) => {
+                seen.insert(m.json["seq"].as_u64().unwrap());
+                on_b += 1;
+            }
+            Some(("axis-1", "meta")) => meta = true,
+            None if m.topic.ends_with("/status") => {
+                assert_eq!(m.json["online"], true, "{}", m.json);
+                birth = true;
+            }
+            _ => {}
+        }
+    }
+    // What reached A before the move (it may have acknowledged some after our count).
+    while let Ok(Some(m)) = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+        Some(sub_a.next().await)
+    })
+    .await
+    {
+        if m.device_stream() == Some(("axis-1", "telemetry")) {
+            seen.insert(m.json["seq"].as_u64().unwrap());
+        }
+    }
+    let first = *seen.first().unwrap();
+    let last = *seen.last().unwrap();
+    assert_eq!(first, 1);
+    assert_eq!(
+        seen.len() as u64,
+        last,
+        "seqs 1..={last} not all delivered across the move"
+    );
+    assert!(gw.stop().success());
+}

@@ -612,6 +612,7 @@ pub struct Forwarder {
     metas: BTreeMap<String, (String, Vec<u8>)>,
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     stats: Arc<MqttStats>,
+    handover: CancellationToken,
 }
 
 /// (meta topic, meta payload) of each device, by device name.
@@ -661,6 +662,7 @@ impl Forwarder {
             metas,
             meta_updates: None,
             stats: Arc::default(),
+            handover: CancellationToken::new(),
         })
     }
 
@@ -673,6 +675,13 @@ impl Forwarder {
 
     pub fn stats(&self) -> Arc<MqttStats> {
         self.stats.clone()
+    }
+
+    /// Cancelling this token ends the run like the shutdown token, but without waiting
+    /// for the ring to drain: for a hand-over to a forwarder with other settings on the
+    /// same ring, which publishes again everything this one leaves unacknowledged.
+    pub fn handover_token(&self) -> CancellationToken {
+        self.handover.clone()
     }
 
     /// Counts into `stats` (the daemon keeps one for the life of the process, so a
@@ -736,7 +745,13 @@ impl Forwarder {
         let mut meta_wake = publisher.meta_updates.clone();
         let mut deadline: Option<Instant> = None;
         loop {
-            if deadline.is_none() && shutdown.is_cancelled() {
+            if deadline.is_none() && self.handover.is_cancelled() {
+                // A reload moves us to other broker settings: no drain, the next
+                // forwarder publishes whatever this one leaves unacknowledged.
+                info!("handing over: publishing offline status and disconnecting");
+                deadline = Some(Instant::now());
+                publisher.shutting_down = true;
+            } else if deadline.is_none() && shutdown.is_cancelled() {
                 info!("shutting down: publishing offline status and draining the ring");
                 deadline = Some(Instant::now() + self.settings.shutdown_grace);
                 publisher.shutting_down = true;
@@ -755,6 +770,7 @@ impl Forwarder {
                 _ = self.outbox.notified() => {}
                 _ = shared.wake.notified() => {}
                 _ = shutdown.cancelled(), if deadline.is_none() => {}
+                _ = self.handover.cancelled(), if deadline.is_none() => {}
                 changed = async { meta_wake.as_mut()?.changed().await.ok() },
                     if meta_wake.is_some() => {
                     if changed.is_none() {

@@ -217,7 +217,7 @@ async fn reload(
         match build_forwarder(&new, shared) {
             Ok(f) => {
                 info!(url = %new.mqtt.url, "[mqtt] changed: reconnecting");
-                forwarder.stop(current.mqtt.shutdown_grace).await;
+                forwarder.hand_over().await;
                 *forwarder = RunningForwarder::spawn(f, fingerprint);
             }
             Err(e) => error!("[mqtt] change not applied, the old connection stays: {e:#}"),
@@ -444,16 +444,19 @@ impl Buses {
 struct RunningForwarder {
     task: JoinHandle<Result<servogate_mqtt::ForwarderReport, servogate_mqtt::MqttError>>,
     stop: CancellationToken,
+    handover: CancellationToken,
     fingerprint: MqttFingerprint,
 }
 
 impl RunningForwarder {
     fn spawn(forwarder: Forwarder, fingerprint: MqttFingerprint) -> Self {
         let stop = CancellationToken::new();
+        let handover = forwarder.handover_token();
         let task = tokio::spawn(forwarder.run(stop.clone()));
         Self {
             task,
             stop,
+            handover,
             fingerprint,
         }
     }
@@ -461,6 +464,17 @@ impl RunningForwarder {
     /// Publishes `online:false`, gives the ring up to `grace` to drain, disconnects.
     async fn stop(&mut self, grace: Duration) {
         self.stop.cancel();
+        self.wait(grace).await;
+    }
+
+    /// Publishes `online:false` and disconnects at once: the next forwarder publishes
+    /// what this one leaves unacknowledged.
+    async fn hand_over(&mut self) {
+        self.handover.cancel();
+        self.wait(Duration::ZERO).await;
+    }
+
+    async fn wait(&mut self, grace: Duration) {
         let grace = grace + Duration::from_secs(2);
         match tokio::time::timeout(grace, &mut self.task).await {
             // The forwarder logs its own report.
