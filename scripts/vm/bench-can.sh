@@ -28,6 +28,9 @@ unmapped=${UNMAPPED:-0}
 gap=${GAP:-1}
 duration=${DURATION:-10}
 warmup=${WARMUP:-3}
+# PROFILE=1: a system-wide perf profile (cpu-clock samples) of the measured window, top
+# symbols per process (it costs the guest CPU: not for the figures).
+profile=${PROFILE:-0}
 
 cargo build --release --locked -p servogate -p servosim -q
 work=$(mktemp -d)
@@ -54,11 +57,14 @@ for nodes in "$@"; do
     } >"$cfg"
 done
 cp target/release/servogate target/release/servosim "$work/"
+perf_file=""
+[ "$profile" = 1 ] && perf_file="--file $(command -v perf)"
 
 cmds='set -e
 cd /tmp
 printf "listener 1883 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n" > mq.conf
 mosquitto -c mq.conf -d; sleep 0.5
+echo "bench: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) (available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)), $(nproc) CPUs"
 ticks() { awk "{print \$14 + \$15}" /proc/$1/stat; }
 for cfg in /opt/bench/bench-*.toml; do
     nodes=$(grep -c "^\[\[devices\]\]" "$cfg")
@@ -83,17 +89,31 @@ for cfg in /opt/bench/bench-*.toml; do
     gw=$!
     sleep '"$warmup"'
     rx0=$(cat /sys/class/net/vcan0/statistics/rx_packets); c0=$(ticks $gw)
-    sleep '"$duration"'
+    for t in /proc/$gw/task/*; do echo "$(cat $t/comm) $(ticks $gw/task/${t##*/})"; done >threads0
+    if [ '"$profile"' = 1 ]; then
+        perf record -q -e cpu-clock -F 499 -a -o perf.data -- sleep '"$duration"' 2>/dev/null
+    else
+        sleep '"$duration"'
+    fi
     rx1=$(cat /sys/class/net/vcan0/statistics/rx_packets); c1=$(ticks $gw)
+    for t in /proc/$gw/task/*; do echo "$(cat $t/comm) $(ticks $gw/task/${t##*/})"; done >threads1
     kill -TERM $gw; wait $gw || true
     if [ -n "$sim" ]; then echo stats >&3; sleep 0.5; kill -TERM $sim; wait $sim || true; fi
     for g in $gens; do kill $g 2>/dev/null || true; done; wait 2>/dev/null || true
     exec 3>&-
     echo "bench: gen='"$gen"' unmapped='"$unmapped"' nodes=$nodes period='"$period"' gap='"$gap"'ms window='"$duration"'s vcan_frames=$((rx1 - rx0)) gw_cpu_ticks=$((c1 - c0)) clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)"
+    echo "bench:   servogate threads (CPU ticks in the window): $(awk "NR==FNR { a[FNR] = \$2; next } { printf \"%s=%d \", \$1, \$2 - a[FNR] }" threads0 threads1)"
+    if [ '"$profile"' = 1 ]; then
+        rep() { perf report -i perf.data --stdio "$@" 2>/dev/null | grep -v "^#" | grep -v "^$"; }
+        rep --sort comm | head -8 | sed "s/^/bench:   perf /"
+        for c in bus-can-a servogate; do
+            rep --comm $c --sort dso,sym | head -30 | sed "s/^/bench:   perf $c /"
+        done
+    fi
     grep -o "CAN bus stopped.*" gw.log | sed "s/^/bench:   /"
     grep -o "servogate stopped.*" gw.log | sed "s/^/bench:   /"
     grep "^ok stats" sim.out | sed "s/^/bench:   sim /"
 done'
 VM_TIMEOUT=${VM_TIMEOUT:-900} scripts/vm/run.sh --file "$work/servogate:/usr/local/bin/servogate" \
     --file "$work/servosim:/usr/local/bin/servosim" --file /usr/sbin/mosquitto \
-    --file "$work:/opt/bench" --file /usr/bin/cangen -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'
+    --file "$work:/opt/bench" --file /usr/bin/cangen $perf_file -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'
