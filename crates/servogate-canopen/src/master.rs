@@ -482,8 +482,7 @@ impl Master {
             // Cheap checks first: this runs after every frame, and for most nodes there is
             // nothing to start (the reachability look-up walks the heartbeat table).
             let n = &self.nodes[i];
-            if !n.sdo.is_idle() || (n.jobs.is_empty() && !n.poll_due.iter().any(|d| *d <= now))
-            {
+            if !n.sdo.is_idle() || (n.jobs.is_empty() && !n.poll_due.iter().any(|d| *d <= now)) {
                 continue;
             }
             if !self.node_reachable(i) {
