@@ -120,6 +120,8 @@ impl RxBatch {
         }
         let n = (n as usize).min(RX_BATCH);
         for (i, hdr) in hdrs.iter().enumerate().take(n) {
+            // size_t on glibc, socklen_t (u32) on musl.
+            #[allow(clippy::unnecessary_cast)]
             let controllen = (hdr.msg_hdr.msg_controllen as usize).min(CMSG_ROOM);
             let mut bytes = [0u8; CMSG_ROOM];
             for (k, word) in self.cmsgs[i].iter().enumerate() {
