@@ -28,6 +28,9 @@ unmapped=${UNMAPPED:-0}
 gap=${GAP:-1}
 duration=${DURATION:-10}
 warmup=${WARMUP:-3}
+# PROFILE=1: a system-wide perf profile (cpu-clock samples) of the measured window, top
+# symbols per process (it costs the guest CPU: not for the figures).
+profile=${PROFILE:-0}
 
 cargo build --release --locked -p servogate -p servosim -q
 work=$(mktemp -d)
@@ -53,14 +56,30 @@ for nodes in "$@"; do
         done
     } >"$cfg"
 done
-cp target/release/servogate target/release/servosim "$work/"
+cp target/release/servosim "$work/"
+# GW_BINS: servogate binaries to compare (host paths, default the release build), run one
+# after the other for every configuration and repetition (REPEAT, default 1), in the same
+# VM, so that they share the host's load as evenly as the host allows.
+mkdir -p "$work/gw"
+k=0
+for b in ${GW_BINS:-target/release/servogate}; do
+    k=$((k + 1))
+    cp "$b" "$work/gw/$k-$(basename "$(dirname "$b")")-$(basename "$b")"
+done
+repeat=${REPEAT:-1}
+perf_file=""
+[ "$profile" = 1 ] && perf_file="--file $(command -v perf)"
 
 cmds='set -e
 cd /tmp
 printf "listener 1883 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n" > mq.conf
 mosquitto -c mq.conf -d; sleep 0.5
+echo "bench: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) (available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)), $(nproc) CPUs"
 ticks() { awk "{print \$14 + \$15}" /proc/$1/stat; }
+for r in $(seq 1 '"$repeat"'); do
 for cfg in /opt/bench/bench-*.toml; do
+for gwbin in /opt/bench/gw/*; do
+    bin=${gwbin##*/}
     nodes=$(grep -c "^\[\[devices\]\]" "$cfg")
     rm -f simin; mkfifo simin
     gens=""
@@ -79,21 +98,42 @@ for cfg in /opt/bench/bench-*.toml; do
         exec 3>simin
         while ! grep -q ready sim.out; do sleep 0.1; done
     fi
-    servogate run --config "$cfg" >gw.log 2>&1 &
+    $gwbin run --config "$cfg" >gw.log 2>&1 &
     gw=$!
     sleep '"$warmup"'
     rx0=$(cat /sys/class/net/vcan0/statistics/rx_packets); c0=$(ticks $gw)
-    sleep '"$duration"'
+    for t in /proc/$gw/task/*; do echo "$(cat $t/comm) $(ticks $gw/task/${t##*/}) $(awk "/ctxt_switches/ { n += \$2 } END { print n }" $t/status)"; done >threads0
+    if [ '"$profile"' = 1 ]; then
+        perf record -q -e cpu-clock -F 499 -a -o perf.data -- sleep '"$duration"' 2>/dev/null
+    else
+        sleep '"$duration"'
+    fi
     rx1=$(cat /sys/class/net/vcan0/statistics/rx_packets); c1=$(ticks $gw)
+    for t in /proc/$gw/task/*; do echo "$(cat $t/comm) $(ticks $gw/task/${t##*/}) $(awk "/ctxt_switches/ { n += \$2 } END { print n }" $t/status)"; done >threads1
     kill -TERM $gw; wait $gw || true
     if [ -n "$sim" ]; then echo stats >&3; sleep 0.5; kill -TERM $sim; wait $sim || true; fi
     for g in $gens; do kill $g 2>/dev/null || true; done; wait 2>/dev/null || true
     exec 3>&-
     echo "bench: gen='"$gen"' unmapped='"$unmapped"' nodes=$nodes period='"$period"' gap='"$gap"'ms window='"$duration"'s vcan_frames=$((rx1 - rx0)) gw_cpu_ticks=$((c1 - c0)) clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)"
+    echo "bench:   servogate threads (CPU ticks/context switches in the window): $(awk "NR==FNR { a[FNR] = \$2; c[FNR] = \$3; next } { printf \"%s=%d/%d \", \$1, \$2 - a[FNR], \$3 - c[FNR] }" threads0 threads1)"
+    if [ '"$profile"' = 1 ]; then
+        rep() { perf report -i perf.data --stdio "$@" 2>/dev/null | grep -v "^#" | grep -v "^$"; }
+        rep --sort comm | head -8 | sed "s/^/bench:   perf /"
+        for c in bus-can-a servogate; do
+            rep --comm $c --sort dso | head -4 | sed "s/^/bench:   perf $c /"
+            rep --comm $c --sort dso,sym | head -30 | sed "s/^/bench:   perf $c /"
+        done
+    fi
     grep -o "CAN bus stopped.*" gw.log | sed "s/^/bench:   /"
     grep -o "servogate stopped.*" gw.log | sed "s/^/bench:   /"
     grep "^ok stats" sim.out | sed "s/^/bench:   sim /"
+    awk -v bin=$bin -v nodes=$nodes -v frames=$((rx1 - rx0)) -v dur='"$duration"' -v hz=$(getconf CLK_TCK 2>/dev/null || echo 100) \
+        -v lost="$(grep -o "rx_lost=[0-9]*" gw.log | cut -d= -f2)" -v ring="$(grep -o " dropped=[0-9]*" gw.log | cut -d= -f2)" \
+        "NR==FNR { a[FNR] = \$2; c[FNR] = \$3; next } { d = \$2 - a[FNR]; all += d; w = \$3 - c[FNR]; cs += w; if (\$1 ~ /^bus-/) { bus += d; bcs += w } }
+         END { us = 1e6 / hz; printf \"bench: RESULT bin=%s nodes=%d frames_per_s=%d lost=%s ring_dropped=%s gw_cores=%.2f gw_us_per_frame=%.1f bus_us_per_frame=%.1f rest_us_per_frame=%.1f switches_per_s=%d bus_switches_per_s=%d\\n\", bin, nodes, frames / dur, lost, ring, all / hz / dur, all * us / frames, bus * us / frames, (all - bus) * us / frames, cs / dur, bcs / dur }" threads0 threads1
+done
+done
 done'
-VM_TIMEOUT=${VM_TIMEOUT:-900} scripts/vm/run.sh --file "$work/servogate:/usr/local/bin/servogate" \
+VM_TIMEOUT=${VM_TIMEOUT:-900} scripts/vm/run.sh \
     --file "$work/servosim:/usr/local/bin/servosim" --file /usr/sbin/mosquitto \
-    --file "$work:/opt/bench" --file /usr/bin/cangen -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'
+    --file "$work:/opt/bench" --file /usr/bin/cangen $perf_file -- "$cmds" 2>&1 | grep -E '^bench:|vm-run' | sed 's/\x1b\[[0-9;]*m//g'

@@ -490,11 +490,16 @@ impl Master {
     /// Starts the next SDO job of every idle node: start-up jobs first, then due polls.
     fn service_jobs(&mut self, now: Instant) {
         for i in 0..self.nodes.len() {
-            let online = self.node_reachable(i);
-            let n = &mut self.nodes[i];
-            if !n.sdo.is_idle() || !online {
+            // Cheap checks first: this runs after every frame, and for most nodes there is
+            // nothing to start (the reachability look-up walks the heartbeat table).
+            let n = &self.nodes[i];
+            if !n.sdo.is_idle() || (n.jobs.is_empty() && !n.poll_due.iter().any(|d| *d <= now)) {
                 continue;
             }
+            if !self.node_reachable(i) {
+                continue;
+            }
+            let n = &mut self.nodes[i];
             let timeout = n.settings.sdo_timeout;
             let waiting = n.jobs_not_before.is_some_and(|t| now < t);
             let start = if !n.jobs.is_empty() {

@@ -181,6 +181,10 @@ fn mask(bits: u32) -> u64 {
 pub struct TpdoDecoder {
     mappings: Vec<TpdoMapping>,
     objects: Arc<ObjectTable>,
+    /// The `values` name of every mapped entry the object table does not know, per
+    /// mapping and entry (`None` for known objects): made once here rather than formatted
+    /// for every frame.
+    unnamed: Vec<Vec<Option<Arc<str>>>>,
     /// The cycle being collected, and which mappings (bit i = `mappings[i]`) it has.
     pending: Option<Telemetry>,
     seen: u64,
@@ -193,9 +197,22 @@ impl TpdoDecoder {
         // drive has 4 or 8); the bit set would silently alias, so keep the first 64.
         let mut mappings = mappings;
         mappings.truncate(64);
+        let unnamed = mappings
+            .iter()
+            .map(|m| {
+                m.entries()
+                    .iter()
+                    .map(|e| match objects.get(e.index, e.sub) {
+                        Some(_) => None,
+                        None => Some(hex_name(e.index, e.sub)),
+                    })
+                    .collect()
+            })
+            .collect();
         Self {
             mappings,
             objects,
+            unnamed,
             pending: None,
             seen: 0,
             malformed: 0,
@@ -228,10 +245,17 @@ impl TpdoDecoder {
             None
         };
         let t = self.pending.get_or_insert_with(Telemetry::default);
-        for (e, raw) in values {
+        for (k, (e, raw)) in values.into_iter().enumerate() {
             match self.objects.get(e.index, e.sub) {
                 Some(spec) => t.set(&spec.name, spec.value(raw, e.bits)),
-                None => t.values.push((hex_name(e.index, e.sub), raw as f64)),
+                None => {
+                    let name = match self.unnamed[i].get(k) {
+                        Some(Some(name)) => name.clone(),
+                        // Cannot happen (one name per entry, made in `new`).
+                        _ => hex_name(e.index, e.sub),
+                    };
+                    t.values.push((name, raw as f64));
+                }
             }
         }
         self.seen |= bit;

@@ -5,6 +5,7 @@
 //! `ts` first) without an intermediate map, and so a non-finite float can never produce
 //! invalid JSON: it is written as `null`.
 
+use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use servogate_core::{Availability, Event, EventBody, EventKind, Notice, Telemetry};
@@ -51,7 +52,13 @@ pub fn status_topic(prefix: &str) -> String {
 
 /// `{prefix}/devices/{device}/{meta|availability|telemetry|events}`.
 pub fn device_topic(prefix: &str, device: &str, topic: DeviceTopic) -> String {
-    format!("{prefix}/devices/{device}/{}", topic.as_str())
+    // Built with pushes into one allocation of the right size: this runs for every event.
+    let parts = [prefix, "/devices/", device, "/", topic.as_str()];
+    let mut s = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        s.push_str(p);
+    }
+    s
 }
 
 /// The topic an event goes to.
@@ -69,10 +76,15 @@ pub fn event_topic(prefix: &str, event: &Event) -> String {
 /// humantime panics before 1970 and fails after 9999; a wall clock that is badly wrong must
 /// not take the forwarder down, so the time is clamped into that range.
 pub fn rfc3339_millis(t: SystemTime) -> String {
+    rfc3339_display(t).to_string()
+}
+
+/// [`rfc3339_millis`] as a `Display`, to write into a buffer without a `String`.
+fn rfc3339_display(t: SystemTime) -> humantime::Rfc3339Timestamp {
     // 9999-12-31T23:59:59.999Z
     let latest = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
     let t = t.clamp(UNIX_EPOCH, latest);
-    humantime::format_rfc3339_millis(t).to_string()
+    humantime::format_rfc3339_millis(t)
 }
 
 /// The payload of an event from the ring, for [`event_topic`].
@@ -89,7 +101,7 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
 pub fn encode_telemetry(seq: u64, ts: SystemTime, t: &Telemetry) -> Vec<u8> {
     let mut o = Obj::new();
     o.u64("seq", seq);
-    o.str("ts", &rfc3339_millis(ts));
+    o.ts("ts", ts);
     if t.quality.is_good() {
         o.str("quality", "good");
     } else {
@@ -125,11 +137,18 @@ pub fn encode_telemetry(seq: u64, ts: SystemTime, t: &Telemetry) -> Vec<u8> {
     if let Some(code) = t.fault_code {
         o.u64("fault_code", u64::from(code));
     }
-    let mut values = Obj::new();
-    for (name, v) in &t.values {
-        values.f64(name, *v);
+    // Written in place, not as a second object copied in: this runs for every event.
+    o.key("values");
+    o.buf.push(b'{');
+    for (i, (name, v)) in t.values.iter().enumerate() {
+        if i > 0 {
+            o.buf.push(b',');
+        }
+        o.write_str(name);
+        o.buf.push(b':');
+        o.write_f64(*v);
     }
-    o.raw("values", &values.finish());
+    o.buf.push(b'}');
     o.finish()
 }
 
@@ -137,7 +156,7 @@ pub fn encode_telemetry(seq: u64, ts: SystemTime, t: &Telemetry) -> Vec<u8> {
 pub fn encode_notice(seq: u64, ts: SystemTime, n: &Notice) -> Vec<u8> {
     let mut o = Obj::new();
     o.u64("seq", seq);
-    o.str("ts", &rfc3339_millis(ts));
+    o.ts("ts", ts);
     o.str("kind", n.kind.as_str());
     o.str("message", &n.message);
     match &n.kind {
@@ -180,9 +199,9 @@ pub fn encode_availability(seq: u64, ts: SystemTime, a: &Availability) -> Vec<u8
     let mut o = Obj::new();
     o.u64("seq", seq);
     o.str("state", a.state.as_str());
-    o.str("since", &rfc3339_millis(a.since));
+    o.ts("since", a.since);
     o.str("reason", &a.reason);
-    o.str("ts", &rfc3339_millis(ts));
+    o.ts("ts", ts);
     o.finish()
 }
 
@@ -192,7 +211,7 @@ pub fn encode_status(online: bool, boot_id: &str, version: &str, ts: SystemTime)
     o.bool("online", online);
     o.str("boot_id", boot_id);
     o.str("version", version);
-    o.str("ts", &rfc3339_millis(ts));
+    o.ts("ts", ts);
     o.finish()
 }
 
@@ -244,7 +263,8 @@ struct Obj {
 
 impl Obj {
     fn new() -> Self {
-        let mut buf = Vec::with_capacity(256);
+        // A servo's telemetry payload is 250-350 bytes: one allocation, no regrowth.
+        let mut buf = Vec::with_capacity(384);
         buf.push(b'{');
         Self { buf, first: true }
     }
@@ -269,12 +289,25 @@ impl Obj {
 
     fn u64(&mut self, k: &str, v: u64) {
         self.key(k);
-        self.buf.extend_from_slice(v.to_string().as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.buf, "{v}");
+    }
+
+    /// An RFC 3339 UTC timestamp with milliseconds, as [`rfc3339_millis`] writes it.
+    fn ts(&mut self, k: &str, t: SystemTime) {
+        self.key(k);
+        // Digits, '-', ':', 'T', '.' and 'Z' only: nothing to escape. Writing into a Vec
+        // cannot fail.
+        let _ = write!(self.buf, "\"{}\"", rfc3339_display(t));
     }
 
     /// Non-finite values become `null`: JSON has no NaN or infinity.
     fn f64(&mut self, k: &str, v: f64) {
         self.key(k);
+        self.write_f64(v);
+    }
+
+    fn write_f64(&mut self, v: f64) {
         if v.is_finite() {
             serde_json::to_writer(&mut self.buf, &v).expect("serialising an f64 into a Vec");
         } else {

@@ -20,13 +20,13 @@
 //!   a capped back-off, and the master's timers keep running in between.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nix::sys::socket::{recvmsg, send, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{send, setsockopt, sockopt, MsgFlags};
 use servogate_canopen::{Frame, Master};
 use servogate_core::{EventKind, EventSink};
 use socketcan::{CanSocket, Socket, SocketOptions};
@@ -35,7 +35,8 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::wire::{self, BusState, Received, CAN_MTU};
+use crate::rx::{ArrivalClock, RxBatch, RX_BATCH};
+use crate::wire::{self, BusState, Received};
 
 /// How the interface is opened (from the config).
 #[derive(Debug, Clone)]
@@ -221,6 +222,12 @@ fn open(settings: &CanBusSettings) -> io::Result<AsyncFd<CanSocket>> {
         }
     }
     setsockopt(&sock, sockopt::RxqOvfl, &1).map_err(io::Error::from)?;
+    // Each frame's acquisition time from the kernel (when it came off the interface), so
+    // a batch needs no clock read per frame and the time does not depend on when the
+    // reader ran. Without it (an old kernel) the read time is used.
+    if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimestampns, &true) {
+        warn!(interface = %settings.interface, error = %e, "no kernel receive timestamps; frames are stamped when read");
+    }
     let granted = nix::sys::socket::getsockopt(&sock, sockopt::RcvBuf).unwrap_or(0);
     debug!(interface = %settings.interface, rcvbuf = granted, "CAN socket options set");
     // SAFETY: `CanSocket` owns its descriptor (an `OwnedFd` inside): it is open, stays
@@ -376,8 +383,8 @@ async fn serve(
     let mut unsent: VecDeque<Frame> = VecDeque::new();
     let mut retry_at: Option<Instant> = None;
     let mut enobufs_pause = ENOBUFS_MIN;
-    let mut buf = [0u8; CAN_MTU];
-    let mut cmsg = nix::cmsg_space!(u32);
+    let mut rx = RxBatch::new();
+    let mut clock = ArrivalClock::new(std::time::Instant::now(), SystemTime::now());
     // A fresh socket's drop counter starts at zero.
     link.lost_total = 0;
     let mut down_check = tokio::time::interval(DOWN_CHECK);
@@ -445,11 +452,12 @@ async fn serve(
                     Ok(g) => g,
                     Err(e) => return Outcome::Lost(e),
                 };
-                for _ in 0..READ_BATCH {
-                    let read = guard.try_io(|inner| recv_frame(inner.get_ref(), &mut buf, &mut cmsg));
-                    let (n, dropped) = match read {
+                let mut taken = 0;
+                while taken < READ_BATCH {
+                    let read = guard.try_io(|inner| rx.recv(inner.get_ref().as_raw_fd()));
+                    match read {
                         Err(_would_block) => break,
-                        Ok(Ok(r)) => r,
+                        Ok(Ok(_)) => {}
                         Ok(Err(e)) => {
                             // The error is reported once; wait for the next readiness edge
                             // instead of asking again at once (which would starve the
@@ -468,46 +476,70 @@ async fn serve(
                             }
                             break;
                         }
-                    };
-                    let now = Instant::now();
-                    if let Some(total) = dropped {
-                        let lost = link.lost(total);
-                        stats.rx_lost.fetch_add(lost, Ordering::Relaxed);
                     }
-                    if link.down {
+                    // One clock pair per batch; each frame's times come from its kernel
+                    // timestamp.
+                    clock.refresh(std::time::Instant::now(), SystemTime::now());
+                    if link.down && !rx.is_empty() {
                         link.set_up(master, sink);
                     }
-                    match wire::decode(&buf[..n]) {
-                        Received::Data(frame) => {
-                            stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                            master.handle_frame(&frame, now.into_std(), SystemTime::now(), sink);
+                    for i in 0..rx.len() {
+                        let Some((bytes, meta)) = rx.get(i) else { break };
+                        if let Some(total) = meta.dropped {
+                            let lost = link.lost(total);
+                            stats.rx_lost.fetch_add(lost, Ordering::Relaxed);
                         }
-                        Received::Error(report) => {
-                            stats.error_frames.fetch_add(1, Ordering::Relaxed);
-                            if report.bus_error {
-                                stats.bus_errors.fetch_add(1, Ordering::Relaxed);
+                        match wire::decode(bytes) {
+                            Received::Data(frame) => {
+                                stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                                let (now, wall) = clock.arrival(meta.stamp);
+                                master.handle_frame(&frame, now, wall, sink);
                             }
-                            if report.controller_overflow {
-                                stats.controller_overflows.fetch_add(1, Ordering::Relaxed);
+                            Received::Error(report) => {
+                                stats.error_frames.fetch_add(1, Ordering::Relaxed);
+                                if report.bus_error {
+                                    stats.bus_errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if report.controller_overflow {
+                                    stats.controller_overflows.fetch_add(1, Ordering::Relaxed);
+                                }
+                                if let Some(state) = report.state {
+                                    match state {
+                                        BusState::BusOff => stats.bus_off.fetch_add(1, Ordering::Relaxed),
+                                        BusState::ErrorPassive => stats.error_passive.fetch_add(1, Ordering::Relaxed),
+                                        _ => 0,
+                                    };
+                                    link.set_state(state, master, sink);
+                                }
                             }
-                            if let Some(state) = report.state {
-                                match state {
-                                    BusState::BusOff => stats.bus_off.fetch_add(1, Ordering::Relaxed),
-                                    BusState::ErrorPassive => stats.error_passive.fetch_add(1, Ordering::Relaxed),
-                                    _ => 0,
-                                };
-                                link.set_state(state, master, sink);
+                            Received::Ignored => {
+                                stats.ignored.fetch_add(1, Ordering::Relaxed);
                             }
-                        }
-                        Received::Ignored => {
-                            stats.ignored.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    taken += rx.len();
+                    if rx.len() < RX_BATCH {
+                        // A short read means the queue ran empty: wait for the next
+                        // readiness edge without another read to hear EAGAIN. (tokio
+                        // clears only the readiness this guard saw; a frame queued since
+                        // raised a newer one, which stays.)
+                        guard.clear_ready();
+                        break;
+                    }
                 }
-                link.report_loss(Instant::now(), master, sink);
+                // A steady stream keeps the socket readable, and the biased select would
+                // then never reach the timer branch: run what is due now.
+                let now = Instant::from_std(clock.now());
+                if timer.is_some_and(|t| t <= now) {
+                    clock.observe(now.into_std());
+                    master.handle_timeout(now.into_std(), clock.wall_now(), sink);
+                }
+                link.report_loss(now, master, sink);
             }
             _ = async { sleep_until(timer.unwrap_or_else(Instant::now)).await }, if timer.is_some() => {
-                master.handle_timeout(Instant::now().into_std(), SystemTime::now(), sink);
+                let now = Instant::now().into_std();
+                clock.observe(now);
+                master.handle_timeout(now, SystemTime::now(), sink);
                 link.report_loss(Instant::now(), master, sink);
             }
             ready = fd.writable(), if want_writable => {
@@ -531,31 +563,6 @@ async fn serve(
             }
         }
     }
-}
-
-/// One `recvmsg`: the frame's bytes and the socket's drop total when the kernel sent it.
-fn recv_frame(
-    sock: &CanSocket,
-    buf: &mut [u8; CAN_MTU],
-    cmsg: &mut Vec<u8>,
-) -> io::Result<(usize, Option<u32>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(cmsg.as_mut_slice()),
-        MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    let mut dropped = None;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::RxqOvfl(total) = c {
-                dropped = Some(total);
-            }
-        }
-    }
-    Ok((msg.bytes, dropped))
 }
 
 /// IFF_UP from /sys/class/net/IFACE/flags; `None` when it cannot be read.
