@@ -45,9 +45,10 @@ async fn a_dead_unit_goes_offline_in_time_and_back_online_while_the_others_keep_
     assert!(offline.json["reason"].as_str().unwrap().contains("timeout"));
     let bound = 3 * (Duration::from_millis(10) + Duration::from_millis(50));
     println!("offline after {took:?} (bound {bound:?})");
-    // The bound plus the scheduling slack of a loaded CI machine.
+    // The bound plus the scheduling slack of a loaded CI machine (170 ms measured on a
+    // quiet one; holding a dead unit back after each timeout took 367 ms).
     assert!(
-        took < bound + Duration::from_millis(500),
+        took < bound + Duration::from_millis(150),
         "offline after {took:?}"
     );
 

@@ -142,10 +142,12 @@ pub fn fixed_devices(devices: Vec<DeviceSettings>) -> DeviceList {
     watch::channel(devices).1
 }
 
-/// The pollers of a bus and, per poller, until when it is held back after a timeout.
+/// The pollers of a bus and, per poller, whether its next request is a probe.
 struct Pollers {
     pollers: Vec<DevicePoller>,
-    held_until: Vec<std::time::Instant>,
+    /// Its last request timed out or was cut off, so an answer to it may still be on its
+    /// way: the unit is probed (see [`probe_of`]) before it is read again.
+    suspect: Vec<bool>,
 }
 
 impl Pollers {
@@ -154,25 +156,26 @@ impl Pollers {
     /// new poller that continues its sequences from `book`; a device no longer listed is
     /// dropped.
     fn update(&mut self, list: &[DeviceSettings], book: &SeqBook, now: std::time::Instant) {
-        let mut old: Vec<(DevicePoller, std::time::Instant)> = self
-            .pollers
-            .drain(..)
-            .zip(self.held_until.drain(..))
-            .collect();
+        let mut old: Vec<(DevicePoller, bool)> =
+            self.pollers.drain(..).zip(self.suspect.drain(..)).collect();
         for settings in list {
             let same = old.iter().position(|(p, _)| p.settings() == settings);
-            let (poller, held) = match same {
+            let (poller, suspect) = match same {
                 Some(i) => old.swap_remove(i),
                 None => {
-                    // The old poller of this device, if any, stops numbering first.
+                    // The old poller of this device, if any, stops numbering first. A
+                    // new poller of a unit the line still suspects keeps the suspicion.
+                    let suspect = old
+                        .iter()
+                        .any(|(p, s)| *s && p.settings().unit == settings.unit);
                     old.retain(|(p, _)| p.settings().name != settings.name);
                     let events = book.events(&settings.name);
                     let p = DevicePoller::with_events(settings.clone(), now, events);
-                    (p, now)
+                    (p, suspect)
                 }
             };
             self.pollers.push(poller);
-            self.held_until.push(held);
+            self.suspect.push(suspect);
         }
     }
 }
@@ -201,7 +204,7 @@ pub async fn run_bus(
     let start = Instant::now();
     let mut set = Pollers {
         pollers: Vec::new(),
-        held_until: Vec::new(),
+        suspect: Vec::new(),
     };
     set.update(&devices.borrow_and_update(), &book, start.into_std());
 
@@ -211,13 +214,15 @@ pub async fn run_bus(
     // When the line last fell quiet: the next request waits `silence` after it.
     let mut quiet_since = start;
     let mut extra_guard = Duration::ZERO;
-    // After a timeout, the unit is not asked again for two more timeouts (`held_until`).
-    // RTU has no transaction id: a reply that comes later than the timeout and lands
-    // while the same unit is asked again has the right unit, function and length, and
-    // would be taken for the new answer. Held back, its straggler arrives while another
-    // unit is asked (and is refused: wrong unit) or while the line is idle (and is
-    // discarded before the next request). The price: a dead unit goes offline after about
-    // offline_after x 3 x timeout instead of offline_after x (poll + timeout).
+    // After a timeout (or a reply cut off by another unit's bytes), the unit is probed
+    // before it is read again (`Pollers::suspect`, `probe_of`). RTU has no transaction
+    // id: an answer that comes later than the timeout and lands while the same unit is
+    // asked the same read again has the right unit, function and length, and would be
+    // taken for the new answer. The probe asks for a different number of registers, so
+    // such a straggler has the wrong length for it and is refused (CRC or length), and a
+    // read is only sent again once the unit answered a probe in time: a unit that answers
+    // in order then has nothing older on its way. A dead unit is probed at its poll rate,
+    // so it goes offline after offline_after x (poll + timeout); nothing is held back.
 
     // Set when a wait ended on a new device list: `changed()` marked it seen already.
     let mut new_list = false;
@@ -231,9 +236,8 @@ pub async fn run_bus(
         let next = set
             .pollers
             .iter()
-            .zip(&set.held_until)
             .enumerate()
-            .map(|(i, (p, &held))| (i, p.next_due().max(held)))
+            .map(|(i, p)| (i, p.next_due()))
             .min_by_key(|&(_, due)| due);
         let Some((index, due)) = next else {
             // No devices (all removed by a reload): wait for some, or the stop.
@@ -317,16 +321,42 @@ pub async fn run_bus(
             }
             extra_guard = Duration::ZERO;
             let timeout = poller.settings().timeout;
+            let probing = set.suspect[index];
+            let asked = if probing { probe_of(req) } else { req };
             stats.transactions.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
             let outcome = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
-                outcome = transact(l, req, timeout) => outcome,
+                outcome = transact(l, asked, timeout) => outcome,
             };
             let now = Instant::now();
             quiet_since = now;
             let wall = SystemTime::now();
+            if probing {
+                // Any well-formed answer in time (data or an exception) clears the unit;
+                // the probe's data are not used: the cycle's own read follows at once.
+                let answered = match &outcome {
+                    Outcome::Reply(_) => {
+                        stats.replies.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Outcome::IllegalAddress => {
+                        stats.count_exception(u8::from(ExceptionCode::IllegalDataAddress));
+                        true
+                    }
+                    Outcome::Failed(Failure::Exception(code)) => {
+                        stats.count_exception(*code);
+                        true
+                    }
+                    _ => false,
+                };
+                if answered {
+                    stats.reply_time.record(now - sent);
+                    set.suspect[index] = false;
+                    continue;
+                }
+            }
             let more = match outcome {
                 Outcome::Reply(regs) => {
                     let elapsed = now - sent;
@@ -346,6 +376,7 @@ pub async fn run_bus(
                     poller.on_illegal_address(now.into_std(), wall, &*sink)
                 }
                 Outcome::Garbled => {
+                    set.suspect[index] = true;
                     // A bad reply to the device; the port itself is fine, but the
                     // client's codec must start afresh: reopen at once, no back-off.
                     stats.count(&Failure::WrongReply);
@@ -364,9 +395,15 @@ pub async fn run_bus(
                     stats.count(&failure);
                     debug!(bus = %settings.name, device = %poller.settings().name,
                            unit = req.unit, "read failed: {}", failure.kind());
-                    if failure == Failure::Timeout {
-                        extra_guard = guard.saturating_sub(silence);
-                        set.held_until[index] = (now + 2 * timeout).into_std();
+                    match failure {
+                        Failure::Timeout => {
+                            extra_guard = guard.saturating_sub(silence);
+                            set.suspect[index] = true;
+                        }
+                        // Cut off by another unit's bytes, or a reply of the wrong shape:
+                        // this unit's own answer may still be on its way.
+                        Failure::WrongReply => set.suspect[index] = true,
+                        _ => {}
                     }
                     let io = failure == Failure::Io;
                     poller.on_failure(now.into_std(), wall, failure, &*sink);
@@ -406,6 +443,17 @@ fn open(settings: &BusSettings) -> io::Result<Line> {
     let ctx =
         tokio_modbus::client::rtu::attach_slave(RtuLine::new(port, monitor.clone()), Slave(1));
     Ok(Line { ctx, monitor })
+}
+
+/// The probe sent to a unit suspected of a late answer instead of `req`: a read at the
+/// same address of a different number of registers (1, or 2 when `req` reads 1), whose
+/// answer has a different length than any straggler of `req`'s (Modbus Application
+/// Protocol 1.1b3, 6.3: the byte count is 2 x quantity).
+fn probe_of(req: ReadRequest) -> ReadRequest {
+    ReadRequest {
+        count: if req.count == 1 { 2 } else { 1 },
+        ..req
+    }
 }
 
 /// One read with its timeout; a fault the line sees ends it at once.

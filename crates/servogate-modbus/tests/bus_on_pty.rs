@@ -238,7 +238,8 @@ async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer() {
+async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer_and_the_unit_returns(
+) {
     // Unit 2 answers 25 ms late with a 10 ms timeout: its replies land while the bus is
     // already asking unit 1 or 3, the trap PITFALLS.md describes.
     let mut rig = rig_with(3, |u| {
@@ -272,6 +273,19 @@ async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer
                 e.device
             );
             checked += 1;
+        }
+    }
+    // On time again: after a probe answered in time, unit 2 is read again, and right.
+    rig.sim.set_late(2, None).unwrap();
+    let mut back = 0;
+    while back < 20 {
+        let e = rig.events.recv().await.unwrap();
+        if let (EventBody::Telemetry(t), "axis-2") = (&e.body, &*e.device) {
+            let t_ms = value(t, "t_ms") as u32;
+            let regs = model::registers(2, t_ms, &model::DriveState::running(t_ms));
+            let pos = f64::from(((u32::from(regs[0]) << 16) | u32::from(regs[1])) as i32) / 1000.0;
+            assert_eq!(t.position, Some(pos), "axis-2 back on time");
+            back += 1;
         }
     }
     rig.cancel.cancel();
