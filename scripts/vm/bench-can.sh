@@ -15,7 +15,14 @@
 #       given in the config and no heartbeat: what the gateway alone can take, without
 #       servosim's share of the guest's CPU.
 #
-# Environment: PERIOD (default 10ms), DURATION seconds measured (default 10), WARMUP (3).
+# Environment: PERIOD (default 10ms), DURATION seconds measured (default 10), WARMUP (3);
+#   GW_BINS="PATH..." servogate builds to compare, each run in turn for every configuration
+#       in the same VM (default target/release/servogate); REPEAT=N the whole set N times;
+#   PROFILE=1 a perf profile of the window (perf copied into the guest); VM_SMP, VM_APPEND
+#       and the rest of scripts/vm/run.sh's settings pass through.
+# Each run ends with a `bench: RESULT` line: frames/s in the window, frames lost in the
+# socket buffer (SO_RXQ_OVFL, whole run), ring drops, the gateway's cores and CPU time
+# per frame (all threads, the CAN bus thread, the rest) and context switches per second.
 # The 1 Mbit/s line rate of 8-byte frames is 9,009 frames/s (111 bits each, stuffing aside).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -32,10 +32,26 @@ target="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_dire
 files=(--file "$target/debug/servogate" --file "$target/debug/servosim")
 for t in "${tests[@]}"; do files+=(--file "$t"); done
 for f in /usr/sbin/mosquitto /usr/bin/socat; do files+=(--file "$f"); done
+# The ENOBUFS test puts a token bucket qdisc on vcan0 (vcan alone never refuses a send):
+# tc from the host and sch_tbf.ko from the cached kernel package, when both are there.
+tbf_env=""
+deb="$(ls "${VM_CACHE:-hil/vm/cache}"/deb/linux-image-*.deb 2>/dev/null | head -1 || true)"
+if command -v tc >/dev/null 2>&1 && [ -n "$deb" ]; then
+    kdir="$(mktemp -d)"
+    trap 'rm -rf "$kdir"' EXIT
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$kdir" --wildcards '*sch_tbf.ko' 2>/dev/null || true
+    ko="$(find "$kdir" -name sch_tbf.ko | head -1)"
+    if [ -n "$ko" ]; then
+        files+=(--file "$(command -v tc)" --file "$ko:/opt/sch_tbf.ko")
+        tbf_env="export SERVOGATE_SCH_TBF=/opt/sch_tbf.ko SERVOGATE_REQUIRE_TBF=1"
+    fi
+fi
+[ -n "$tbf_env" ] || echo "can-tests: no tc or sch_tbf.ko: the ENOBUFS test will say it is skipped" >&2
 
 # One test at a time: they share vcan0, and the guest's two emulated CPUs.
 cmds="set -e
 export SERVOGATE_REQUIRE_VCAN=1 RUST_BACKTRACE=1
+$tbf_env
 cd /tmp"
 for t in "${tests[@]}"; do
     cmds="$cmds

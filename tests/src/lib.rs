@@ -333,6 +333,11 @@ impl Servogate {
         }
     }
 
+    /// The process id (for /proc/PID/stat).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY-free: kill(2) on our own child's pid.

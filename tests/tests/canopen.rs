@@ -443,5 +443,116 @@ async fn a_reload_that_adds_a_drive_restarts_only_the_can_bus_and_every_seq_goes
         "availability since the reload: {availability:?}"
     );
     assert!(availability.iter().any(|d| d == "drive-3"));
+
+/// User + system CPU time in clock ticks (fields 14 and 15) of a `/proc/.../stat` file.
+fn cpu_ticks(stat_path: &str) -> u64 {
+    let stat = std::fs::read_to_string(stat_path).expect("a stat file");
+    // The command name (field 2) may hold spaces: count from the ")" that ends it.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3: utime is field 14, stime 15.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Puts a token bucket qdisc on the interface (vcan itself has no transmit queue, so it
+/// never refuses a send); removed again on drop. `None` (and why) where `tc` or the
+/// sch_tbf module is missing: `SERVOGATE_SCH_TBF` names the module file to insert
+/// (scripts/vm/can-tests.sh ships it), `SERVOGATE_REQUIRE_TBF` makes a missing one fail.
+struct Tbf(&'static str);
+
+impl Tbf {
+    fn add(can: &'static str) -> Option<Tbf> {
+        if let Some(ko) = std::env::var_os("SERVOGATE_SCH_TBF") {
+            // "File exists" when an earlier test inserted it: fine.
+            let _ = std::process::Command::new("insmod").arg(ko).status();
+        }
+        let added = std::process::Command::new("tc")
+            .args(["qdisc", "add", "dev", can, "root", "tbf"])
+            .args(["rate", "20kbit", "burst", "1600", "latency", "1ms"])
+            .status();
+        match added {
+            Ok(s) if s.success() => Some(Tbf(can)),
+            other => {
+                assert!(
+                    std::env::var_os("SERVOGATE_REQUIRE_TBF").is_none(),
+                    "SERVOGATE_REQUIRE_TBF is set but `tc qdisc add ... tbf` failed: {other:?}"
+                );
+                println!("skipped: no tc or no sch_tbf qdisc here ({other:?})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tbf {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tc")
+            .args(["qdisc", "del", "dev", self.0, "root"])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_transmit_queue_enobufs_is_reported_without_a_busy_loop_and_the_drive_comes_up() {
+    let Some(can) = vcan() else { return };
+    let Some(tbf) = Tbf::add(can) else { return };
+    let broker = Mosquitto::start();
+    let mut sim = Servosim::start_can(can, "1", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-enobufs/#").await;
+    // A flood far beyond the bucket's rate keeps the queue full: the gateway's NMT and
+    // SDO requests at start-up are refused with ENOBUFS.
+    sim.cmd("flood 20000 8s");
+    let mut gw = Servogate::start(&format!(
+        "{}{}",
+        head("e2e-enobufs", &broker.url()),
+        can_config(can, &[1], "")
+    ));
+
+    // Reported: a comm_error (tx_enobufs) to the drive (the log says it too).
+    let m = sub
+        .until(|m| {
+            m.device_stream() == Some(("drive-1", "events"))
+                && m.json["kind"] == "comm_error"
+                && m.json["error"] == "tx_enobufs"
+        })
+        .await;
+    assert!(
+        m.json["message"].as_str().unwrap_or("").contains("ENOBUFS"),
+        "{}",
+        m.json
+    );
+
+    // No busy loop while the queue stays full: the CAN bus thread (which also reads what
+    // the flood gets through the bucket) takes well under half a core over two seconds;
+    // a loop retrying at once would take the whole core.
+    let tasks = format!("/proc/{}/task", gw.pid());
+    let bus_thread = std::fs::read_dir(&tasks)
+        .expect("/proc/PID/task")
+        .filter_map(Result::ok)
+        .map(|t| t.path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "bus-can-a"))
+        .expect("the CAN bus thread");
+    let stat = bus_thread.join("stat").display().to_string();
+    let hz = 100; // CLK_TCK on Linux x86-64
+    let before = cpu_ticks(&stat);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(&stat) - before;
+    println!(
+        "CAN bus thread: {used} ticks of {} in 2 s of ENOBUFS",
+        2 * hz
+    );
+    assert!(
+        used < hz,
+        "the CAN bus thread used {used} ticks of {} in 2 s of ENOBUFS",
+        2 * hz
+    );
+
+    // The queue frees: the held requests go out and the drive comes up with telemetry.
+    // (Telemetry needs the TPDO mappings, read over SDO.)
+    drop(tbf);
+    sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
+        .await;
+    let stats = sim.cmd("stats");
+    assert!(stats.contains("enobufs="), "{stats}");
     assert!(gw.stop().success());
 }
