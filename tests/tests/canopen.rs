@@ -443,6 +443,8 @@ async fn a_reload_that_adds_a_drive_restarts_only_the_can_bus_and_every_seq_goes
         "availability since the reload: {availability:?}"
     );
     assert!(availability.iter().any(|d| d == "drive-3"));
+    assert!(gw.stop().success());
+}
 
 /// User + system CPU time in clock ticks (fields 14 and 15) of a `/proc/.../stat` file.
 fn cpu_ticks(stat_path: &str) -> u64 {
