@@ -65,6 +65,10 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let boot_id = boot_id();
     let version = env!("CARGO_PKG_VERSION").to_owned();
     info!(gateway = %cfg.gateway.id, %boot_id, version, "servogate starting");
+    // SIGHUP's default action ends the process: take it over before anything can send
+    // it (systemd's ExecReload= may run as soon as READY=1 is out). Until the main loop
+    // runs, a SIGHUP waits in the stream.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
 
     let outbox = Outbox::new(cfg.buffer.capacity, cfg.buffer.on_full);
     let observed = Arc::new(Observed::new(outbox.clone()));
@@ -121,7 +125,6 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     // systemd restarts the daemon.
     let watchdog = systemd::watchdog_interval();
     let mut feed = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut cfg = cfg;
     if !stopped_early {
         loop {
