@@ -349,7 +349,7 @@ async fn the_interface_going_down_and_up_is_reported_on_mqtt_and_in_the_metrics_
         )
         .unwrap_or(0.0)
             > 0.0
-            && state(t, "active") == Some(1.0)
+            && state(t, "error_active") == Some(1.0)
     })
     .await;
     assert_eq!(
@@ -364,7 +364,7 @@ async fn the_interface_going_down_and_up_is_reported_on_mqtt_and_in_the_metrics_
     expect_bus_and_availability(&mut sub, "down", "offline").await;
     // The metrics say so too.
     let text = scrape_until(port, "the bus down", |t| state(t, "down") == Some(1.0)).await;
-    assert_eq!(state(&text, "active"), Some(0.0));
+    assert_eq!(state(&text, "error_active"), Some(0.0));
     assert_eq!(
         sample(
             &text,
@@ -375,7 +375,7 @@ async fn the_interface_going_down_and_up_is_reported_on_mqtt_and_in_the_metrics_
     ip("up");
     expect_bus_and_availability(&mut sub, "up", "online").await;
     scrape_until(port, "the bus active again", |t| {
-        state(t, "active") == Some(1.0)
+        state(t, "error_active") == Some(1.0)
     })
     .await;
     sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
@@ -556,5 +556,72 @@ async fn a_full_transmit_queue_enobufs_is_reported_without_a_busy_loop_and_the_d
         .await;
     let stats = sim.cmd("stats");
     assert!(stats.contains("enobufs="), "{stats}");
+    assert!(gw.stop().success());
+}
+
+/// Writes an error frame onto `iface` (a CAN_RAW socket may send one on vcan; every other
+/// socket with an error filter receives it as the controller's report).
+fn inject_error_frame(iface: &str, class: u32, data: &[u8]) {
+    use socketcan::{CanErrorFrame, CanFrame, CanSocket, Socket};
+    let sock = CanSocket::open(iface).expect("a CAN_RAW socket on vcan0");
+    let frame = CanErrorFrame::new_error(class, data).expect("an error frame");
+    sock.write_frame(&CanFrame::Error(frame))
+        .expect("vcan takes an error frame");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_off_and_error_passive_are_reported_on_mqtt_and_in_the_metrics_and_survived() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let _sim = Servosim::start_can(can, "1", &["--period", "20ms"]);
+    let mut sub = Subscriber::start(broker.port, "servogate/e2e-canerr/#").await;
+    let port = free_port();
+    let mut gw = Servogate::start(&format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        head("e2e-canerr", &broker.url()),
+        can_config(can, &[1], "")
+    ));
+    all_online(&mut sub, &["drive-1"]).await;
+    let state = |t: &str, st: &str| {
+        sample(
+            t,
+            &format!("servogate_can_bus_state{{bus=\"can-a\",state=\"{st}\"}}"),
+        )
+    };
+    // CAN_ERR_* of linux/can/error.h: class bits in the id, details in the data.
+    const CRTL: u32 = 0x0004;
+    const BUSOFF: u32 = 0x0040;
+    const CRTL_RX_PASSIVE: u8 = 0x10;
+    const CRTL_ACTIVE: u8 = 0x40;
+    for (class, data, want) in [
+        (
+            CRTL,
+            [0, CRTL_RX_PASSIVE, 0, 0, 0, 0, 0, 0],
+            "error_passive",
+        ),
+        (BUSOFF, [0; 8], "bus_off"),
+        (CRTL, [0, CRTL_ACTIVE, 0, 0, 0, 0, 0, 0], "error_active"),
+    ] {
+        inject_error_frame(can, class, &data);
+        let m = sub
+            .until(|m| {
+                m.device_stream() == Some(("drive-1", "events")) && m.json["kind"] == "bus_state"
+            })
+            .await;
+        assert_eq!(m.json["state"], want, "{}", m.json);
+        scrape_until(port, want, |t| state(t, want) == Some(1.0)).await;
+    }
+    let text = scrape(port);
+    let errors = |kind: &str| {
+        sample(
+            &text,
+            &format!("servogate_can_errors_total{{bus=\"can-a\",kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(errors("bus_off"), Some(1.0), "{text}");
+    assert_eq!(errors("error_passive"), Some(1.0), "{text}");
+    // Survived: the drive's telemetry goes on.
+    sub.until(|m| m.device_stream() == Some(("drive-1", "telemetry")))
+        .await;
     assert!(gw.stop().success());
 }

@@ -372,7 +372,7 @@ impl Metrics {
         )?;
         let states = self.devices.bus_states();
         let state = buses.iter().flat_map(|(n, _)| {
-            let now = states.get(n).copied().unwrap_or("active");
+            let now = states.get(n).copied().unwrap_or("error_active");
             BUS_STATES.map(|st| {
                 (
                     vec![("bus", n.clone()), ("state", st.to_owned())],
@@ -383,14 +383,20 @@ impl Metrics {
         gauges(
             e,
             "can_bus_state",
-            "1 for the CAN bus's current state (active, warning, error_passive, bus_off, down).",
+            "1 for the CAN bus's current state (error_active, error_warning, error_passive, bus_off, down).",
             state,
         )
     }
 }
 
-/// The CAN bus states reported (`bus_state` events; "up" is "active" again).
-const BUS_STATES: [&str; 5] = ["active", "warning", "error_passive", "bus_off", "down"];
+/// The CAN bus states reported (`bus_state` events; "up" is "error_active" again).
+const BUS_STATES: [&str; 5] = [
+    "error_active",
+    "error_warning",
+    "error_passive",
+    "bus_off",
+    "down",
+];
 
 impl Collector for Metrics {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
@@ -516,7 +522,7 @@ impl EventSink for Observed {
                     let mut st = lock(&self.state);
                     if let Some((bus, _)) = st.devices.get(&*event.device) {
                         let bus = bus.clone();
-                        let state = if state == "up" { "active" } else { state };
+                        let state = if state == "up" { "error_active" } else { state };
                         st.bus_state.insert(bus, state);
                     }
                 }
