@@ -34,6 +34,9 @@ for t in "${tests[@]}"; do files+=(--file "$t"); done
 for f in /usr/sbin/mosquitto /usr/bin/socat; do files+=(--file "$f"); done
 # The ENOBUFS test puts a token bucket qdisc on vcan0 (vcan alone never refuses a send):
 # tc from the host and sch_tbf.ko from the cached kernel package, when both are there.
+# prepare.sh (run.sh calls it too; it is idempotent) installs tc and fetches the kernel
+# package on a fresh machine, so the test runs there rather than being skipped.
+scripts/vm/prepare.sh >/dev/null
 tbf_env=""
 deb="$(ls "${VM_CACHE:-hil/vm/cache}"/deb/linux-image-*.deb 2>/dev/null | head -1 || true)"
 if command -v tc >/dev/null 2>&1 && [ -n "$deb" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares what scripts/vm/run.sh boots: host tools (qemu, busybox-static, cpio) and a Debian
+# Prepares what scripts/vm/run.sh boots: host tools (qemu, busybox-static, cpio, tc) and a Debian
 # kernel with its CAN modules, cached under hil/vm/cache/. Idempotent: each step is re-done
 # only when its result is missing. Prints the kernel directory on stdout as its last line.
 #
@@ -30,6 +30,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
     || missing+=(busybox-static)
 command -v cpio >/dev/null 2>&1 || missing+=(cpio)
 command -v strip >/dev/null 2>&1 || missing+=(binutils)
+# tc: the ENOBUFS test puts a token bucket qdisc on vcan0 inside the guest.
+command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || [ -x /sbin/tc ] || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     if is_root && command -v apt-get >/dev/null 2>&1; then
         log "installing ${missing[*]}"

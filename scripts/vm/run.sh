@@ -206,7 +206,9 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the root is already in RAM, and a --file under /tmp (a checkout in
+# /tmp) would be hidden under it.
+chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 hostname servogate-vm
 chown mosquitto:mosquitto /var/lib/mosquitto
