@@ -70,6 +70,11 @@ impl HeartbeatConsumer {
         }
     }
 
+    /// Stops watching `node` (it left the config).
+    pub fn remove(&mut self, node: NodeId) {
+        self.nodes.retain(|c| c.node != node);
+    }
+
     /// The availability last reported for `node` (`None` before the first transition).
     pub fn state(&self, node: NodeId) -> Option<AvailabilityState> {
         self.nodes.iter().find(|c| c.node == node)?.state

@@ -68,7 +68,7 @@ pub struct SdoPoll {
 }
 
 /// One configured drive on the bus.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     /// Device name (MQTT topic level).
     pub name: Arc<str>,
@@ -161,6 +161,32 @@ struct Node {
 }
 
 impl Node {
+    /// A node first seen (or changed) at `now`, its start-up jobs queued.
+    fn new(settings: NodeSettings, now: Instant, book: &SeqBook) -> Self {
+        let (mappings, mapped) = match &settings.tpdos {
+            TpdoSource::Config(m) => (m.clone(), true),
+            TpdoSource::Read(_) => (Vec::new(), false),
+        };
+        let mut node = Node {
+            events: book.events(&settings.name),
+            decoder: TpdoDecoder::new(mappings, settings.objects.clone()),
+            sdo: SdoClient::new(settings.node),
+            drive_state: None,
+            jobs: VecDeque::new(),
+            current: None,
+            // The first reads go out at once, one after the other.
+            poll_due: vec![now; settings.polls.len()],
+            last_telemetry: None,
+            late_raised: false,
+            mapped,
+            jobs_not_before: None,
+            retry_pause: STARTUP_RETRY_MIN,
+            settings,
+        };
+        node.startup_jobs();
+        node
+    }
+
     fn startup_jobs(&mut self) {
         self.jobs.clear();
         self.jobs_not_before = None;
@@ -198,9 +224,43 @@ pub struct Master {
     emcy: EmcyConsumer,
     sync: Option<SyncProducer>,
     transmit: VecDeque<Frame>,
+    /// Numbers the events of nodes added later (a reload).
+    book: SeqBook,
 }
 
 impl Master {
+    /// Replaces the configured nodes (a reload): a node whose settings did not change
+    /// keeps its state (heartbeat watch, mappings, SDO jobs, sequences), a changed or new
+    /// node starts afresh (NMT start, start-up jobs, availability announced again) with
+    /// its sequences continued from the book, and a node no longer listed is forgotten.
+    pub fn update_nodes(&mut self, nodes: Vec<NodeSettings>, now: Instant) {
+        let mut old = std::mem::take(&mut self.nodes);
+        for settings in nodes {
+            if self.nodes.iter().any(|n| n.settings.node == settings.node) {
+                continue; // a node id given twice keeps its first settings
+            }
+            if let Some(i) = old.iter().position(|n| n.settings == settings) {
+                self.nodes.push(old.swap_remove(i));
+                continue;
+            }
+            // The old state of this node id or device goes first, so one numberer at a time.
+            old.retain(|n| n.settings.node != settings.node && n.settings.name != settings.name);
+            self.heartbeat.remove(settings.node);
+            self.heartbeat.add(settings.node, settings.heartbeat, now);
+            self.nmt.add(settings.node);
+            self.nodes.push(Node::new(settings, now, &self.book));
+        }
+        for gone in old {
+            let node = gone.settings.node;
+            if !self.nodes.iter().any(|n| n.settings.node == node) {
+                self.heartbeat.remove(node);
+                self.nmt.remove(node);
+            }
+        }
+        self.drain_nmt();
+        self.service_jobs(now);
+    }
+
     /// A master for `nodes` (a node id given twice keeps its first settings), with an
     /// optional SYNC producer. NMT start commands for every node are queued at once, then
     /// the start-up SDO jobs.
@@ -223,28 +283,7 @@ impl Master {
                 continue;
             }
             heartbeat.add(settings.node, settings.heartbeat, now);
-            let (mappings, mapped) = match &settings.tpdos {
-                TpdoSource::Config(m) => (m.clone(), true),
-                TpdoSource::Read(_) => (Vec::new(), false),
-            };
-            let mut node = Node {
-                events: book.events(&settings.name),
-                decoder: TpdoDecoder::new(mappings, settings.objects.clone()),
-                sdo: SdoClient::new(settings.node),
-                drive_state: None,
-                jobs: VecDeque::new(),
-                current: None,
-                // The first reads go out at once, one after the other.
-                poll_due: vec![now; settings.polls.len()],
-                last_telemetry: None,
-                late_raised: false,
-                mapped,
-                jobs_not_before: None,
-                retry_pause: STARTUP_RETRY_MIN,
-                settings,
-            };
-            node.startup_jobs();
-            kept.push(node);
+            kept.push(Node::new(settings, now, book));
         }
         let mut nmt = NodeTable::new(kept.iter().map(|n| n.settings.node));
         nmt.start_all();
@@ -255,6 +294,7 @@ impl Master {
             emcy: EmcyConsumer::new(),
             sync,
             transmit: VecDeque::new(),
+            book: book.clone(),
         };
         master.drain_nmt();
         master.service_jobs(now);
@@ -899,23 +939,25 @@ mod tests {
         Frame::new(id, data).unwrap()
     }
 
+    /// Drive `id` (device `axis-{id}`): TPDO1 maps statusword and position.
+    fn node_settings(id: u8) -> NodeSettings {
+        let mut objects = ObjectTable::cia402();
+        let mut position = ObjectTable::builtin("position").unwrap();
+        position.scale = 0.001;
+        objects.insert(position);
+        NodeSettings {
+            tpdos: TpdoSource::Config(vec![TpdoMapping::from_raw(
+                0x180 + u16::from(id),
+                &[0x6041_0010, 0x6064_0020],
+            )
+            .unwrap()]),
+            objects: Arc::new(objects),
+            ..NodeSettings::new(&format!("axis-{id}"), n(id), 100 * MS)
+        }
+    }
+
     fn master(t0: Instant) -> Master {
-        let settings = |id: u8| {
-            let mut objects = ObjectTable::cia402();
-            let mut position = ObjectTable::builtin("position").unwrap();
-            position.scale = 0.001;
-            objects.insert(position);
-            NodeSettings {
-                tpdos: TpdoSource::Config(vec![TpdoMapping::from_raw(
-                    0x180 + u16::from(id),
-                    &[0x6041_0010, 0x6064_0020],
-                )
-                .unwrap()]),
-                objects: Arc::new(objects),
-                ..NodeSettings::new(&format!("axis-{id}"), n(id), 100 * MS)
-            }
-        };
-        Master::new(vec![settings(1), settings(2)], None, t0)
+        Master::new(vec![node_settings(1), node_settings(2)], None, t0)
     }
 
     /// Node 1 of [`master`], changed by `edit`, alone on the bus.
@@ -971,6 +1013,58 @@ mod tests {
             offline[0].1,
             "no heartbeat for 150 ms (1.5 x producer time 100 ms)"
         );
+    }
+
+    #[test]
+    fn an_update_starts_only_new_and_changed_nodes_and_the_others_keep_state_and_seq() {
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let mut m = master(t0);
+        drain(&mut m);
+        m.handle_frame(&f(0x701, &[0x05]), t0, WALL, &sink);
+        m.handle_frame(&f(0x702, &[0x05]), t0, WALL, &sink);
+        let tpdo1 = f(0x181, &[0x37, 0x02, 0xE8, 0x03, 0, 0]);
+        m.handle_frame(&tpdo1, t0, WALL, &sink);
+        sink.take();
+
+        // Node 1 as it was, node 2 with another heartbeat time, node 3 new.
+        let mut two = node_settings(2);
+        two.heartbeat = 200 * MS;
+        m.update_nodes(vec![node_settings(1), two, node_settings(3)], t0);
+        assert_eq!(drain(&mut m), vec![f(0, &[1, 2]), f(0, &[1, 3])]);
+
+        m.handle_frame(&f(0x701, &[0x05]), t0, WALL, &sink);
+        m.handle_frame(&tpdo1, t0, WALL, &sink);
+        m.handle_frame(&f(0x702, &[0x05]), t0, WALL, &sink);
+        let events = sink.take();
+        let of = |device: &str| -> Vec<&Event> {
+            events.iter().filter(|e| &*e.device == device).collect()
+        };
+        // Node 1 kept its watch (no new availability) and goes on counting.
+        let one = of("axis-1");
+        assert_eq!(one.len(), 1, "{one:?}");
+        assert!(matches!(one[0].body, EventBody::Telemetry(_)));
+        assert_eq!(one[0].seq, 2);
+        // Node 2 is watched afresh: announced again, its availability seq continued.
+        let two = of("axis-2");
+        assert!(matches!(&two[0].body,
+            EventBody::Availability(a) if a.state == AvailabilityState::Online));
+        assert_eq!(two[0].seq, 2);
+    }
+
+    #[test]
+    fn an_update_that_drops_a_node_stops_watching_it() {
+        let t0 = Instant::now();
+        let sink = VecSink::default();
+        let mut m = master(t0);
+        drain(&mut m);
+        m.handle_frame(&f(0x702, &[0x05]), t0, WALL, &sink);
+        m.update_nodes(vec![node_settings(1)], t0);
+        sink.take();
+        // Node 2's silence is no longer anybody's concern.
+        m.handle_timeout(t0 + 500 * MS, WALL, &sink);
+        assert!(sink.take().iter().all(|e| &*e.device != "axis-2"));
+        assert!(drain(&mut m).is_empty());
     }
 
     #[test]

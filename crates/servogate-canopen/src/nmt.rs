@@ -120,6 +120,23 @@ impl NodeTable {
         table
     }
 
+    /// Adds a configured node (a reload) and queues its start command.
+    pub fn add(&mut self, node: NodeId) {
+        if !self.nodes.iter().any(|e| e.node == node) {
+            self.nodes.push(Entry {
+                node,
+                last_state: None,
+                boots: 0,
+            });
+        }
+        self.transmit.push_back(NmtCommand::Start.frame(Some(node)));
+    }
+
+    /// Forgets a node that left the config (it is not stopped: another master may own it).
+    pub fn remove(&mut self, node: NodeId) {
+        self.nodes.retain(|e| e.node != node);
+    }
+
     pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.nodes.iter().map(|e| e.node)
     }

@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{send, setsockopt, sockopt, MsgFlags};
-use servogate_canopen::{Frame, Master};
+use servogate_canopen::{Frame, Master, NodeSettings};
 use servogate_core::{EventKind, EventSink};
 use socketcan::{CanSocket, Socket, SocketOptions};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -96,17 +97,42 @@ enum Outcome {
     Lost(io::Error),
 }
 
+/// The drives of a bus, as the daemon sees them: a reload sends a new list, and the bus
+/// task applies it to its master without closing the socket.
+pub type NodeList = watch::Receiver<Vec<NodeSettings>>;
+
+/// A drive list that never changes (tests, benchmarks).
+pub fn fixed_nodes(nodes: Vec<NodeSettings>) -> NodeList {
+    watch::channel(nodes).1
+}
+
+/// What the daemon steers a running bus with.
+struct Control {
+    stop: CancellationToken,
+    nodes: NodeList,
+}
+
+/// The next drive list; pending forever once the daemon's sender is gone.
+async fn next_nodes(nodes: &mut NodeList) -> Option<Vec<NodeSettings>> {
+    if nodes.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    Some(nodes.borrow_and_update().clone())
+}
+
 /// Runs the bus until `stop` is cancelled, then logs its counters. Never returns an error:
 /// a missing interface is waited for, reported and retried.
 pub async fn run_can_bus(
     settings: CanBusSettings,
     master: Master,
+    nodes: NodeList,
     sink: Arc<dyn EventSink>,
     stats: Arc<CanStats>,
     stop: CancellationToken,
 ) {
     let name = settings.name.clone();
-    run(settings, master, sink, stats.clone(), stop).await;
+    let mut control = Control { stop, nodes };
+    run(settings, master, sink, stats.clone(), &mut control).await;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     info!(
         bus = %name,
@@ -127,7 +153,7 @@ async fn run(
     mut master: Master,
     sink: Arc<dyn EventSink>,
     stats: Arc<CanStats>,
-    stop: CancellationToken,
+    control: &mut Control,
 ) {
     let mut link = Link::new(settings.name.clone());
     let mut backoff = REOPEN_MIN;
@@ -145,7 +171,7 @@ async fn run(
                     &mut master,
                     sink.as_ref(),
                     &stats,
-                    &stop,
+                    control,
                     &mut link,
                 )
                 .await
@@ -174,7 +200,8 @@ async fn run(
             let next = master.poll_timeout().map(Instant::from_std);
             let wake = next.map_or(until, |t| t.min(until));
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = control.stop.cancelled() => return,
+                Some(nodes) = next_nodes(&mut control.nodes) => master.update_nodes(nodes, std::time::Instant::now()),
                 _ = sleep_until(wake) => {}
             }
             let now = Instant::now();
@@ -377,7 +404,7 @@ async fn serve(
     master: &mut Master,
     sink: &dyn EventSink,
     stats: &CanStats,
-    stop: &CancellationToken,
+    control: &mut Control,
     link: &mut Link,
 ) -> Outcome {
     let mut unsent: VecDeque<Frame> = VecDeque::new();
@@ -444,7 +471,12 @@ async fn serve(
         let timer = master.poll_timeout().map(Instant::from_std);
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return Outcome::Stopped,
+            _ = control.stop.cancelled() => return Outcome::Stopped,
+            // Cancel-safe: a list not taken stays marked as changed for the next turn.
+            Some(nodes) = next_nodes(&mut control.nodes) => {
+                info!(bus = %settings.name, devices = nodes.len(), "drive list updated");
+                master.update_nodes(nodes, std::time::Instant::now());
+            }
             // Cancel-safe: readiness is re-checked on the next turn; nothing is consumed
             // until try_io reads.
             ready = fd.readable() => {

@@ -21,4 +21,4 @@ pub mod bus;
 pub mod rx;
 pub mod wire;
 
-pub use bus::{run_can_bus, CanBusSettings, CanStats};
+pub use bus::{fixed_nodes, run_can_bus, CanBusSettings, CanStats, NodeList};

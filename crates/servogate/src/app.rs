@@ -5,10 +5,10 @@
 //! task runs with which settings, and what a reload changes), then [`reload`].
 //!
 //! A reload (SIGHUP) reads and validates the file first; a bad file changes nothing and
-//! is logged. A good one is applied by difference: a Modbus bus whose port settings are
-//! unchanged keeps its port and gets its new device list (unchanged devices keep
-//! polling untouched); a bus whose own settings changed, and a CANopen bus with any
-//! change, is stopped and started again; new buses start and removed ones stop. A
+//! is logged. A good one is applied by difference: a bus whose own settings are
+//! unchanged keeps its port or socket and gets its new device list (unchanged devices
+//! keep polling, or keep their heartbeat watch, untouched); a bus whose own settings
+//! changed is stopped and started again; new buses start and removed ones stop. A
 //! changed `[mqtt]` restarts the forwarder (the ring keeps every event not yet
 //! acknowledged), a changed `[metrics] listen` moves the endpoint, `gateway.log` takes
 //! effect at once, and `[buffer]` waits for a restart (the ring is not resized under
@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use servogate_canopen::sync::SyncProducer;
-use servogate_canopen::Master;
+use servogate_canopen::{Master, NodeSettings};
 use servogate_core::{EventSink, SeqBook};
 use servogate_modbus::bus::{run_bus, BusSettings};
 use servogate_modbus::poll::DeviceSettings;
@@ -251,14 +251,19 @@ async fn reload(
 
 /// One bus task and what it was started from.
 struct RunningBus {
-    /// The bus's `[[buses]]` entry and its devices' entries, as started.
+    /// The bus's `[[buses]]` entry as started: a change to it restarts the bus.
     bus: config::Bus,
-    devices: Vec<config::Device>,
-    /// Modbus RTU: the port settings and the channel that hands the task new device
-    /// lists. `None` for a CANopen bus, which is restarted on any change.
-    rtu: Option<(BusSettings, watch::Sender<Vec<DeviceSettings>>)>,
+    /// The channel that hands the task new device lists (a reload).
+    devices: DeviceLists,
     stop: CancellationToken,
     finished: oneshot::Receiver<()>,
+}
+
+/// A bus task's device list channel, by protocol.
+enum DeviceLists {
+    /// With the port settings the task opened its port with.
+    Rtu(BusSettings, watch::Sender<Vec<DeviceSettings>>),
+    Can(watch::Sender<Vec<NodeSettings>>),
 }
 
 /// The bus tasks, by bus name.
@@ -299,25 +304,22 @@ impl Buses {
             info!(bus = %name, "bus removed from the config: stopping it");
             self.stop(&name).await;
         }
-        let entry = |name: &str| -> (config::Bus, Vec<config::Device>) {
-            let bus = cfg
-                .bus(name)
+        let entry = |name: &str| -> config::Bus {
+            cfg.bus(name)
                 .cloned()
-                .expect("rtu_buses/can_buses list config buses");
-            (bus, cfg.devices_on(name).cloned().collect())
+                .expect("rtu_buses/can_buses list config buses")
         };
         for (settings, devices) in rtu {
             let name = settings.name.to_string();
-            let (bus, entries) = entry(&name);
+            let bus = entry(&name);
             if let Some(r) = self.running.get_mut(&name) {
-                match &r.rtu {
-                    Some((s, list)) if *s == settings => {
+                match &r.devices {
+                    DeviceLists::Rtu(s, list) if *s == settings => {
                         if *list.borrow() != devices {
                             info!(bus = %name, devices = devices.len(), "devices changed: updating the bus in place");
                             list.send_replace(devices);
                         }
                         r.bus = bus;
-                        r.devices = entries;
                         continue;
                     }
                     _ => {
@@ -335,8 +337,7 @@ impl Buses {
             self.launch(
                 name,
                 bus,
-                entries,
-                Some((settings, list)),
+                DeviceLists::Rtu(settings, list),
                 move |stop| async move {
                     let sink: Arc<dyn EventSink> = sink;
                     if let Err(e) = run_bus(task_settings, devices, sink, stats, book, stop).await {
@@ -347,23 +348,32 @@ impl Buses {
         }
         for (settings, sync, nodes) in can {
             let name = settings.name.to_string();
-            let (bus, entries) = entry(&name);
+            let bus = entry(&name);
             if let Some(r) = self.running.get(&name) {
-                if r.rtu.is_none() && r.bus == bus && r.devices == entries {
-                    continue;
+                match &r.devices {
+                    DeviceLists::Can(list) if r.bus == bus => {
+                        if *list.borrow() != nodes {
+                            info!(bus = %name, devices = nodes.len(), "drives changed: updating the bus in place");
+                            list.send_replace(nodes);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        info!(bus = %name, "bus settings changed: restarting it");
+                        self.stop(&name).await;
+                    }
                 }
-                info!(bus = %name, "bus or its drives changed: restarting it");
-                self.stop(&name).await;
             }
             info!(bus = %name, interface = %settings.interface, devices = nodes.len(), "starting bus");
             let now = std::time::Instant::now();
             let producer = sync.map(|p| SyncProducer::new(p, None, now));
-            let master = Master::with_seq_book(nodes, producer, now, &self.book);
+            let master = Master::with_seq_book(nodes.clone(), producer, now, &self.book);
             let stats = self.metrics.can_stats(&name);
             let sink = self.sink.clone();
-            self.launch(name, bus, entries, None, move |stop| {
+            let (list, nodes) = watch::channel(nodes);
+            self.launch(name, bus, DeviceLists::Can(list), move |stop| {
                 let sink: Arc<dyn EventSink> = sink;
-                run_can_bus(settings, master, sink, stats, stop)
+                run_can_bus(settings, master, nodes, sink, stats, stop)
             })?;
         }
         self.metrics
@@ -381,8 +391,7 @@ impl Buses {
         &mut self,
         name: String,
         bus: config::Bus,
-        devices: Vec<config::Device>,
-        rtu: Option<(BusSettings, watch::Sender<Vec<DeviceSettings>>)>,
+        devices: DeviceLists,
         task: F,
     ) -> anyhow::Result<()>
     where
@@ -395,7 +404,6 @@ impl Buses {
         let running = RunningBus {
             bus,
             devices,
-            rtu,
             stop,
             finished,
         };
@@ -424,10 +432,11 @@ impl Buses {
     /// Resolves once every running bus has tried to open its port or interface.
     async fn all_tried_to_open(&self) {
         for (name, r) in &self.running {
-            if r.rtu.is_some() {
-                self.metrics.rtu_stats(name).open_attempted.notified().await;
-            } else {
-                self.metrics.can_stats(name).open_attempted.notified().await;
+            match r.devices {
+                DeviceLists::Rtu(..) => {
+                    self.metrics.rtu_stats(name).open_attempted.notified().await
+                }
+                DeviceLists::Can(_) => self.metrics.can_stats(name).open_attempted.notified().await,
             }
         }
     }
