@@ -34,6 +34,7 @@ use rumqttc::{
 };
 use servogate_core::ring::Id;
 use servogate_core::{EventBody, RingStats};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +43,6 @@ use tracing::{debug, error, info, warn};
 use crate::outbox::Outbox;
 use crate::payload::{self, DeviceMeta, DeviceTopic};
 use crate::settings::{BrokerUrl, MqttError, MqttSettings};
-use tokio::sync::watch;
 
 /// Largest number of publishes handed to rumqttc and not yet acknowledged.
 ///
