@@ -1,0 +1,169 @@
+//! What `servogate check` prints: one line per section, bus and device, from the
+//! validated config (`check` runs the same validation as `run`).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use servogate_core::OnFull;
+use servogate_modbus::plan::ReadPlan;
+use tokio_serial::{DataBits, Parity, StopBits};
+
+use super::model::{BusKind, Config};
+
+impl Config {
+    /// What `servogate check` prints: the gateway, the broker (the url never holds
+    /// credentials), the ring, the profiles, and each bus with its devices, their poll
+    /// periods and reads per poll. Several lines, without a final newline.
+    pub fn summary(&self) -> String {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let mut s = String::new();
+        let _ = writeln!(s, "gateway {} (log {})", self.gateway.id, self.gateway.log);
+        let m = &self.mqtt;
+        let _ = writeln!(
+            s,
+            "mqtt {} as {}, topics {}/..., telemetry qos {}{}{}",
+            m.url,
+            m.client_id,
+            m.topic_prefix,
+            m.qos,
+            if m.cert_file.is_some() {
+                ", client certificate"
+            } else {
+                ""
+            },
+            if m.credentials_file.is_some() {
+                ", credentials from file"
+            } else {
+                ""
+            },
+        );
+        let _ = writeln!(
+            s,
+            "buffer {} events, {}",
+            self.buffer.capacity,
+            match self.buffer.on_full {
+                OnFull::DropOldest => "drop_oldest",
+                OnFull::DropNewest => "drop_newest",
+            }
+        );
+        for (name, fields) in &self.profiles {
+            let names: Vec<&str> = fields.iter().map(|f| &*f.name).collect();
+            let _ = writeln!(
+                s,
+                "profile {name}: {} fields ({})",
+                fields.len(),
+                names.join(", ")
+            );
+        }
+        for bus in &self.buses {
+            match &bus.kind {
+                BusKind::ModbusRtu(r) => {
+                    let _ = writeln!(
+                        s,
+                        "bus {} modbus-rtu {} {} baud {}{}{}, timeout {}, t3.5 {}{}",
+                        bus.name,
+                        r.port.display(),
+                        r.baud,
+                        match r.data_bits {
+                            DataBits::Seven => 7,
+                            _ => 8,
+                        },
+                        match r.parity {
+                            Parity::Even => 'E',
+                            Parity::Odd => 'O',
+                            Parity::None => 'N',
+                        },
+                        match r.stop_bits {
+                            StopBits::Two => 2,
+                            StopBits::One => 1,
+                        },
+                        d(r.timeout),
+                        d(r.t35()),
+                        if r.t35.is_some() { " (set)" } else { "" },
+                    );
+                }
+                BusKind::Canopen(c) => {
+                    let _ = writeln!(
+                        s,
+                        "bus {} canopen {}{}, sdo timeout {}",
+                        bus.name,
+                        c.interface,
+                        c.sync_period
+                            .map(|p| format!(", sync every {}", d(p)))
+                            .unwrap_or_default(),
+                        d(c.sdo_timeout),
+                    );
+                }
+            }
+            let mut any = false;
+            for dev in self.devices_on(&bus.name) {
+                any = true;
+                let reads = match (&bus.kind, self.fields(dev)) {
+                    (BusKind::ModbusRtu(r), Some(fields)) => {
+                        let n = ReadPlan::new(&fields, r.max_gap, r.max_registers)
+                            .blocks
+                            .len();
+                        format!(", {n} read{} per poll", if n == 1 { "" } else { "s" })
+                    }
+                    _ => String::new(),
+                };
+                if let Some(c) = &dev.canopen {
+                    let _ = writeln!(
+                        s,
+                        "  device {} {} profile {} heartbeat {}, tpdos {}, late after {}, {} sdo poll{}",
+                        dev.name,
+                        dev.address,
+                        dev.profile,
+                        if c.heartbeat.is_zero() { "not watched".to_owned() } else { d(c.heartbeat) },
+                        match &c.tpdos {
+                            Some(m) => format!("{} from config", m.len()),
+                            None => "read from the drive".to_owned(),
+                        },
+                        c.late_after.map_or("not watched".to_owned(), d),
+                        c.polls.len(),
+                        if c.polls.len() == 1 { "" } else { "s" },
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    s,
+                    "  device {} {} profile {} poll {} late after {}{reads}",
+                    dev.name,
+                    dev.address,
+                    dev.profile,
+                    d(dev.poll),
+                    d(dev.late_after),
+                );
+            }
+            if !any {
+                let _ = writeln!(s, "  (no devices)");
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            let _ = writeln!(s, "metrics on {}", metrics.listen);
+        }
+        s.truncate(s.trim_end().len());
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::fixture::good;
+
+    #[test]
+    fn the_summary_names_the_gateway_broker_buses_and_devices() {
+        let s = good().summary();
+        assert!(s.contains("gateway cell-7"), "{s}");
+        assert!(s.contains("mqtt mqtt://127.0.0.1:1883"), "{s}");
+        assert!(
+            s.contains("bus rs485-a modbus-rtu /dev/ttyUSB0 115200 baud 8N1"),
+            "{s}"
+        );
+        assert!(
+            s.contains("  device axis-1 unit 1 profile ax poll 10ms"),
+            "{s}"
+        );
+        assert!(s.contains("2 reads per poll"), "{s}");
+    }
+}
