@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod canopen;
+pub mod cia402;
 pub mod console;
 pub mod model;
 pub mod rtu;
