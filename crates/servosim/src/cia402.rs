@@ -53,6 +53,24 @@ impl Cia402State {
     }
 }
 
+/// Modes of operation 1: profile position (CiA 402-2, object 0x6060).
+pub const MODE_PROFILE_POSITION: i8 = 1;
+/// Modes of operation 3: profile velocity.
+pub const MODE_PROFILE_VELOCITY: i8 = 3;
+/// Modes of operation 8: cyclic synchronous position, the simulators' start mode.
+pub const MODE_CYCLIC_SYNC_POSITION: i8 = 8;
+/// The modes of operation (0x6060) the simulated drives accept: profile position (1),
+/// profile velocity (3), profile torque (4), homing (6), interpolated position (7),
+/// cyclic synchronous position (8), velocity (9) and torque (10). Any other value is
+/// refused (SDO abort 0x06090030 on CANopen, exception 03 on Modbus).
+pub const SUPPORTED_MODES: [i8; 8] = [1, 3, 4, 6, 7, 8, 9, 10];
+
+/// True when `mode` (as a Modbus register or a CANopen i8 carries it) is one of
+/// [`SUPPORTED_MODES`].
+pub fn is_supported_mode(mode: i16) -> bool {
+    i8::try_from(mode).is_ok_and(|m| SUPPORTED_MODES.contains(&m))
+}
+
 /// Controlword bits (CiA 402-2, object 0x6040).
 pub mod cw {
     pub const SWITCH_ON: u16 = 0x0001;

@@ -36,7 +36,9 @@
 pub mod canopen;
 pub mod cia402;
 pub mod console;
+pub mod drive;
 pub mod model;
+pub mod motion;
 pub mod rtu;
 mod serve;
 mod sim;

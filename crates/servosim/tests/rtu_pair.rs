@@ -151,7 +151,10 @@ async fn target_position_and_controlword_writes_are_stored_and_other_writes_refu
         .await
         .unwrap();
     assert_eq!(words::i32_from_high_first([back[0], back[1]]), -12_345);
-    assert_eq!(rig.sim.drive_state(1, 0).unwrap().controlword, 0x000F);
+    assert_eq!(
+        rig.sim.drive_state(1, 0).unwrap().written.controlword,
+        0x000F
+    );
     let refused = timeout(REPLY, ctx.write_single_register(addr::POSITION, 1))
         .await
         .unwrap()
