@@ -25,7 +25,7 @@
 
 use crate::cia402::{self, cw, Cia402State};
 use crate::model::{self, addr, Commanded, DriveState, Written};
-use crate::motion::Segment;
+use crate::motion::{elapsed_ms, Segment};
 use crate::rtu::Exception;
 
 /// The speed of a profile position move whose profile velocity is 0: 50 mm/s.
@@ -206,7 +206,7 @@ impl Drive {
 
     /// The motion clock: model time minus the time spent outside operation enabled.
     fn motion_ms(&self, t_ms: u32) -> u32 {
-        let current = self.stopped_since.map_or(0, |s| t_ms.wrapping_sub(s));
+        let current = self.stopped_since.map_or(0, |s| elapsed_ms(s, t_ms));
         t_ms.wrapping_sub(self.stopped_ms).wrapping_sub(current)
     }
 
@@ -219,7 +219,7 @@ impl Drive {
             self.stopped_since = Some(t_ms);
         } else if !was && is {
             if let Some(since) = self.stopped_since.take() {
-                self.stopped_ms = self.stopped_ms.wrapping_add(t_ms.wrapping_sub(since));
+                self.stopped_ms = self.stopped_ms.wrapping_add(elapsed_ms(since, t_ms));
             }
         }
         self.state = state;
@@ -657,6 +657,22 @@ mod tests {
             d.state_at(2_000).commanded.unwrap().set_point,
             Some(start + 10_000)
         );
+    }
+
+    #[test]
+    fn a_time_stamped_just_before_the_last_event_reads_the_axis_at_that_event() {
+        // Given a move in progress, stopped by a fault from the console at 1000 ms
+        let mut d = profile_position(0, 10_000);
+        let start = position_um(&d, 0);
+        move_to(&mut d, start + 20_000, 0, 0);
+        d.inject_fault(0x2310, 1_000);
+        // When a request stamped 2 ms earlier is answered after it, and writes to it
+        // Then it sees the axis where the fault stopped it, not 49.7 days on
+        assert_eq!(position_um(&d, 998), start + 10_000);
+        controlword(&mut d, 0x0080, 999);
+        assert_eq!(d.state(), SwitchOnDisabled);
+        assert_eq!(position_um(&d, 5_000), start + 10_000);
+        assert_eq!(d.state_at(5_000).motion_ms, 1_000);
     }
 
     #[test]

@@ -219,7 +219,9 @@ impl Written {
         let mut target = words::i32_high_first(self.target_position);
         let mut profile = words::u32_high_first(self.profile_velocity);
         let mut velocity = words::i32_high_first(self.target_velocity);
-        for (a, &v) in (address..).zip(values) {
+        // Addresses past 0xFFFF do not exist (and `address..` would overflow).
+        let addresses = (0..=u16::MAX).skip(usize::from(address));
+        for (a, &v) in addresses.zip(values) {
             match a.wrapping_sub(addr::TARGET_POSITION) {
                 0 => target[0] = v,
                 1 => target[1] = v,
@@ -702,6 +704,10 @@ mod tests {
         );
         w.apply(0x0014, &[0]);
         assert_eq!(w.profile_velocity, 0x0002);
+        // And nothing past the end of the address space is written (or panics)
+        let before = w;
+        w.apply(0xFFFF, &[1, 2, 3]);
+        assert_eq!(w, before);
     }
 
     #[test]

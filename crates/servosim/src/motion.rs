@@ -10,6 +10,23 @@
 //! velocities are what the registers can carry (i32 target velocity, u32 profile
 //! velocity), so `velocity x time` is computed in i128 and cannot overflow.
 
+/// How far back a time may lie before an event and still count as that event's time.
+/// The console thread and the serving task take model time a moment apart, so a request
+/// stamped at its arrival can be handled just after a console event stamped later; such a
+/// time means "at the event", not "49.7 days later" as wrapping arithmetic would say.
+pub const BACKWARD_SLACK_MS: u32 = 60_000;
+
+/// Milliseconds from `from` to `to` on the wrapping u32 model clock; 0 when `to` lies up
+/// to [`BACKWARD_SLACK_MS`] before `from`.
+pub fn elapsed_ms(from: u32, to: u32) -> u32 {
+    let elapsed = to.wrapping_sub(from);
+    if elapsed > u32::MAX - BACKWARD_SLACK_MS {
+        0
+    } else {
+        elapsed
+    }
+}
+
 /// One stretch of constant-velocity motion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -65,8 +82,8 @@ impl Segment {
         self.target_um
     }
 
-    /// Position at model time `t_ms` (at or after the start; model time wraps like its
-    /// u32 register), 0.001 mm.
+    /// Position at model time `t_ms` (model time wraps like its u32 register; a time
+    /// shortly before the start counts as the start, see [`elapsed_ms`]), 0.001 mm.
     pub fn position_um(&self, t_ms: u32) -> i32 {
         self.travel(t_ms).0
     }
@@ -89,7 +106,7 @@ impl Segment {
 
     /// Position at `t_ms`, and whether the axis is still moving then.
     fn travel(&self, t_ms: u32) -> (i32, bool) {
-        let elapsed_ms = i128::from(t_ms.wrapping_sub(self.start_ms));
+        let elapsed_ms = i128::from(elapsed_ms(self.start_ms, t_ms));
         // Truncated towards zero: the axis never shows a step it has not completed.
         let travel = i128::from(self.velocity_um_s) * elapsed_ms / 1000;
         let start = i128::from(self.start_um);
@@ -162,14 +179,28 @@ mod tests {
     fn a_velocity_run_stops_at_the_end_of_travel_without_overflow() {
         // The fastest the registers allow, for the longest the model clock allows
         let s = Segment::run(i32::MAX - 10, 0, i64::from(i32::MAX));
-        assert_eq!(s.position_um(u32::MAX), i32::MAX);
-        assert_eq!(s.velocity_um_s(u32::MAX), 0);
+        let longest = u32::MAX - BACKWARD_SLACK_MS;
+        assert_eq!(s.position_um(longest), i32::MAX);
+        assert_eq!(s.velocity_um_s(longest), 0);
         let s = Segment::run(0, 0, -i64::from(u32::MAX));
-        assert_eq!(s.position_um(u32::MAX), i32::MIN);
+        assert_eq!(s.position_um(longest), i32::MIN);
         let s = Segment::toward(i32::MIN, 0, i32::MAX, u32::MAX);
         assert_eq!(s.position_um(0), i32::MIN);
         assert!(s.position_um(1) > i32::MIN && s.position_um(1) < 0);
         assert_eq!(s.position_um(1_001), i32::MAX);
+    }
+
+    #[test]
+    fn a_time_shortly_before_the_start_counts_as_the_start() {
+        // A read stamped 3 ms before a console event that started this segment
+        let s = Segment::toward(0, 1_000, 50_000, 50_000);
+        assert_eq!(s.position_um(997), 0);
+        assert_eq!(s.velocity_um_s(997), 50_000);
+        assert_eq!(elapsed_ms(1_000, 997), 0);
+        assert_eq!(
+            elapsed_ms(1_000, 1_000u32.wrapping_sub(BACKWARD_SLACK_MS + 1)),
+            u32::MAX - BACKWARD_SLACK_MS
+        );
     }
 
     #[test]
