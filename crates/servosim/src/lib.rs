@@ -8,8 +8,11 @@
 //! a deterministic physical model ([`model::sample`]) that a test can recompute exactly
 //! from the model time the simulator reports (registers 0x000A-0x000B; object 0x2000 in
 //! TPDO3). Fault injection covers what a gateway must survive: dead or silent units, late
-//! replies, CRC noise, CiA 402 drive faults with EMCY, a flooded CAN bus; a
-//! timing-faithful mode charges each RTU transaction its wire time.
+//! replies, CRC noise, CiA 402 drive faults with EMCY, a flooded CAN bus, Modbus writes
+//! refused with an exception or left unanswered; a timing-faithful mode charges each RTU
+//! transaction its wire time. The Modbus units execute what they are written (CiA 402
+//! state machine, profile position and profile velocity) and count every write that
+//! reached them, so the gateway's command path can be tested end to end.
 //!
 //! Main types and functions:
 //! - [`model`]: the pure model, the register map ([`model::addr`]) and its encoding
@@ -17,6 +20,9 @@
 //!   registers in either word order.
 //! - [`Simulator`]: units, fault injection, counters, and the sans-IO answer to one request
 //!   ([`Simulator::handle`]).
+//! - [`drive`]: one Modbus unit's drive (written registers, CiA 402, commanded motion);
+//!   [`motion`]: constant-velocity segments; [`cia402`]: the state machine both buses
+//!   share.
 //! - [`serve_rtu`]: the IO loop over any `AsyncRead + AsyncWrite` port.
 //! - [`rtu`]: server-side RTU framing (request deframing, CRC, reply PDUs).
 //! - [`console`]: the stdin commands of `servosim modbus-rtu`.
@@ -24,9 +30,8 @@
 //!   heartbeat, SDO server, TPDOs, EMCY, the CiA 402 state machine), its SocketCAN task
 //!   ([`canopen::serve_can`]) and its console.
 //!
-//! It does not do: Modbus TCP, coils or discrete inputs, the CiA 402 state machine on
-//! Modbus (writes there are stored, not acted on), CANopen SDO block transfer, RPDOs or
-//! node guarding. tokio-modbus's RTU server is not used: in 0.17 it accepts only a
+//! It does not do: Modbus TCP, coils or discrete inputs, acceleration ramps, homing,
+//! CANopen SDO block transfer, RPDOs or node guarding. tokio-modbus's RTU server is not used: in 0.17 it accepts only a
 //! `SerialStream` and hides its codec, while CRC noise and wire-time delays need the reply
 //! bytes and the request's arrival time; the client side of tokio-modbus is what the
 //! tests talk to. Likewise the CANopen side has its own SDO server and framing, not
@@ -34,8 +39,11 @@
 #![forbid(unsafe_code)]
 
 pub mod canopen;
+pub mod cia402;
 pub mod console;
+pub mod drive;
 pub mod model;
+pub mod motion;
 pub mod rtu;
 mod serve;
 mod sim;

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::num::NonZeroU8;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -132,6 +133,13 @@ struct RtuArgs {
     /// Seed for the CRC-noise RNG, for reproducible runs.
     #[arg(long)]
     seed: Option<u64>,
+    /// A unit that answers every write with a Modbus exception and applies nothing:
+    /// `UNIT:CODE`, e.g. `2:4` (server device failure). Repeatable.
+    #[arg(long, value_parser = parse_reject)]
+    reject: Vec<(u8, NonZeroU8)>,
+    /// A unit that applies writes but never answers them. Repeatable.
+    #[arg(long)]
+    mute_writes: Vec<u8>,
 }
 
 fn parse_late(s: &str) -> Result<(u8, Duration), String> {
@@ -152,6 +160,14 @@ fn parse_fault(s: &str) -> Result<(u8, u16), String> {
         .parse()
         .map_err(|_| format!("{unit:?} is not a unit id"))?;
     Ok((unit, console::parse_fault_code(code)?))
+}
+
+fn parse_reject(s: &str) -> Result<(u8, NonZeroU8), String> {
+    let (unit, code) = s.split_once(':').ok_or("expected UNIT:CODE, e.g. 2:4")?;
+    let unit = unit
+        .parse()
+        .map_err(|_| format!("{unit:?} is not a unit id"))?;
+    Ok((unit, console::parse_exception_code(code)?))
 }
 
 fn main() -> ExitCode {
@@ -221,6 +237,12 @@ async fn modbus_rtu(args: RtuArgs) -> anyhow::Result<()> {
             bail!("--fault {unit}:0: error code 0 means no fault");
         }
         sim.inject_fault(unit, code).context("--fault")?;
+    }
+    for &(unit, code) in &args.reject {
+        sim.set_reject(unit, Some(code)).context("--reject")?;
+    }
+    for &unit in &args.mute_writes {
+        sim.set_mute_writes(unit, true).context("--mute-writes")?;
     }
 
     // The first open must work: a wrong path is a usage error, not something to retry.
@@ -415,6 +437,12 @@ mod tests {
             "2:0x2310",
             "--seed",
             "9",
+            "--reject",
+            "1:4",
+            "--reject",
+            "3:0x0B",
+            "--mute-writes",
+            "2",
         ])
         .unwrap();
         let Command::ModbusRtu(a) = cli.command else {
@@ -431,6 +459,9 @@ mod tests {
             (vec![7], vec![(2, 0x2310)], Some(9))
         );
         assert!(a.timing_faithful && a.crc_noise == 0.05);
+        let code = |c| NonZeroU8::new(c).unwrap();
+        assert_eq!(a.reject, vec![(1, code(4)), (3, code(11))]);
+        assert_eq!(a.mute_writes, vec![2]);
     }
 
     #[test]
@@ -543,6 +574,26 @@ mod tests {
                 "1",
                 "--turnaround",
                 "1ms",
+            ],
+            &[
+                "servosim",
+                "modbus-rtu",
+                "--port",
+                "A",
+                "--units",
+                "1",
+                "--reject",
+                "1:0",
+            ],
+            &[
+                "servosim",
+                "modbus-rtu",
+                "--port",
+                "A",
+                "--units",
+                "1",
+                "--reject",
+                "1",
             ],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");

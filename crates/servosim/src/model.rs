@@ -17,9 +17,17 @@
 //! closed form in real time (the motor's thermal mass does not care about the fault), and
 //! the ripple, which follows the actual load, vanishes. When the fault is cleared the move
 //! resumes where it stopped, so position stays continuous.
+//!
+//! A drive that was commanded (see [`crate::drive`]) leaves the repeating move for good:
+//! its [`DriveState::commanded`] carries the CiA 402 state and a [`Segment`] of
+//! constant-velocity motion, and [`drive_sample`] takes position and velocity from that
+//! segment, torque from the friction term alone (constant velocity: no inertia term),
+//! current and temperature by the same formulas as above.
 
 use std::f64::consts::PI;
 
+use crate::cia402::{self, Cia402State};
+use crate::motion::Segment;
 use crate::words;
 
 /// Register addresses (the protocol's 0-based addresses). See README.md for the table.
@@ -46,6 +54,17 @@ pub mod addr {
     pub const TARGET_POSITION: u16 = 0x0010;
     /// Holding 0x0012: CiA 402 controlword (object 0x6040), u16 (writable).
     pub const CONTROLWORD: u16 = 0x0012;
+    /// Holding 0x0013: modes of operation (object 0x6060), i16 (writable).
+    pub const MODES_OF_OPERATION: u16 = 0x0013;
+    /// Holding 0x0014-0x0015: profile velocity (object 0x6081), u32 high word first,
+    /// 0.001 mm/s (writable).
+    pub const PROFILE_VELOCITY: u16 = 0x0014;
+    /// Holding 0x0016-0x0017: target velocity (object 0x60FF), i32 high word first,
+    /// 0.001 mm/s (writable).
+    pub const TARGET_VELOCITY: u16 = 0x0016;
+    /// Holding 0x0018: speed limit, u16, mm/s (writable; a plain setting, no effect on
+    /// motion).
+    pub const SPEED_LIMIT: u16 = 0x0018;
     /// Holding 0x0100-0x010F: not implemented; any read touching it is refused.
     pub const HOLE: std::ops::RangeInclusive<u16> = 0x0100..=0x010F;
     /// Holding 0x0110-0x0113: operating hours, f64 high word first, h.
@@ -74,10 +93,14 @@ pub const STATUSWORD_OPERATION_ENABLED: u16 = 0x0237;
 /// Statusword of a faulted drive: fault (xxxx xxxx x0xx 1000) with voltage enabled and
 /// remote.
 pub const STATUSWORD_FAULT: u16 = 0x0218;
-/// Modes of operation 8: cyclic synchronous position (CiA 402-2, object 0x6060).
-pub const MODE_CYCLIC_SYNC_POSITION: i16 = 8;
+/// Modes of operation 8: cyclic synchronous position (CiA 402-2, object 0x6060), the
+/// mode a unit shows until another is written.
+pub const MODE_CYCLIC_SYNC_POSITION: i16 = cia402::MODE_CYCLIC_SYNC_POSITION as i16;
+/// Speed limit register (0x0018) at start, mm/s.
+pub const SPEED_LIMIT_DEFAULT: u16 = 200;
 
-/// Digital inputs bit 0: the drive is enabled (not faulted).
+/// Digital inputs bit 0: the drive is enabled (not faulted; once commanded, in operation
+/// enabled).
 pub const DI_ENABLED: u16 = 0x0001;
 /// Digital inputs bit 1: the axis moves faster than 1 mm/s.
 pub const DI_MOVING: u16 = 0x0002;
@@ -157,18 +180,100 @@ pub struct Sample {
     pub temperature_c: f64,
 }
 
-/// The state the simulator adds to the pure motion: fault injection and written values.
+/// The writable holding registers 0x0010-0x0018 as last written (or at their start
+/// values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// 0x0010-0x0011: target position, 0.001 mm; 0 at start.
+    pub target_position: i32,
+    /// 0x0012: controlword; 0 at start.
+    pub controlword: u16,
+    /// 0x0013: modes of operation; 8 at start (the mode the display showed all along).
+    pub modes_of_operation: i16,
+    /// 0x0014-0x0015: profile velocity, 0.001 mm/s; 0 at start (a move then runs at
+    /// [`crate::drive::DEFAULT_PROFILE_VELOCITY_UM_S`]).
+    pub profile_velocity: u32,
+    /// 0x0016-0x0017: target velocity, 0.001 mm/s; 0 at start.
+    pub target_velocity: i32,
+    /// 0x0018: speed limit, mm/s; [`SPEED_LIMIT_DEFAULT`] at start.
+    pub speed_limit: u16,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Self {
+            target_position: 0,
+            controlword: 0,
+            modes_of_operation: MODE_CYCLIC_SYNC_POSITION,
+            profile_velocity: 0,
+            target_velocity: 0,
+            speed_limit: SPEED_LIMIT_DEFAULT,
+        }
+    }
+}
+
+impl Written {
+    /// Stores a write already checked by [`holding_writable`]; words outside the
+    /// writable range are ignored. Writing one half of a 32-bit value keeps the other.
+    pub fn apply(&mut self, address: u16, values: &[u16]) {
+        let mut target = words::i32_high_first(self.target_position);
+        let mut profile = words::u32_high_first(self.profile_velocity);
+        let mut velocity = words::i32_high_first(self.target_velocity);
+        // Addresses past 0xFFFF do not exist (and `address..` would overflow).
+        let addresses = (0..=u16::MAX).skip(usize::from(address));
+        for (a, &v) in addresses.zip(values) {
+            match a.wrapping_sub(addr::TARGET_POSITION) {
+                0 => target[0] = v,
+                1 => target[1] = v,
+                2 => self.controlword = v,
+                3 => self.modes_of_operation = v as i16,
+                4 => profile[0] = v,
+                5 => profile[1] = v,
+                6 => velocity[0] = v,
+                7 => velocity[1] = v,
+                8 => self.speed_limit = v,
+                _ => {}
+            }
+        }
+        self.target_position = words::i32_from_high_first(target);
+        self.profile_velocity = words::u32_from_high_first(profile);
+        self.target_velocity = words::i32_from_high_first(velocity);
+    }
+}
+
+/// A commanded drive at one instant: what [`crate::drive::Drive`] adds once the repeating
+/// move has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commanded {
+    /// The CiA 402 state.
+    pub state: Cia402State,
+    /// The motion since the last event.
+    pub segment: Segment,
+    /// The target of the last profile position set-point (absolute, 0.001 mm); `None`
+    /// before the first.
+    pub set_point: Option<i32>,
+    /// Statusword bits 10 (target reached) and 12 (set-point acknowledge / speed zero)
+    /// at this instant; shown in operation enabled only.
+    pub mode_bits: u16,
+}
+
+/// The state the simulator adds to the pure motion: fault injection, written values and,
+/// once commanded, the CiA 402 drive. Taken at one instant: `motion_ms` and
+/// `commanded.mode_bits` belong to the model time it was taken at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DriveState {
     /// CiA 402 error code (0x603F); 0 = no fault, anything else = faulted.
     pub error_code: u16,
-    /// The axis's motion clock, ms: model time minus the time spent faulted. Equals the
-    /// model time for a drive that was never faulted.
+    /// The axis's motion clock, ms: model time minus the time spent outside operation
+    /// enabled (faulted, for a drive never commanded). Equals the model time for a drive
+    /// that was never faulted or disabled. It drives the repeating move and the energy
+    /// counter.
     pub motion_ms: u32,
-    /// Last value written to 0x0010-0x0011 (0.001 mm).
-    pub target_position: i32,
-    /// Last value written to 0x0012.
-    pub controlword: u16,
+    /// The writable registers.
+    pub written: Written,
+    /// `None` for a drive never commanded: it runs the repeating move in operation
+    /// enabled (or stands in Fault).
+    pub commanded: Option<Commanded>,
 }
 
 impl DriveState {
@@ -177,8 +282,8 @@ impl DriveState {
         Self {
             error_code: 0,
             motion_ms: t_ms,
-            target_position: 0,
-            controlword: 0,
+            written: Written::default(),
+            commanded: None,
         }
     }
 
@@ -187,13 +292,31 @@ impl DriveState {
         self.error_code != 0
     }
 
-    /// The CiA 402 statusword this state shows.
-    pub fn statusword(&self) -> u16 {
-        if self.is_faulted() {
-            STATUSWORD_FAULT
-        } else {
-            STATUSWORD_OPERATION_ENABLED
+    /// The CiA 402 state: operation enabled or fault until the drive is commanded.
+    pub fn state(&self) -> Cia402State {
+        match self.commanded {
+            Some(c) => c.state,
+            None if self.is_faulted() => Cia402State::Fault,
+            None => Cia402State::OperationEnabled,
         }
+    }
+
+    /// The CiA 402 statusword this state shows: the state coding with voltage enabled
+    /// and remote, plus bits 10 and 12 in operation enabled once commanded. A drive never
+    /// commanded shows 0x0237 or 0x0218, as it always has.
+    pub fn statusword(&self) -> u16 {
+        let state = self.state();
+        let mode_bits = match self.commanded {
+            Some(c) if state == Cia402State::OperationEnabled => c.mode_bits,
+            _ => 0,
+        };
+        state.statusword() | mode_bits
+    }
+
+    /// True when the power stage drives the axis (digital input bit 0): not faulted, and
+    /// in operation enabled once commanded.
+    pub fn is_enabled(&self) -> bool {
+        self.state() == Cia402State::OperationEnabled
     }
 }
 
@@ -210,14 +333,27 @@ pub fn drive_sample(unit: u8, t_ms: u32, drive: &DriveState) -> Sample {
     let theta = 2.0 * PI * in_cycle as f64 / f64::from(ax.period_ms);
     let period_s = f64::from(ax.period_ms) / 1000.0;
 
-    let position_mm = ax.home_mm + ax.amplitude_mm * (1.0 - theta.cos()) / 2.0;
-    let (velocity_mm_s, torque_pct) = if drive.is_faulted() {
-        (0.0, 0.0)
-    } else {
-        let v = ax.amplitude_mm * PI / period_s * theta.sin();
-        let torque =
-            ax.accel_torque_pct * theta.cos() + ax.friction_pct * (v / FRICTION_SPEED_MM_S).tanh();
-        (v, torque)
+    let (position_mm, velocity_mm_s, torque_pct) = match drive.commanded {
+        Some(c) => {
+            // Integer micrometres to mm by a division, so 120500 shows as 120.5 exactly.
+            let position = f64::from(c.segment.position_um(t_ms)) / 1000.0;
+            let v = c.segment.velocity_um_s(t_ms) as f64 / 1000.0;
+            // Constant velocity: friction only, the same smoothed sign as the move's.
+            (position, v, friction(&ax, v))
+        }
+        None => {
+            let position = ax.home_mm + ax.amplitude_mm * (1.0 - theta.cos()) / 2.0;
+            if drive.is_faulted() {
+                (position, 0.0, 0.0)
+            } else {
+                let v = ax.amplitude_mm * PI / period_s * theta.sin();
+                (
+                    position,
+                    v,
+                    ax.accel_torque_pct * theta.cos() + friction(&ax, v),
+                )
+            }
+        }
     };
     let t_s = f64::from(t_ms) / 1000.0;
     let temperature_c = ax.ambient_c
@@ -230,6 +366,12 @@ pub fn drive_sample(unit: u8, t_ms: u32, drive: &DriveState) -> Sample {
         current_a: CURRENT_A_PER_PCT * torque_pct.abs(),
         temperature_c,
     }
+}
+
+/// Friction torque at `v` mm/s, % of rated: `F tanh(v / 10 mm/s)`, a smoothed `sign(v)`
+/// so torque stays continuous in velocity.
+fn friction(ax: &Axis, velocity_mm_s: f64) -> f64 {
+    ax.friction_pct * (velocity_mm_s / FRICTION_SPEED_MM_S).tanh()
 }
 
 /// `value / resolution` rounded to the nearest step; `as` saturates, so no value panics.
@@ -264,19 +406,31 @@ pub fn registers(unit: u8, t_ms: u32, drive: &DriveState) -> [u16; HOLDING_LEN] 
     put(addr::TEMPERATURE, &[steps_i16(s.temperature_c, 0.1)]);
     put(addr::STATUSWORD, &[drive.statusword()]);
     put(addr::ERROR_CODE, &[drive.error_code]);
-    put(addr::MODE_DISPLAY, &[MODE_CYCLIC_SYNC_POSITION as u16]);
+    let w = &drive.written;
+    // The display follows the mode written (8 until one is): every mode is taken at once.
+    put(addr::MODE_DISPLAY, &[w.modes_of_operation as u16]);
     put(addr::MODEL_TIME, &words::u32_low_first(t_ms));
     put(
         addr::TARGET_POSITION,
-        &words::i32_high_first(drive.target_position),
+        &words::i32_high_first(w.target_position),
     );
-    put(addr::CONTROLWORD, &[drive.controlword]);
+    put(addr::CONTROLWORD, &[w.controlword]);
+    put(addr::MODES_OF_OPERATION, &[w.modes_of_operation as u16]);
+    put(
+        addr::PROFILE_VELOCITY,
+        &words::u32_high_first(w.profile_velocity),
+    );
+    put(
+        addr::TARGET_VELOCITY,
+        &words::i32_high_first(w.target_velocity),
+    );
+    put(addr::SPEED_LIMIT, &[w.speed_limit]);
     let hours = ax.base_hours as f64 + f64::from(t_ms) / 3_600_000.0;
     put(addr::OPERATING_HOURS, &words::f64_high_first(hours));
     let peak = (ax.accel_torque_pct + ax.friction_pct) as f32;
     put(addr::PEAK_TORQUE, &words::f32_high_first(peak));
     let mut inputs = 0;
-    if !drive.is_faulted() {
+    if drive.is_enabled() {
         inputs |= DI_ENABLED;
     }
     if s.velocity_mm_s.abs() > 1.0 {
@@ -323,25 +477,11 @@ pub fn input_readable(address: u16, quantity: u16) -> bool {
 }
 
 /// True when holding registers `address .. address + quantity` may be written
-/// (0x0010-0x0012: target position and controlword).
+/// (0x0010-0x0018: target position, controlword, modes of operation, profile velocity,
+/// target velocity, speed limit).
 pub fn holding_writable(address: u16, quantity: u16) -> bool {
     let end = u32::from(address) + u32::from(quantity);
-    address >= addr::TARGET_POSITION && end <= u32::from(addr::CONTROLWORD) + 1
-}
-
-/// Stores a write already checked by [`holding_writable`]; words outside the writable
-/// range are ignored. Writing one half of the target position keeps the other half.
-pub fn apply_write(drive: &mut DriveState, address: u16, values: &[u16]) {
-    let mut target = words::u32_high_first(drive.target_position as u32);
-    for (a, &v) in (address..).zip(values) {
-        match a {
-            a if a == addr::TARGET_POSITION => target[0] = v,
-            a if a == addr::TARGET_POSITION + 1 => target[1] = v,
-            a if a == addr::CONTROLWORD => drive.controlword = v,
-            _ => {}
-        }
-    }
-    drive.target_position = words::i32_from_high_first(target);
+    address >= addr::TARGET_POSITION && end <= u32::from(addr::SPEED_LIMIT) + 1
 }
 
 #[cfg(test)]
@@ -522,18 +662,126 @@ mod tests {
     }
 
     #[test]
-    fn only_target_position_and_controlword_are_writable() {
-        assert!(holding_writable(0x0010, 3));
+    fn only_the_command_registers_and_the_speed_limit_are_writable() {
+        assert!(holding_writable(0x0010, 9));
         assert!(holding_writable(0x0012, 1));
+        assert!(holding_writable(0x0018, 1));
         assert!(!holding_writable(0x000F, 2));
-        assert!(!holding_writable(0x0012, 2));
-        let mut d = DriveState::running(0);
-        apply_write(&mut d, 0x0010, &[0xFFFF, 0xFC18, 0x000F]);
-        assert_eq!((d.target_position, d.controlword), (-1000, 0x000F));
-        apply_write(&mut d, 0x0011, &[0x0001]);
+        assert!(!holding_writable(0x0012, 8));
+        assert!(!holding_writable(0x0019, 1));
+        assert!(!holding_writable(0xFFFF, 1));
+    }
+
+    #[test]
+    fn writes_are_stored_in_their_registers_and_halves_of_wide_values_kept() {
+        // Given the start values
+        let mut w = Written::default();
+        assert_eq!((w.modes_of_operation, w.speed_limit), (8, 200));
+        // When the whole block is written high word first
+        w.apply(
+            0x0010,
+            &[
+                0xFFFF, 0xFC18, 0x000F, 0x0001, 0x0001, 0x0002, 0xFFFF, 0xFFFE, 250,
+            ],
+        );
+        // Then each register holds its value
         assert_eq!(
-            d.target_position,
+            w,
+            Written {
+                target_position: -1000,
+                controlword: 0x000F,
+                modes_of_operation: 1,
+                profile_velocity: 0x0001_0002,
+                target_velocity: -2,
+                speed_limit: 250,
+            }
+        );
+        // And a write of one half keeps the other
+        w.apply(0x0011, &[0x0001]);
+        assert_eq!(
+            w.target_position,
             words::i32_from_high_first([0xFFFF, 0x0001])
         );
+        w.apply(0x0014, &[0]);
+        assert_eq!(w.profile_velocity, 0x0002);
+        // And nothing past the end of the address space is written (or panics)
+        let before = w;
+        w.apply(0xFFFF, &[1, 2, 3]);
+        assert_eq!(w, before);
+    }
+
+    #[test]
+    fn the_written_registers_read_back_and_start_at_their_defaults() {
+        let t = 5_000;
+        let r = registers(3, t, &DriveState::running(t));
+        // 0x0010-0x0018 at start: target 0, controlword 0, mode 8, profile and target
+        // velocity 0, speed limit 200
+        assert_eq!(r[0x10..0x19], [0, 0, 0, 8, 0, 0, 0, 0, 200]);
+        let mut drive = DriveState::running(t);
+        drive
+            .written
+            .apply(0x0013, &[3, 0, 40_000, 0xFFFF, 0x63C0, 120]);
+        let r = registers(3, t, &drive);
+        assert_eq!(r[0x13..0x19], [3, 0, 40_000, 0xFFFF, 0x63C0, 120]);
+        assert_eq!(r[usize::from(addr::MODE_DISPLAY)], 3);
+    }
+
+    #[test]
+    fn a_commanded_drive_moves_by_its_segment_with_friction_torque_only() {
+        // Given a commanded drive moving at 20 mm/s from 10 mm since 1 s
+        let drive = DriveState {
+            commanded: Some(Commanded {
+                state: Cia402State::OperationEnabled,
+                segment: Segment::run(10_000, 1_000, 20_000),
+                set_point: None,
+                mode_bits: 0x0400,
+            }),
+            ..DriveState::running(0)
+        };
+        // When sampled half a second later
+        let s = drive_sample(1, 1_500, &drive);
+        // Then position and velocity come from the segment, torque from friction
+        assert_eq!((s.position_mm, s.velocity_mm_s), (20.0, 20.0));
+        let ax = axis(1);
+        assert_eq!(s.torque_pct, ax.friction_pct * 2.0f64.tanh());
+        assert_eq!(s.current_a, 0.04 * s.torque_pct);
+        let r = registers(1, 1_500, &drive);
+        assert_eq!(words::i32_from_high_first([r[0], r[1]]), 20_000);
+        assert_eq!(words::i32_from_high_first([r[2], r[3]]), 20_000);
+        assert_eq!(r[usize::from(addr::STATUSWORD)], 0x0637);
+        assert_eq!(r[usize::from(addr::DIGITAL_INPUTS)], DI_ENABLED | DI_MOVING);
+        // And standing still it has no torque at all
+        let still = DriveState {
+            commanded: Some(Commanded {
+                segment: Segment::hold(-5, 0),
+                ..drive.commanded.unwrap()
+            }),
+            ..drive
+        };
+        let s = drive_sample(1, 1_500, &still);
+        assert_eq!(
+            (s.position_mm, s.velocity_mm_s, s.torque_pct),
+            (-0.005, 0.0, 0.0)
+        );
+    }
+
+    #[test]
+    fn mode_bits_show_in_operation_enabled_only() {
+        let commanded = |state| DriveState {
+            commanded: Some(Commanded {
+                state,
+                segment: Segment::hold(0, 0),
+                set_point: None,
+                mode_bits: 0x1400,
+            }),
+            ..DriveState::running(0)
+        };
+        assert_eq!(
+            commanded(Cia402State::OperationEnabled).statusword(),
+            0x1637
+        );
+        assert_eq!(commanded(Cia402State::SwitchedOn).statusword(), 0x0233);
+        assert_eq!(commanded(Cia402State::Fault).statusword(), 0x0218);
+        assert!(!commanded(Cia402State::QuickStopActive).is_enabled());
     }
 }

@@ -162,7 +162,18 @@ pub fn read_reply_pdu(function: u8, registers: &[u16]) -> Vec<u8> {
 
 /// Exception reply PDU: function with bit 7 set, then the code.
 pub fn exception_pdu(function: u8, exception: Exception) -> Vec<u8> {
-    vec![function | 0x80, exception as u8]
+    exception_code_pdu(function, exception as u8)
+}
+
+/// Exception reply PDU with any exception code (fault injection: 04 Server Device
+/// Failure, 06 Server Device Busy, or a code no standard names).
+pub fn exception_code_pdu(function: u8, code: u8) -> Vec<u8> {
+    vec![function | 0x80, code]
+}
+
+/// True for the write functions: 06 Write Single Register, 16 Write Multiple Registers.
+pub fn is_write_function(function: u8) -> bool {
+    matches!(function, WRITE_SINGLE_REGISTER | WRITE_MULTIPLE_REGISTERS)
 }
 
 /// One request frame found on the line.

@@ -2,12 +2,14 @@
 //! sans-IO answer to one request frame.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU8;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use servogate_modbus::timing::{t35, wire_time};
 use tokio::time::Instant;
 
+use crate::drive::Drive;
 use crate::model::{self, DriveState, Sample};
 use crate::rtu::{self, Exception, Request, RequestFrame};
 use crate::units::UnitList;
@@ -72,6 +74,11 @@ pub struct UnitStats {
     pub served: u64,
     /// Requests left unanswered because the unit was dead.
     pub ignored: u64,
+    /// Write request frames (06, 16) addressed to this unit or broadcast, whatever became
+    /// of them: applied, refused with an exception, unanswered, or ignored by a dead unit.
+    pub writes: u64,
+    /// Writes the drive took (stored and acted on), answered or not.
+    pub applied: u64,
 }
 
 /// A snapshot of the counters.
@@ -106,32 +113,27 @@ pub struct Reply {
     pub corrupted: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct UnitCtl {
     dead: bool,
     late: Option<Duration>,
-    /// Active fault: (error code, model time it started).
-    fault: Option<(u16, u32)>,
-    /// Model time spent in faults already cleared; the motion clock lags by this much.
-    faulted_ms: u32,
-    target_position: i32,
-    controlword: u16,
+    /// Answer every write with this exception code and apply nothing.
+    reject: Option<NonZeroU8>,
+    /// Apply writes but send no reply to them.
+    mute_writes: bool,
+    drive: Drive,
     stats: UnitStats,
 }
 
 impl UnitCtl {
-    fn drive(&self, t_ms: u32) -> DriveState {
-        let (error_code, current_fault_ms) = match self.fault {
-            Some((code, since)) => (code, t_ms.wrapping_sub(since)),
-            None => (0, 0),
-        };
-        DriveState {
-            error_code,
-            motion_ms: t_ms
-                .wrapping_sub(self.faulted_ms)
-                .wrapping_sub(current_fault_ms),
-            target_position: self.target_position,
-            controlword: self.controlword,
+    fn new(unit: u8) -> Self {
+        Self {
+            dead: false,
+            late: None,
+            reject: None,
+            mute_writes: false,
+            drive: Drive::new(unit),
+            stats: UnitStats::default(),
         }
     }
 }
@@ -164,7 +166,7 @@ impl Simulator {
             None => fastrand::Rng::new(),
         };
         let inner = Inner {
-            units: units.iter().map(|u| (u, UnitCtl::default())).collect(),
+            units: units.iter().map(|u| (u, UnitCtl::new(u))).collect(),
             rng,
             crc_noise: clamp_rate(options.crc_noise),
             corrupted: 0,
@@ -227,6 +229,19 @@ impl Simulator {
         self.with_unit(unit, |u| u.late = late)
     }
 
+    /// Makes `unit` answer every write (06, 16) with Modbus exception `code` (e.g. 4
+    /// Server Device Failure) and apply nothing; reads are answered as before. `None`
+    /// accepts writes again.
+    pub fn set_reject(&self, unit: u8, code: Option<NonZeroU8>) -> Result<(), SimError> {
+        self.with_unit(unit, |u| u.reject = code)
+    }
+
+    /// Makes `unit` apply writes but send no reply to them (reads are answered), so the
+    /// gateway cannot know whether they arrived; `false` answers them again.
+    pub fn set_mute_writes(&self, unit: u8, mute: bool) -> Result<(), SimError> {
+        self.with_unit(unit, |u| u.mute_writes = mute)
+    }
+
     /// Puts `unit` into CiA 402 Fault with error `code`: statusword shows Fault, register
     /// 0x0008 holds the code, motion stops. A new code while faulted replaces the old
     /// one. Code 0 means "no error" (as in a CANopen EMCY) and clears the fault.
@@ -234,30 +249,19 @@ impl Simulator {
         self.inject_fault_at(unit, code, self.t_ms())
     }
 
-    /// Clears `unit`'s fault; the move resumes where it stopped.
+    /// Clears `unit`'s fault. A unit never commanded returns to operation enabled and its
+    /// move resumes where it stopped; a commanded one goes to switch on disabled.
     pub fn clear_fault(&self, unit: u8) -> Result<(), SimError> {
         self.clear_fault_at(unit, self.t_ms())
     }
 
     /// [`Self::inject_fault`] at model time `t_ms`, for tests with exact times.
     pub(crate) fn inject_fault_at(&self, unit: u8, code: u16, t_ms: u32) -> Result<(), SimError> {
-        if code == 0 {
-            return self.clear_fault_at(unit, t_ms);
-        }
-        self.with_unit(unit, |u| {
-            u.fault = Some(match u.fault {
-                Some((_, since)) => (code, since),
-                None => (code, t_ms),
-            });
-        })
+        self.with_unit(unit, |u| u.drive.inject_fault(code, t_ms))
     }
 
     pub(crate) fn clear_fault_at(&self, unit: u8, t_ms: u32) -> Result<(), SimError> {
-        self.with_unit(unit, |u| {
-            if let Some((_, since)) = u.fault.take() {
-                u.faulted_ms = u.faulted_ms.wrapping_add(t_ms.wrapping_sub(since));
-            }
-        })
+        self.with_unit(unit, |u| u.drive.clear_fault(t_ms))
     }
 
     /// Sets the fraction (clamped to 0.0-1.0) of replies that get a corrupted byte.
@@ -287,7 +291,7 @@ impl Simulator {
 
     /// `unit`'s drive state at model time `t_ms`.
     pub fn drive_state(&self, unit: u8, t_ms: u32) -> Option<DriveState> {
-        self.lock().units.get(&unit).map(|c| c.drive(t_ms))
+        self.lock().units.get(&unit).map(|c| c.drive.state_at(t_ms))
     }
 
     /// What `unit` would report now.
@@ -303,18 +307,28 @@ impl Simulator {
     }
 
     /// Answers one request frame that arrived at model time `t_ms`: `None` when no reply
-    /// goes out (another unit's request, a dead unit, a broadcast). All registers of one
-    /// reply come from that one instant.
+    /// goes out (another unit's request, a dead unit, a broadcast, a muted write). All
+    /// registers of one reply come from that one instant.
     pub fn handle(&self, frame: &RequestFrame, t_ms: u32) -> Option<Reply> {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        let function = frame.pdu.first().copied().unwrap_or(0);
+        // Counted by function code, so a malformed write (refused with 03) counts too.
+        let is_write = rtu::is_write_function(function);
         if frame.unit == 0 {
             // Broadcast: writes go to every live unit, and nobody answers
             // (Modbus over Serial Line V1.02, section 2.1).
-            if let Ok(request) = Request::parse(&frame.pdu) {
-                if request.is_write() {
-                    for ctl in inner.units.values_mut().filter(|c| !c.dead) {
-                        let _ = execute(frame.unit, ctl, &request, t_ms);
+            if is_write {
+                let request = Request::parse(&frame.pdu);
+                for (&unit, ctl) in inner.units.iter_mut() {
+                    ctl.stats.writes += 1;
+                    if ctl.dead || ctl.reject.is_some() {
+                        continue;
+                    }
+                    if let Ok(request) = &request {
+                        if execute(unit, ctl, request, t_ms).is_ok() {
+                            ctl.stats.applied += 1;
+                        }
                     }
                 }
             }
@@ -322,16 +336,31 @@ impl Simulator {
         }
         // A unit we do not simulate belongs to someone else (or no one): stay silent.
         let ctl = inner.units.get_mut(&frame.unit)?;
+        if is_write {
+            ctl.stats.writes += 1;
+        }
         if ctl.dead {
             ctl.stats.ignored += 1;
             return None;
         }
-        let function = frame.pdu.first().copied().unwrap_or(0);
-        let pdu = match Request::parse(&frame.pdu).and_then(|r| execute(frame.unit, ctl, &r, t_ms))
-        {
-            Ok(pdu) => pdu,
-            Err(exception) => rtu::exception_pdu(function, exception),
+        let pdu = match ctl.reject {
+            Some(code) if is_write => rtu::exception_code_pdu(function, code.get()),
+            _ => {
+                match Request::parse(&frame.pdu).and_then(|r| execute(frame.unit, ctl, &r, t_ms)) {
+                    Ok(pdu) => {
+                        if is_write {
+                            ctl.stats.applied += 1;
+                        }
+                        pdu
+                    }
+                    Err(exception) => rtu::exception_pdu(function, exception),
+                }
+            }
         };
+        if is_write && ctl.mute_writes {
+            // Done (or refused) but unanswered: the gateway cannot tell which.
+            return None;
+        }
         ctl.stats.served += 1;
         let late = ctl.late.unwrap_or(Duration::ZERO);
 
@@ -375,7 +404,7 @@ fn execute(
             if !model::holding_readable(address, quantity) {
                 return Err(Exception::IllegalDataAddress);
             }
-            let regs = model::registers(unit, t_ms, &ctl.drive(t_ms));
+            let regs = model::registers(unit, t_ms, &ctl.drive.state_at(t_ms));
             let range = usize::from(address)..usize::from(address) + usize::from(quantity);
             Ok(rtu::read_reply_pdu(
                 rtu::READ_HOLDING_REGISTERS,
@@ -386,12 +415,12 @@ fn execute(
             if !model::input_readable(address, quantity) {
                 return Err(Exception::IllegalDataAddress);
             }
-            let regs = model::input_registers(unit, t_ms, &ctl.drive(t_ms));
+            let regs = model::input_registers(unit, t_ms, &ctl.drive.state_at(t_ms));
             let range = usize::from(address)..usize::from(address) + usize::from(quantity);
             Ok(rtu::read_reply_pdu(rtu::READ_INPUT_REGISTERS, &regs[range]))
         }
         Request::WriteSingleRegister { address, value } => {
-            write(ctl, address, &[value], t_ms)?;
+            ctl.drive.write(address, &[value], t_ms)?;
             // The normal reply echoes the request (Application Protocol 6.6).
             let mut pdu = vec![rtu::WRITE_SINGLE_REGISTER];
             pdu.extend_from_slice(&address.to_be_bytes());
@@ -402,7 +431,7 @@ fn execute(
             address,
             ref values,
         } => {
-            write(ctl, address, values, t_ms)?;
+            ctl.drive.write(address, values, t_ms)?;
             // Reply: function, address, quantity (Application Protocol 6.12). At most
             // 123 values passed parsing, so the count fits.
             let mut pdu = vec![rtu::WRITE_MULTIPLE_REGISTERS];
@@ -412,18 +441,6 @@ fn execute(
         }
         Request::Unsupported { .. } => Err(Exception::IllegalFunction),
     }
-}
-
-fn write(ctl: &mut UnitCtl, address: u16, values: &[u16], t_ms: u32) -> Result<(), Exception> {
-    let quantity = u16::try_from(values.len()).map_err(|_| Exception::IllegalDataValue)?;
-    if !model::holding_writable(address, quantity) {
-        return Err(Exception::IllegalDataAddress);
-    }
-    let mut drive = ctl.drive(t_ms);
-    model::apply_write(&mut drive, address, values);
-    ctl.target_position = drive.target_position;
-    ctl.controlword = drive.controlword;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -510,7 +527,10 @@ mod tests {
             .unwrap();
         assert_eq!(w.bytes, encode_frame(1, &[0x10, 0, 0x10, 0, 3]));
         let d = s.drive_state(1, 0).unwrap();
-        assert_eq!((d.target_position, d.controlword), (-1000, 0x000F));
+        assert_eq!(
+            (d.written.target_position, d.written.controlword),
+            (-1000, 0x000F)
+        );
         let single = s.handle(&request(1, &[0x06, 0, 0x12, 0, 0x80]), 0).unwrap();
         assert_eq!(single.bytes, encode_frame(1, &[0x06, 0, 0x12, 0, 0x80]));
         let bad = s.handle(&request(1, &[0x06, 0, 0x00, 0, 1]), 0).unwrap();
@@ -521,8 +541,142 @@ mod tests {
     fn a_broadcast_write_reaches_every_unit_and_gets_no_reply() {
         let s = sim("1-2", SimOptions::default());
         assert_eq!(s.handle(&request(0, &[0x06, 0, 0x12, 0, 0x06]), 0), None);
-        assert_eq!(s.drive_state(1, 0).unwrap().controlword, 6);
-        assert_eq!(s.drive_state(2, 0).unwrap().controlword, 6);
+        assert_eq!(s.drive_state(1, 0).unwrap().written.controlword, 6);
+        assert_eq!(s.drive_state(2, 0).unwrap().written.controlword, 6);
+    }
+
+    fn write_single(unit: u8, address: u16, value: u16) -> RequestFrame {
+        let [a0, a1] = address.to_be_bytes();
+        let [v0, v1] = value.to_be_bytes();
+        request(unit, &[0x06, a0, a1, v0, v1])
+    }
+
+    fn counters(s: &Simulator, unit: u8) -> (u64, u64, u64) {
+        let u = s.stats().units[&unit];
+        (u.writes, u.applied, u.served)
+    }
+
+    #[test]
+    fn accepted_and_refused_writes_are_counted_apart() {
+        // Given a unit
+        let s = sim("1-2", SimOptions::default());
+        // When it gets a good write, a write to a read-only register, a bad mode and a
+        // malformed write-multiple (and a read)
+        assert!(s.handle(&write_single(1, 0x0018, 150), 0).is_some());
+        for (frame, answer) in [
+            (write_single(1, 0x0000, 1), [0x86, 0x02]),
+            (write_single(1, 0x0013, 2), [0x86, 0x03]),
+            (request(1, &[0x10, 0, 0x10, 0, 2, 2, 0, 1]), [0x90, 0x03]),
+        ] {
+            let reply = s.handle(&frame, 0).unwrap();
+            assert_eq!(reply.bytes, encode_frame(1, &answer));
+        }
+        assert!(s.handle(&read_holding(1, 0, 1), 0).is_some());
+        // Then all four writes are counted, one applied; unit 2 saw nothing
+        assert_eq!(counters(&s, 1), (4, 1, 5));
+        assert_eq!(counters(&s, 2), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_rejecting_unit_answers_writes_with_its_exception_and_applies_nothing() {
+        // Given unit 1 set to reject writes with 04 Server Device Failure
+        let s = sim("1", SimOptions::default());
+        s.set_reject(1, NonZeroU8::new(4)).unwrap();
+        // When the gateway enables it with a write
+        let reply = s.handle(&write_single(1, 0x0012, 0x0006), 100).unwrap();
+        let multiple = request(1, &[0x10, 0, 0x12, 0, 1, 2, 0, 0x0F]);
+        let reply16 = s.handle(&multiple, 100).unwrap();
+        // Then the answer is the exception, nothing reached the drive, reads go on
+        assert_eq!(reply.bytes, encode_frame(1, &[0x86, 0x04]));
+        assert_eq!(reply16.bytes, encode_frame(1, &[0x90, 0x04]));
+        let d = s.drive_state(1, 200).unwrap();
+        assert_eq!((d.written.controlword, d.commanded), (0, None));
+        let read = s.handle(&read_holding(1, 0, 12), 200).unwrap();
+        let expected = model::registers(1, 200, &DriveState::running(200));
+        assert_eq!(
+            read.bytes,
+            encode_frame(1, &rtu::read_reply_pdu(0x03, &expected[..12]))
+        );
+        assert_eq!(counters(&s, 1), (2, 0, 3));
+        // And once it accepts again, the write is applied
+        s.set_reject(1, None).unwrap();
+        assert!(s.handle(&write_single(1, 0x0012, 0x0006), 300).is_some());
+        assert_eq!(counters(&s, 1), (3, 1, 4));
+        assert!(s.drive_state(1, 300).unwrap().commanded.is_some());
+    }
+
+    #[test]
+    fn a_muted_unit_applies_writes_without_answering_them() {
+        // Given unit 1 muted for writes
+        let s = sim("1", SimOptions::default());
+        s.set_mute_writes(1, true).unwrap();
+        // When a shutdown is written
+        assert_eq!(s.handle(&write_single(1, 0x0012, 0x0006), 100), None);
+        // Then the drive took it, no reply went out, and reads are answered
+        assert_eq!(
+            s.drive_state(1, 100).unwrap().state(),
+            crate::cia402::Cia402State::ReadyToSwitchOn
+        );
+        assert!(s.handle(&read_holding(1, 0x0007, 1), 100).is_some());
+        assert_eq!(counters(&s, 1), (1, 1, 1));
+        // And unmuted, writes are answered again
+        s.set_mute_writes(1, false).unwrap();
+        assert!(s.handle(&write_single(1, 0x0012, 0x0007), 200).is_some());
+        assert_eq!(counters(&s, 1), (2, 2, 2));
+    }
+
+    #[test]
+    fn broadcast_and_dead_unit_writes_are_counted_but_reach_live_accepting_drives_only() {
+        let s = sim("1-3", SimOptions::default());
+        s.set_dead(2, true).unwrap();
+        s.set_reject(3, NonZeroU8::new(6)).unwrap();
+        assert_eq!(s.handle(&write_single(0, 0x0018, 99), 0), None);
+        assert_eq!(s.handle(&write_single(2, 0x0018, 98), 0), None);
+        let speed = |u| s.drive_state(u, 0).unwrap().written.speed_limit;
+        assert_eq!((speed(1), speed(2), speed(3)), (99, 200, 200));
+        assert_eq!(counters(&s, 1), (1, 1, 0));
+        assert_eq!(counters(&s, 2), (2, 0, 0));
+        assert_eq!(s.stats().units[&2].ignored, 1);
+        assert_eq!(counters(&s, 3), (1, 0, 0));
+        assert_eq!(s.set_reject(9, None), Err(SimError::UnknownUnit(9)));
+        assert_eq!(s.set_mute_writes(9, true), Err(SimError::UnknownUnit(9)));
+    }
+
+    #[test]
+    fn a_unit_is_enabled_and_moved_by_writes_and_shows_it_in_its_registers() {
+        // Given unit 1, written as the gateway's move action would
+        let s = sim("1", SimOptions::default());
+        let t0 = 10_000;
+        let start = {
+            let r = model::registers(1, t0, &DriveState::running(t0));
+            crate::words::i32_from_high_first([r[0], r[1]])
+        };
+        let target = crate::words::i32_high_first(start + 4_000);
+        // mode 1 and profile velocity 40 mm/s, target, then the set-point
+        let setup = request(1, &[0x10, 0, 0x13, 0, 3, 6, 0, 1, 0, 0, 0x9C, 0x40]);
+        assert!(s.handle(&setup, t0).is_some());
+        let [t_hi, t_lo] = target.map(u16::to_be_bytes);
+        let go = request(
+            1,
+            &[
+                0x10, 0, 0x10, 0, 3, 6, t_hi[0], t_hi[1], t_lo[0], t_lo[1], 0, 0x1F,
+            ],
+        );
+        assert!(s.handle(&go, t0).is_some());
+        // When it has had time to get there
+        let reply = s.handle(&read_holding(1, 0, 10), t0 + 100).unwrap();
+        // Then the statusword shows target reached and acknowledge (bit 4 still high)
+        let regs: Vec<u16> = reply.bytes[3..23]
+            .chunks(2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(
+            crate::words::i32_from_high_first([regs[0], regs[1]]),
+            start + 4_000
+        );
+        assert_eq!(regs[7], 0x1637);
+        assert_eq!(regs[9], 1);
+        assert_eq!(counters(&s, 1), (2, 2, 3));
     }
 
     #[test]
@@ -538,7 +692,8 @@ mod tests {
             st.units[&2],
             UnitStats {
                 served: 1,
-                ignored: 1
+                ignored: 1,
+                ..UnitStats::default()
             }
         );
         assert_eq!(st.units[&1].served, 1);

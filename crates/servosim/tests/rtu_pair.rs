@@ -151,12 +151,113 @@ async fn target_position_and_controlword_writes_are_stored_and_other_writes_refu
         .await
         .unwrap();
     assert_eq!(words::i32_from_high_first([back[0], back[1]]), -12_345);
-    assert_eq!(rig.sim.drive_state(1, 0).unwrap().controlword, 0x000F);
+    assert_eq!(
+        rig.sim.drive_state(1, 0).unwrap().written.controlword,
+        0x000F
+    );
     let refused = timeout(REPLY, ctx.write_single_register(addr::POSITION, 1))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(refused, Err(ExceptionCode::IllegalDataAddress));
+}
+
+async fn write(ctx: &mut Context, address: u16, values: &[u16]) -> Result<(), ExceptionCode> {
+    let written = match values {
+        [value] => timeout(REPLY, ctx.write_single_register(address, *value)).await,
+        _ => timeout(REPLY, ctx.write_multiple_registers(address, values)).await,
+    };
+    written
+        .expect("reply within the timeout")
+        .expect("a valid frame")
+}
+
+async fn statusword(ctx: &mut Context) -> u16 {
+    read_holding(ctx, addr::STATUSWORD, 1).await.unwrap()[0]
+}
+
+#[tokio::test]
+async fn a_unit_is_enabled_and_moved_to_a_target_over_the_wire() {
+    // Given unit 2, never written, running its repeating move
+    let (rig, port) = serve("1-2", SimOptions::default());
+    let mut ctx = client(port, 2);
+    assert_eq!(statusword(&mut ctx).await, 0x0237);
+    // When the gateway selects profile position at 100 mm/s and walks the state machine
+    let [hi, lo] = words::u32_high_first(100_000);
+    write(&mut ctx, addr::MODES_OF_OPERATION, &[1, hi, lo])
+        .await
+        .unwrap();
+    for (controlword, want) in [(0x0006, 0x0231), (0x0007, 0x0233), (0x000F, 0x0637)] {
+        write(&mut ctx, addr::CONTROLWORD, &[controlword])
+            .await
+            .unwrap();
+        // Then each transition shows in the next read
+        assert_eq!(statusword(&mut ctx).await, want, "{controlword:#06x}");
+    }
+    // When it sends a target 5 mm from where the axis stands, and a new set-point
+    let regs = read_holding(&mut ctx, 0, 2).await.unwrap();
+    let start = words::i32_from_high_first([regs[0], regs[1]]);
+    let target = start + 5_000;
+    write(
+        &mut ctx,
+        addr::TARGET_POSITION,
+        &words::i32_high_first(target),
+    )
+    .await
+    .unwrap();
+    write(&mut ctx, addr::CONTROLWORD, &[0x001F]).await.unwrap();
+    // Then the set-point is acknowledged (bit 12; bit 10 is not checked: on a busy
+    // machine the axis may already be there)
+    let sw = statusword(&mut ctx).await;
+    assert_eq!(sw & 0x1000, 0x1000, "{sw:#06x}");
+    write(&mut ctx, addr::CONTROLWORD, &[0x000F]).await.unwrap();
+    // And once it is there (50 ms at 100 mm/s), target reached, exactly on the target
+    let deadline = Instant::now() + REPLY;
+    let sw = loop {
+        let sw = statusword(&mut ctx).await;
+        if sw & 0x0400 != 0 || Instant::now() > deadline {
+            break sw;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(
+        sw, 0x0637,
+        "operation enabled, target reached, no acknowledge"
+    );
+    let regs = read_holding(&mut ctx, 0, 10).await.unwrap();
+    assert_eq!(words::i32_from_high_first([regs[0], regs[1]]), target);
+    assert_eq!(regs[2..4], [0, 0], "standing");
+    assert_eq!(regs[usize::from(addr::MODE_DISPLAY)], 1);
+    // And every write reached the drive exactly once; unit 1 saw none
+    let stats = rig.sim.stats();
+    assert_eq!((stats.units[&2].writes, stats.units[&2].applied), (7, 7));
+    assert_eq!((stats.units[&1].writes, stats.units[&1].applied), (0, 0));
+    let truth = rig.sim.truth(2).unwrap();
+    assert_eq!(truth.drive.commanded.unwrap().set_point, Some(target));
+}
+
+#[tokio::test]
+async fn a_rejected_write_gets_its_exception_and_a_muted_one_no_reply() {
+    let (rig, port) = serve("1-2", SimOptions::default());
+    rig.sim.set_reject(1, std::num::NonZeroU8::new(4)).unwrap();
+    rig.sim.set_mute_writes(2, true).unwrap();
+    let mut ctx = client(port, 1);
+    assert_eq!(
+        write(&mut ctx, addr::CONTROLWORD, &[0x0006]).await,
+        Err(ExceptionCode::ServerDeviceFailure)
+    );
+    assert_eq!(statusword(&mut ctx).await, 0x0237, "nothing applied");
+    ctx.set_slave(Slave(2));
+    assert!(
+        timeout(SILENT, ctx.write_single_register(addr::CONTROLWORD, 0x0006))
+            .await
+            .is_err(),
+        "a muted write was answered"
+    );
+    assert_eq!(statusword(&mut ctx).await, 0x0231, "applied all the same");
+    let stats = rig.sim.stats();
+    assert_eq!((stats.units[&1].writes, stats.units[&1].applied), (1, 0));
+    assert_eq!((stats.units[&2].writes, stats.units[&2].applied), (1, 1));
 }
 
 #[tokio::test]

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use super::od::{self, AbortCode, Entry, Object, ProcessValues, TPDO_COUNT};
 use super::sdo::{self, Dictionary, SdoServer};
 use super::{cob, Frame};
+pub use crate::cia402::Cia402State;
+use crate::cia402::{self, cw};
 use crate::model::{self, Sample};
 
 /// How the TPDOs are triggered.
@@ -79,132 +81,6 @@ impl NmtState {
             NmtState::Operational => "operational",
             NmtState::Stopped => "stopped",
         }
-    }
-}
-
-/// The CiA 402 states this drive can be in. Not ready to switch on and Fault reaction
-/// active are passed through at once, so they never show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cia402State {
-    SwitchOnDisabled,
-    ReadyToSwitchOn,
-    SwitchedOn,
-    OperationEnabled,
-    QuickStopActive,
-    Fault,
-}
-
-/// Statusword bit 4: voltage enabled. Bit 9: remote (controlled over the network). Set in
-/// every state, as the Modbus simulator's statuswords have them.
-const SW_VOLTAGE_ENABLED_REMOTE: u16 = 0x0210;
-
-impl Cia402State {
-    /// The statusword: the state coding of CiA 402-2 (bits 0-3, 5, 6) plus voltage
-    /// enabled and remote.
-    pub fn statusword(self) -> u16 {
-        let coding = match self {
-            // x1xx 0000
-            Cia402State::SwitchOnDisabled => 0x0040,
-            // x01x 0001
-            Cia402State::ReadyToSwitchOn => 0x0021,
-            // x01x 0011
-            Cia402State::SwitchedOn => 0x0023,
-            // x01x 0111
-            Cia402State::OperationEnabled => 0x0027,
-            // x00x 0111
-            Cia402State::QuickStopActive => 0x0007,
-            // x0xx 1000
-            Cia402State::Fault => 0x0008,
-        };
-        coding | SW_VOLTAGE_ENABLED_REMOTE
-    }
-
-    /// The state's name in servogate's events (DESIGN.md section 2).
-    pub fn name(self) -> &'static str {
-        match self {
-            Cia402State::SwitchOnDisabled => "switch_on_disabled",
-            Cia402State::ReadyToSwitchOn => "ready_to_switch_on",
-            Cia402State::SwitchedOn => "switched_on",
-            Cia402State::OperationEnabled => "operation_enabled",
-            Cia402State::QuickStopActive => "quick_stop_active",
-            Cia402State::Fault => "fault",
-        }
-    }
-}
-
-/// Controlword bits (CiA 402-2, object 0x6040).
-mod cw {
-    pub const SWITCH_ON: u16 = 0x0001;
-    pub const ENABLE_VOLTAGE: u16 = 0x0002;
-    /// Active low: 0 commands a quick stop.
-    pub const QUICK_STOP: u16 = 0x0004;
-    pub const ENABLE_OPERATION: u16 = 0x0008;
-    pub const FAULT_RESET: u16 = 0x0080;
-    /// The controlword a PLC leaves in a drive it enabled: the enable operation command.
-    pub const ENABLED: u16 = SWITCH_ON | ENABLE_VOLTAGE | QUICK_STOP | ENABLE_OPERATION;
-}
-
-/// A device control command decoded from the controlword (CiA 402-2, "command coding").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Command {
-    /// 0xxx x110
-    Shutdown,
-    /// 0xxx 0111: switch on, or disable operation.
-    SwitchOn,
-    /// 0xxx 1111: enable operation, or switch on + enable operation.
-    EnableOperation,
-    /// 0xxx xx0x
-    DisableVoltage,
-    /// 0xxx x01x
-    QuickStop,
-}
-
-fn decode(controlword: u16) -> Option<Command> {
-    if controlword & cw::FAULT_RESET != 0 {
-        // Every command has bit 7 = 0; with it set only its rising edge (fault reset)
-        // means anything.
-        return None;
-    }
-    if controlword & cw::ENABLE_VOLTAGE == 0 {
-        return Some(Command::DisableVoltage);
-    }
-    if controlword & cw::QUICK_STOP == 0 {
-        return Some(Command::QuickStop);
-    }
-    Some(if controlword & cw::SWITCH_ON == 0 {
-        Command::Shutdown
-    } else if controlword & cw::ENABLE_OPERATION != 0 {
-        Command::EnableOperation
-    } else {
-        Command::SwitchOn
-    })
-}
-
-/// The transition a command causes (CiA 402-2 state machine; transition numbers in the
-/// comments). Fault is left only by a fault reset, handled apart.
-fn transition(state: Cia402State, command: Command) -> Cia402State {
-    use Cia402State::*;
-    use Command::*;
-    match (state, command) {
-        (Fault, _) => Fault,
-        (SwitchOnDisabled, Shutdown) => ReadyToSwitchOn, // 2
-        (SwitchOnDisabled, _) => SwitchOnDisabled,
-        (ReadyToSwitchOn, SwitchOn) => SwitchedOn, // 3
-        (ReadyToSwitchOn, EnableOperation) => OperationEnabled, // 3 + 4
-        (ReadyToSwitchOn, DisableVoltage | QuickStop) => SwitchOnDisabled, // 7
-        (ReadyToSwitchOn, Shutdown) => ReadyToSwitchOn,
-        (SwitchedOn, Shutdown) => ReadyToSwitchOn, // 6
-        (SwitchedOn, EnableOperation) => OperationEnabled, // 4
-        (SwitchedOn, DisableVoltage | QuickStop) => SwitchOnDisabled, // 10
-        (SwitchedOn, SwitchOn) => SwitchedOn,
-        (OperationEnabled, SwitchOn) => SwitchedOn, // 5
-        (OperationEnabled, Shutdown) => ReadyToSwitchOn, // 8
-        (OperationEnabled, DisableVoltage) => SwitchOnDisabled, // 9
-        (OperationEnabled, QuickStop) => QuickStopActive, // 11
-        (OperationEnabled, EnableOperation) => OperationEnabled,
-        (QuickStopActive, DisableVoltage) => SwitchOnDisabled, // 12
-        (QuickStopActive, EnableOperation) => OperationEnabled, // 16
-        (QuickStopActive, _) => QuickStopActive,
     }
 }
 
@@ -605,21 +481,14 @@ impl Node {
 
     /// A controlword written over SDO: the CiA 402 state machine.
     fn write_controlword(&mut self, value: u16, t_ms: u32, out: &mut Vec<Frame>) {
-        let rising_fault_reset =
-            value & cw::FAULT_RESET != 0 && self.controlword & cw::FAULT_RESET == 0;
+        let state = cia402::on_controlword(self.state, self.controlword, value);
         self.controlword = value;
-        if self.state == Cia402State::Fault {
-            if rising_fault_reset {
-                // Transition 15: the fault is gone; the drive must be enabled again.
-                self.error_code = 0;
-                self.set_state(Cia402State::SwitchOnDisabled, t_ms);
-                self.emcy(0, out);
-            }
-            return;
+        if self.state == Cia402State::Fault && state != Cia402State::Fault {
+            // Transition 15: the fault is gone; the drive must be enabled again.
+            self.error_code = 0;
+            self.emcy(0, out);
         }
-        if let Some(command) = decode(value) {
-            self.set_state(transition(self.state, command), t_ms);
-        }
+        self.set_state(state, t_ms);
     }
 
     fn arm_tpdo(&mut self, k: usize, now: Instant) {
@@ -873,35 +742,6 @@ mod tests {
 
     fn controlword(n: &mut Node, value: u16, t_ms: u32) -> Vec<Frame> {
         sdo_write(n, 0x6040, 0, &value.to_le_bytes(), Instant::now(), t_ms)
-    }
-
-    #[test]
-    fn the_statusword_of_each_state_decodes_to_that_state_under_the_cia402_masks() {
-        use Cia402State::*;
-        // CiA 402-2 state coding: (mask, value) over the statusword.
-        for (state, mask, value) in [
-            (SwitchOnDisabled, 0x4F, 0x40),
-            (ReadyToSwitchOn, 0x6F, 0x21),
-            (SwitchedOn, 0x6F, 0x23),
-            (OperationEnabled, 0x6F, 0x27),
-            (QuickStopActive, 0x6F, 0x07),
-            (Fault, 0x4F, 0x08),
-        ] {
-            assert_eq!(state.statusword() & mask, value, "{state:?}");
-            assert_eq!(state.statusword() & 0x0210, 0x0210, "{state:?}");
-        }
-        assert_eq!(
-            [
-                SwitchOnDisabled,
-                ReadyToSwitchOn,
-                SwitchedOn,
-                OperationEnabled,
-                QuickStopActive,
-                Fault
-            ]
-            .map(Cia402State::statusword),
-            [0x0250, 0x0231, 0x0233, 0x0237, 0x0217, 0x0218]
-        );
     }
 
     #[test]

@@ -170,10 +170,8 @@ pub const TPDO_MAPPINGS: [&[u32]; TPDO_COUNT] = [
     // TPDO4: nothing mapped (and its COB-ID is not valid).
     &[],
 ];
-/// The CiA 402 modes of operation (6060) this drive accepts: profile position (1),
-/// profile velocity (3), profile torque (4), homing (6), interpolated position (7),
-/// cyclic synchronous position (8), velocity (9) and torque (10).
-pub const SUPPORTED_MODES: [i8; 8] = [1, 3, 4, 6, 7, 8, 9, 10];
+/// The CiA 402 modes of operation (6060) this drive accepts.
+pub use crate::cia402::SUPPORTED_MODES;
 
 /// Looks `index:sub` up: 0x06020000 for an index that does not exist, 0x06090011 for a
 /// missing sub-index of one that does.
