@@ -36,6 +36,7 @@ fn describe(e: &Event) -> String {
             EventKind::StateChange { to, .. } => format!("state_change {}", to.as_str()),
             other => other.as_str().to_owned(),
         },
+        EventBody::CommandResult(r) => format!("cmd_result {}", r.status.as_str()),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::cia402::DriveState;
+use crate::command::CommandReport;
 
 /// The MQTT streams of a device, each with its own sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,6 +50,7 @@ impl Event {
             EventBody::Telemetry(_) => Stream::Telemetry,
             EventBody::Availability(_) => Stream::Availability,
             EventBody::Notice(_) => Stream::Events,
+            EventBody::CommandResult(_) => Stream::CommandResult,
         }
     }
 }
@@ -58,6 +60,8 @@ pub enum EventBody {
     Telemetry(Telemetry),
     Availability(Availability),
     Notice(Notice),
+    /// The result of a command (DESIGN.md section 7).
+    CommandResult(CommandReport),
 }
 
 /// Why a reading is not `good`.

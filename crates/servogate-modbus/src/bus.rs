@@ -14,23 +14,26 @@
 //! - an IO error on the port closes it and reopens it, with a capped back-off, while the
 //!   devices on it count failures and go offline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use servogate_command::{CommandId, Order, Outcome as CmdOutcome};
+use servogate_core::CommandReason;
 use servogate_core::{EventSink, Histogram, SeqBook};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::slave::{Slave, SlaveContext};
 use tokio_modbus::ExceptionCode;
 use tokio_serial::{DataBits, Parity, SerialPortBuilderExt, SerialStream, StopBits};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::command::{Executor, Job, Transaction, TxResult};
 use crate::line::{LineFault, LineMonitor, RtuLine};
 use crate::poll::{DevicePoller, DeviceSettings, Failure, ReadRequest};
 use crate::profile::RegisterKind;
@@ -142,6 +145,115 @@ pub fn fixed_devices(devices: Vec<DeviceSettings>) -> DeviceList {
     watch::channel(devices).1
 }
 
+/// A command for a device of the bus, and where its one outcome goes.
+#[derive(Debug)]
+pub struct BusOrder {
+    pub order: Order,
+    pub reply: oneshot::Sender<CmdOutcome>,
+}
+
+/// The bus's command inbox: bounded, filled by the daemon with `try_send`.
+pub type Orders = mpsc::Receiver<BusOrder>;
+
+/// An inbox that never receives (tests, benchmarks, a bus without commands).
+pub fn no_orders() -> Orders {
+    mpsc::channel(1).1
+}
+
+/// Where each job's outcome goes, by (device, id).
+#[derive(Default)]
+struct Waiting(HashMap<(Arc<str>, CommandId), oneshot::Sender<CmdOutcome>>);
+
+impl Waiting {
+    fn finish(&mut self, job: &Job, outcome: CmdOutcome) {
+        debug!(device = %job.device(), id = job.id().as_str(), status = outcome.status.as_str(),
+               "command ended on the bus");
+        if let Some(tx) = self.0.remove(&(job.device().clone(), job.id().clone())) {
+            // The daemon may have stopped waiting (shutdown): nothing to tell then.
+            let _ = tx.send(outcome);
+        }
+    }
+
+    fn finish_all(&mut self, ended: Vec<(Job, CmdOutcome)>) {
+        for (job, outcome) in ended {
+            self.finish(&job, outcome);
+        }
+    }
+}
+
+/// Moves orders from the inbox into the executor while it has room: each becomes a job
+/// planned against its device's profile, or is answered at once.
+fn take_orders(
+    orders: &mut Orders,
+    mut first: Option<BusOrder>,
+    exec: &mut Executor,
+    waiting: &mut Waiting,
+    set: &Pollers,
+    now: std::time::Instant,
+) {
+    while !exec.is_full() {
+        let Some(BusOrder { order, reply }) = first.take().or_else(|| orders.try_recv().ok())
+        else {
+            return;
+        };
+        let Some(poller) = set
+            .pollers
+            .iter()
+            .find(|p| p.settings().name == order.device)
+        else {
+            let _ = reply.send(CmdOutcome::rejected(
+                CommandReason::BusDown,
+                "the device is not on this bus (removed by a reload?)",
+            ));
+            continue;
+        };
+        let s = poller.settings();
+        let key = (order.device.clone(), order.id.clone());
+        match Job::plan(order, s.unit, &s.fields, now) {
+            Err(outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Ok(job) => {
+                waiting.0.insert(key, reply);
+                let ended = exec.push(job);
+                waiting.finish_all(ended);
+            }
+        }
+    }
+}
+
+/// The line's timing: t3.5 of silence before every request, and a guard after a timeout.
+struct Wire {
+    timer: PreciseTimer,
+    silence: Duration,
+    guard: Duration,
+    /// When the line last fell quiet.
+    quiet_since: Instant,
+    extra_guard: Duration,
+}
+
+impl Wire {
+    /// Waits until the line has been quiet long enough for the next request.
+    async fn wait_quiet(&mut self) {
+        let quiet_until = self.quiet_since + self.silence + self.extra_guard;
+        if quiet_until > Instant::now() {
+            // The timer cannot fail once created; if it does, fall back to tokio's.
+            if self.timer.sleep_until(quiet_until).await.is_err() {
+                tokio::time::sleep_until(quiet_until).await;
+            }
+        }
+        self.extra_guard = Duration::ZERO;
+    }
+
+    /// A transaction ended at `now`; after a timeout the silent unit may still send.
+    fn ended(&mut self, now: Instant, timed_out: bool) {
+        self.quiet_since = now;
+        if timed_out {
+            self.extra_guard = self.guard.saturating_sub(self.silence);
+        }
+    }
+}
+
 /// The pollers of a bus and, per poller, whether its next request is a probe.
 struct Pollers {
     pollers: Vec<DevicePoller>,
@@ -188,32 +300,38 @@ impl Pollers {
 pub async fn run_bus(
     settings: BusSettings,
     mut devices: DeviceList,
+    mut orders: Orders,
     sink: Arc<dyn EventSink>,
     stats: Arc<BusStats>,
     book: SeqBook,
     cancel: CancellationToken,
 ) -> Result<(), BusError> {
-    let mut timer = PreciseTimer::new().map_err(|source| BusError::Timer {
+    let timer = PreciseTimer::new().map_err(|source| BusError::Timer {
         bus: settings.name.clone(),
         source,
     })?;
     let silence = settings.t35.unwrap_or_else(|| t35(settings.baud));
-    // After a timeout the silent device may still be sending; wait at least one real
-    // t3.5 (even on a pty) before the next request, then its bytes are discarded.
-    let guard = silence.max(t35(settings.baud));
     let start = Instant::now();
+    let mut wire = Wire {
+        timer,
+        silence,
+        // After a timeout the silent device may still be sending; wait at least one real
+        // t3.5 (even on a pty) before the next request, then its bytes are discarded.
+        guard: silence.max(t35(settings.baud)),
+        quiet_since: start,
+        extra_guard: Duration::ZERO,
+    };
     let mut set = Pollers {
         pollers: Vec::new(),
         suspect: Vec::new(),
     };
     set.update(&devices.borrow_and_update(), &book, start.into_std());
 
-    let mut line: Option<Line> = None;
-    let mut reopen_at = start;
-    let mut reopen_wait = Duration::from_millis(100);
-    // When the line last fell quiet: the next request waits `silence` after it.
-    let mut quiet_since = start;
-    let mut extra_guard = Duration::ZERO;
+    let mut port = Port {
+        line: None,
+        reopen_at: start,
+        reopen_wait: Duration::from_millis(100),
+    };
     // After a timeout (or a reply cut off by another unit's bytes), the unit is probed
     // before it is read again (`Pollers::suspect`, `probe_of`). RTU has no transaction
     // id: an answer that comes later than the timeout and lands while the same unit is
@@ -223,6 +341,15 @@ pub async fn run_bus(
     // read is only sent again once the unit answered a probe in time: a unit that answers
     // in order then has nothing older on its way. A dead unit is probed at its poll rate,
     // so it goes offline after offline_after x (poll + timeout); nothing is held back.
+    // A command to a suspect unit is preceded by the same probe.
+    let mut last_read: HashMap<u8, ReadRequest> = HashMap::new();
+
+    // Commands jump ahead of polling: at the top of every turn, and between the reads of
+    // a poll cycle, a due job's transaction goes first.
+    let mut exec = Executor::default();
+    let mut waiting = Waiting::default();
+    let mut arrived: Option<BusOrder> = None;
+    let mut orders_open = true;
 
     // Set when a wait ended on a new device list: `changed()` marked it seen already.
     let mut new_list = false;
@@ -233,34 +360,177 @@ pub async fn run_bus(
             info!(bus = %settings.name, devices = list.len(), "device list updated");
             set.update(&list, &book, Instant::now().into_std());
         }
+        if cancel.is_cancelled() {
+            break;
+        }
+        take_orders(
+            &mut orders,
+            arrived.take(),
+            &mut exec,
+            &mut waiting,
+            &set,
+            Instant::now().into_std(),
+        );
+        let mut ended = Vec::new();
+        let job_tx = exec.poll(Instant::now().into_std(), &mut ended);
+        waiting.finish_all(ended);
+        if let Some((ji, tx)) = job_tx {
+            port.try_open(&settings, &stats, &mut wire);
+            let Some(l) = port.line.as_mut() else {
+                if let Some((job, outcome)) =
+                    exec.on_result(ji, Instant::now().into_std(), TxResult::Io)
+                {
+                    waiting.finish(&job, outcome);
+                }
+                continue;
+            };
+            let unit = tx_unit(&tx);
+            let device = set.pollers.iter().position(|p| p.settings().unit == unit);
+            let timeout = device.map_or(DEFAULT_TIMEOUT, |i| set.pollers[i].settings().timeout);
+            if let Some(i) = device.filter(|&i| set.suspect[i]) {
+                // Probe the unit first; the job's own frame waits for the next turn.
+                exec.unpoll(ji);
+                let probe = last_read.get(&unit).map_or(
+                    ReadRequest {
+                        unit,
+                        kind: RegisterKind::Holding,
+                        start: 0,
+                        count: 1,
+                    },
+                    |r| probe_of(*r),
+                );
+                wire.wait_quiet().await;
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                let sent = Instant::now();
+                let outcome = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    outcome = transact(l, probe, timeout) => outcome,
+                };
+                let now = Instant::now();
+                last_read.insert(unit, probe);
+                let answered = count_probe(&stats, &outcome, now - sent);
+                wire.ended(now, matches!(outcome, Outcome::Failed(Failure::Timeout)));
+                if answered {
+                    set.suspect[i] = false;
+                } else if let Some((job, outcome)) = exec.on_probe_failed(ji, now.into_std()) {
+                    waiting.finish(&job, outcome);
+                }
+                if matches!(outcome, Outcome::Garbled | Outcome::Failed(Failure::Io)) {
+                    port.failed(&stats, now);
+                }
+                continue;
+            }
+            wire.wait_quiet().await;
+            stats.transactions.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let outcome = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    // The frame may be out: its outcome is unknown.
+                    let now = Instant::now().into_std();
+                    if let Some((job, o)) = exec.on_result(ji, now, TxResult::Timeout) {
+                        waiting.finish(&job, o);
+                    }
+                    break;
+                }
+                outcome = async {
+                    match &tx {
+                        Transaction::Write { unit, start, values } => {
+                            transact_write(l, *unit, *start, values, timeout).await
+                        }
+                        Transaction::Read(req) => transact(l, *req, timeout).await,
+                    }
+                } => outcome,
+            };
+            let now = Instant::now();
+            if let Transaction::Read(req) = &tx {
+                last_read.insert(unit, *req);
+            }
+            let elapsed = now - sent;
+            let result = match outcome {
+                Outcome::Reply(regs) => {
+                    stats.replies.fetch_add(1, Ordering::Relaxed);
+                    stats.reply_time.record(elapsed);
+                    TxResult::Ok(regs)
+                }
+                Outcome::IllegalAddress => {
+                    stats.reply_time.record(elapsed);
+                    let code = u8::from(ExceptionCode::IllegalDataAddress);
+                    stats.count_exception(code);
+                    TxResult::Exception(code)
+                }
+                Outcome::Failed(Failure::Exception(code)) => {
+                    stats.reply_time.record(elapsed);
+                    stats.count_exception(code);
+                    TxResult::Exception(code)
+                }
+                Outcome::Failed(failure) => {
+                    stats.count(&failure);
+                    if let Some(i) = device {
+                        if matches!(
+                            failure,
+                            Failure::Timeout | Failure::WrongReply | Failure::Crc
+                        ) {
+                            set.suspect[i] = true;
+                        }
+                    }
+                    match failure {
+                        Failure::Timeout => TxResult::Timeout,
+                        Failure::Io => {
+                            port.failed(&stats, now);
+                            TxResult::Io
+                        }
+                        other => TxResult::Garbled(other.kind()),
+                    }
+                }
+                Outcome::Garbled => {
+                    stats.count(&Failure::WrongReply);
+                    if let Some(i) = device {
+                        set.suspect[i] = true;
+                    }
+                    port.failed(&stats, now);
+                    TxResult::Garbled("wrong_reply")
+                }
+            };
+            wire.ended(now, matches!(result, TxResult::Timeout));
+            if let Some((job, outcome)) = exec.on_result(ji, now.into_std(), result) {
+                waiting.finish(&job, outcome);
+            }
+            continue;
+        }
+
         let next = set
             .pollers
             .iter()
             .enumerate()
             .map(|(i, p)| (i, p.next_due()))
             .min_by_key(|&(_, due)| due);
+        let job_due = exec.next_due().map(Instant::from_std);
+        // A lost sender (the daemon keeps it for the bus's life) means no more updates.
+        let updates = async {
+            if devices.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         let Some((index, due)) = next else {
-            // No devices (all removed by a reload): wait for some, or the stop.
+            // No devices (all removed by a reload): wait for some, an order, or the stop.
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                changed = devices.changed() => {
-                    if changed.is_err() {
-                        cancel.cancelled().await;
-                        break;
-                    }
+                _ = updates => {
                     new_list = true;
+                    continue;
+                }
+                order = orders.recv(), if orders_open => {
+                    orders_open = order.is_some();
+                    arrived = order;
                     continue;
                 }
             }
         };
         let due = Instant::from_std(due);
-        if due > Instant::now() {
-            // A lost sender (the daemon keeps it for the bus's life) means no more updates.
-            let updates = async {
-                if devices.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            };
+        let wake = job_due.map_or(due, |j| j.min(due));
+        if wake > Instant::now() {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -268,32 +538,21 @@ pub async fn run_bus(
                     new_list = true;
                     continue;
                 }
-                _ = tokio::time::sleep_until(due) => {}
+                order = orders.recv(), if orders_open => {
+                    orders_open = order.is_some();
+                    arrived = order;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(wake) => {}
             }
-        } else if cancel.is_cancelled() {
-            break;
+        }
+        if job_due.is_some_and(|j| j <= Instant::now()) {
+            continue;
         }
 
-        if line.is_none() && Instant::now() >= reopen_at {
-            match open(&settings) {
-                Ok(l) => {
-                    info!(bus = %settings.name, port = %settings.port.display(), "port open");
-                    line = Some(l);
-                    reopen_wait = Duration::from_millis(100);
-                    quiet_since = Instant::now();
-                }
-                Err(e) => {
-                    warn!(bus = %settings.name, port = %settings.port.display(),
-                          retry_in = ?reopen_wait, "cannot open port: {e}");
-                    reopen_at = Instant::now() + reopen_wait;
-                    reopen_wait = (reopen_wait * 2).min(settings.reopen_max);
-                }
-            }
-            stats.open_attempted.notify_one();
-        }
-
+        port.try_open(&settings, &stats, &mut wire);
         let poller = &mut set.pollers[index];
-        let Some(l) = line.as_mut() else {
+        let Some(l) = port.line.as_mut() else {
             // No port: the device's poll fails, so it goes offline and backs off.
             poller.next_request();
             poller.on_failure(
@@ -305,21 +564,33 @@ pub async fn run_bus(
             continue;
         };
 
-        // One poll cycle: every read the device needs, back to back.
+        // One poll cycle: every read the device needs, back to back, unless a command
+        // comes due (the cycle then goes on after it).
         let mut port_failed = false;
+        let mut first = true;
         loop {
+            if !std::mem::take(&mut first) {
+                take_orders(
+                    &mut orders,
+                    None,
+                    &mut exec,
+                    &mut waiting,
+                    &set,
+                    Instant::now().into_std(),
+                );
+                if exec
+                    .next_due()
+                    .is_some_and(|d| d <= Instant::now().into_std())
+                {
+                    break;
+                }
+            }
+            let poller = &mut set.pollers[index];
             let Some(req) = poller.next_request() else {
                 poller.skip_cycle(Instant::now().into_std());
                 break;
             };
-            let quiet_until = quiet_since + silence + extra_guard;
-            if quiet_until > Instant::now() {
-                // The timer cannot fail once created; if it does, fall back to tokio's.
-                if timer.sleep_until(quiet_until).await.is_err() {
-                    tokio::time::sleep_until(quiet_until).await;
-                }
-            }
-            extra_guard = Duration::ZERO;
+            wire.wait_quiet().await;
             let timeout = poller.settings().timeout;
             let probing = set.suspect[index];
             let asked = if probing { probe_of(req) } else { req };
@@ -327,36 +598,22 @@ pub async fn run_bus(
             let sent = Instant::now();
             let outcome = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ok(()),
+                _ = cancel.cancelled() => return finish(exec, waiting, orders, &settings),
                 outcome = transact(l, asked, timeout) => outcome,
             };
             let now = Instant::now();
-            quiet_since = now;
+            last_read.insert(req.unit, asked);
+            wire.ended(now, matches!(outcome, Outcome::Failed(Failure::Timeout)));
             let wall = SystemTime::now();
             if probing {
                 // Any well-formed answer in time (data or an exception) clears the unit;
                 // the probe's data are not used: the cycle's own read follows at once.
-                let answered = match &outcome {
-                    Outcome::Reply(_) => {
-                        stats.replies.fetch_add(1, Ordering::Relaxed);
-                        true
-                    }
-                    Outcome::IllegalAddress => {
-                        stats.count_exception(u8::from(ExceptionCode::IllegalDataAddress));
-                        true
-                    }
-                    Outcome::Failed(Failure::Exception(code)) => {
-                        stats.count_exception(*code);
-                        true
-                    }
-                    _ => false,
-                };
-                if answered {
-                    stats.reply_time.record(now - sent);
+                if count_probe(&stats, &outcome, now - sent) {
                     set.suspect[index] = false;
                     continue;
                 }
             }
+            let poller = &mut set.pollers[index];
             let more = match outcome {
                 Outcome::Reply(regs) => {
                     let elapsed = now - sent;
@@ -385,7 +642,7 @@ pub async fn run_bus(
                     poller.on_failure(now.into_std(), wall, Failure::WrongReply, &*sink);
                     stats.reopens.fetch_add(1, Ordering::Relaxed);
                     port_failed = true;
-                    reopen_at = now;
+                    port.reopen_at = now;
                     false
                 }
                 Outcome::Failed(failure) => {
@@ -396,13 +653,9 @@ pub async fn run_bus(
                     debug!(bus = %settings.name, device = %poller.settings().name,
                            unit = req.unit, "read failed: {}", failure.kind());
                     match failure {
-                        Failure::Timeout => {
-                            extra_guard = guard.saturating_sub(silence);
-                            set.suspect[index] = true;
-                        }
-                        // Cut off by another unit's bytes, or a reply of the wrong shape:
-                        // this unit's own answer may still be on its way.
-                        Failure::WrongReply => set.suspect[index] = true,
+                        // Timed out, or cut off by another unit's bytes, or a reply of
+                        // the wrong shape: this unit's own answer may still be on its way.
+                        Failure::Timeout | Failure::WrongReply => set.suspect[index] = true,
                         _ => {}
                     }
                     let io = failure == Failure::Io;
@@ -411,7 +664,7 @@ pub async fn run_bus(
                         warn!(bus = %settings.name, "port failed; reopening");
                         stats.reopens.fetch_add(1, Ordering::Relaxed);
                         port_failed = true;
-                        reopen_at = now + reopen_wait;
+                        port.reopen_at = now + port.reopen_wait;
                     }
                     false
                 }
@@ -421,11 +674,108 @@ pub async fn run_bus(
             }
         }
         if port_failed {
-            line = None;
+            port.line = None;
         }
+    }
+    finish(exec, waiting, orders, &settings)
+}
+
+/// The bus stops: every job and every order still in the inbox gets its outcome.
+fn finish(
+    mut exec: Executor,
+    mut waiting: Waiting,
+    mut orders: Orders,
+    settings: &BusSettings,
+) -> Result<(), BusError> {
+    waiting.finish_all(exec.drain());
+    orders.close();
+    while let Ok(o) = orders.try_recv() {
+        let _ = o.reply.send(CmdOutcome::rejected(
+            CommandReason::BusDown,
+            "the bus stopped before it was sent",
+        ));
     }
     info!(bus = %settings.name, "bus stopped");
     Ok(())
+}
+
+/// Counts a probe's answer; true when the unit answered in time (data or an exception).
+fn count_probe(stats: &BusStats, outcome: &Outcome, elapsed: Duration) -> bool {
+    let answered = match outcome {
+        Outcome::Reply(_) => {
+            stats.replies.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Outcome::IllegalAddress => {
+            stats.count_exception(u8::from(ExceptionCode::IllegalDataAddress));
+            true
+        }
+        Outcome::Failed(Failure::Exception(code)) => {
+            stats.count_exception(*code);
+            true
+        }
+        Outcome::Failed(f) => {
+            stats.count(f);
+            false
+        }
+        Outcome::Garbled => {
+            stats.count(&Failure::WrongReply);
+            false
+        }
+    };
+    if answered {
+        stats.reply_time.record(elapsed);
+    }
+    answered
+}
+
+/// A command's transaction timeout when its unit has no poller (cannot happen: jobs are
+/// planned only for listed devices).
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+
+fn tx_unit(tx: &Transaction) -> u8 {
+    match tx {
+        Transaction::Write { unit, .. } => *unit,
+        Transaction::Read(r) => r.unit,
+    }
+}
+
+/// The serial port, and when to try opening it again.
+struct Port {
+    line: Option<Line>,
+    reopen_at: Instant,
+    reopen_wait: Duration,
+}
+
+impl Port {
+    /// Opens the port if it is closed and its back-off has passed.
+    fn try_open(&mut self, settings: &BusSettings, stats: &BusStats, wire: &mut Wire) {
+        if self.line.is_some() || Instant::now() < self.reopen_at {
+            return;
+        }
+        match open(settings) {
+            Ok(l) => {
+                info!(bus = %settings.name, port = %settings.port.display(), "port open");
+                self.line = Some(l);
+                self.reopen_wait = Duration::from_millis(100);
+                wire.quiet_since = Instant::now();
+            }
+            Err(e) => {
+                warn!(bus = %settings.name, port = %settings.port.display(),
+                      retry_in = ?self.reopen_wait, "cannot open port: {e}");
+                self.reopen_at = Instant::now() + self.reopen_wait;
+                self.reopen_wait = (self.reopen_wait * 2).min(settings.reopen_max);
+            }
+        }
+        stats.open_attempted.notify_one();
+    }
+
+    /// The port (or the client on it) must start afresh: reopen at once.
+    fn failed(&mut self, stats: &BusStats, now: Instant) {
+        stats.reopens.fetch_add(1, Ordering::Relaxed);
+        self.line = None;
+        self.reopen_at = now;
+    }
 }
 
 fn open(settings: &BusSettings) -> io::Result<Line> {
@@ -456,6 +806,49 @@ fn probe_of(req: ReadRequest) -> ReadRequest {
     }
 }
 
+/// One write (06 for one register, 16 for more) with its timeout; the line checks the
+/// echo as it arrives and a fault ends the write at once.
+async fn transact_write(
+    line: &mut Line,
+    unit: u8,
+    start: u16,
+    values: &[u16],
+    timeout: Duration,
+) -> Outcome {
+    let Line { ctx, monitor } = line;
+    ctx.set_slave(Slave(unit));
+    monitor.reset();
+    let write = async {
+        match values {
+            [one] => ctx.write_single_register(start, *one).await,
+            many => ctx.write_multiple_registers(start, many).await,
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        fault = monitor.fault() => {
+            return match fault {
+                LineFault::Crc => Outcome::Failed(Failure::Crc),
+                // The rest of a bad echo was withheld from tokio-modbus, whose codec may
+                // hold half a frame now: rebuild it.
+                LineFault::BadEcho => Outcome::Garbled,
+                LineFault::WrongUnit { .. } => Outcome::Failed(Failure::WrongReply),
+            };
+        }
+        r = tokio::time::timeout(timeout, write) => r,
+    };
+    match result {
+        Err(_) => Outcome::Failed(Failure::Timeout),
+        Ok(Ok(Ok(()))) => Outcome::Reply(values.to_vec()),
+        Ok(Ok(Err(code))) => Outcome::Failed(Failure::Exception(u8::from(code))),
+        Ok(Err(tokio_modbus::Error::Protocol(_))) => Outcome::Failed(Failure::WrongReply),
+        Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == io::ErrorKind::InvalidData => {
+            Outcome::Garbled
+        }
+        Ok(Err(tokio_modbus::Error::Transport(_))) => Outcome::Failed(Failure::Io),
+    }
+}
+
 /// One read with its timeout; a fault the line sees ends it at once.
 async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outcome {
     let Line { ctx, monitor } = line;
@@ -472,7 +865,7 @@ async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outco
         fault = monitor.fault() => {
             return Outcome::Failed(match fault {
                 LineFault::Crc => Failure::Crc,
-                LineFault::WrongUnit { .. } => Failure::WrongReply,
+                LineFault::WrongUnit { .. } | LineFault::BadEcho => Failure::WrongReply,
             });
         }
         r = tokio::time::timeout(timeout, read) => r,

@@ -8,6 +8,7 @@
 //!   lateness, and the events each outcome produces.
 //! - [`line`]: the RTU line discipline around the serial port (discard stale input before
 //!   each request, check each reply's unit, length and CRC as it arrives).
+//! - [`command`]: commands as jobs of writes and statusword reads, sans-IO.
 //! - [`bus`]: the one task that owns a serial port and schedules every device on it.
 //!
 //! Everything but `line`, `bus` and `timing` is plain logic with time passed in.
@@ -15,6 +16,7 @@
 #![deny(unsafe_code)] // one audited exception: timing::PreciseTimer::new
 
 pub mod bus;
+pub mod command;
 pub mod crc;
 pub mod line;
 pub mod plan;

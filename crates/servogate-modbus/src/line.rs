@@ -47,6 +47,9 @@ pub enum LineFault {
     Crc,
     /// The reply came from another unit than the one asked.
     WrongUnit { expected: u8, got: u8 },
+    /// A write's echo names another address, value or quantity than the request: the
+    /// rest of it is withheld (tokio-modbus asserts on a mismatched echo in debug builds).
+    BadEcho,
 }
 
 /// Shared between the [`RtuLine`] (inside tokio-modbus) and the bus task.
@@ -109,6 +112,8 @@ pub struct RtuLine<S> {
     reply_head: [u8; 2],
     /// The reply as it arrives, for the CRC check (a read reply is at most 255 bytes).
     reply: Vec<u8>,
+    /// A write's echo did not match: nothing more of this reply is handed on.
+    withhold: bool,
     monitor: Arc<LineMonitor>,
 }
 
@@ -121,6 +126,7 @@ impl<S> RtuLine<S> {
             reply_len: 0,
             reply_head: [0; 2],
             reply: Vec::with_capacity(256),
+            withhold: false,
             monitor,
         }
     }
@@ -156,6 +162,7 @@ impl<S: AsyncRead + DiscardInput + Unpin> AsyncRead for RtuLine<S> {
             this.phase = Phase::Reading;
             this.reply_len = 0;
             this.reply.clear();
+            this.withhold = false;
         }
         loop {
             let before = buf.filled().len();
@@ -173,6 +180,18 @@ impl<S: AsyncRead + DiscardInput + Unpin> AsyncRead for RtuLine<S> {
 }
 
 impl<S> RtuLine<S> {
+    /// True when `byte`, the next of the reply, breaks the echo of a write request: the
+    /// address and the value (06) or quantity (16) must come back as sent.
+    fn echo_mismatch(&self, byte: u8) -> bool {
+        let req = self.request.as_slice();
+        let (Some(&function), i) = (req.get(1), self.reply_len) else {
+            return false;
+        };
+        let is_write = matches!(function, 0x06 | 0x10);
+        let normal = i < 2 || self.reply_head[1] == function;
+        is_write && normal && (2..6).contains(&i) && req.get(i).is_some_and(|&b| b != byte)
+    }
+
     /// Checks the bytes from `before` on, keeps those that belong to the reply and
     /// returns the new filled length.
     fn filter(&mut self, buf: &mut ReadBuf<'_>, before: usize) -> usize {
@@ -187,8 +206,18 @@ impl<S> RtuLine<S> {
                     continue;
                 }
             }
+            if self.withhold {
+                self.monitor.discarded_bytes.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if self.reply_len < 2 {
                 self.reply_head[self.reply_len] = byte;
+            }
+            if self.echo_mismatch(byte) {
+                self.withhold = true;
+                self.monitor.discarded_bytes.fetch_add(1, Ordering::Relaxed);
+                self.monitor.raise(LineFault::BadEcho);
+                continue;
             }
             if self.reply_len == 0 {
                 if let Some(&unit) = self.request.as_slice().first() {
@@ -345,6 +374,45 @@ mod tests {
                 got: 2
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_echo_naming_another_value_is_raised_and_withheld() {
+        let (a, mut b) = duplex(1024);
+        let monitor = Arc::new(LineMonitor::default());
+        let mut line = RtuLine::new(Port(a, 0), monitor.clone());
+        // Given a write of 0x000F to register 0x0012 of unit 1
+        let request = with_crc(&[1, 6, 0, 0x12, 0, 0x0F]);
+        line.write_all(&request).await.unwrap();
+        let mut req = [0u8; 8];
+        b.read_exact(&mut req).await.unwrap();
+        // When the echo says another value
+        b.write_all(&with_crc(&[1, 6, 0, 0x12, 0, 0x07]))
+            .await
+            .unwrap();
+        drop(b);
+        let mut got = Vec::new();
+        let _ = line.read_to_end(&mut got).await;
+        // Then the fault is raised and the echo never reaches tokio-modbus whole
+        assert_eq!(monitor.take(), Some(LineFault::BadEcho));
+        assert_eq!(got, vec![1, 6, 0, 0x12, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_matching_write_echo_passes() {
+        let (a, mut b) = duplex(1024);
+        let monitor = Arc::new(LineMonitor::default());
+        let mut line = RtuLine::new(Port(a, 0), monitor.clone());
+        let request = with_crc(&[1, 6, 0, 0x12, 0, 0x0F]);
+        line.write_all(&request).await.unwrap();
+        let mut req = [0u8; 8];
+        b.read_exact(&mut req).await.unwrap();
+        b.write_all(&request).await.unwrap();
+        drop(b);
+        let mut got = Vec::new();
+        let _ = line.read_to_end(&mut got).await;
+        assert_eq!(got, request);
+        assert_eq!(monitor.take(), None);
     }
 
     #[tokio::test]

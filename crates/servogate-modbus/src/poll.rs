@@ -495,6 +495,7 @@ mod tests {
                     EventBody::Telemetry(_) => "telemetry(uncertain)".into(),
                     EventBody::Availability(a) => format!("availability:{}", a.state.as_str()),
                     EventBody::Notice(n) => n.kind.as_str().into(),
+                    EventBody::CommandResult(r) => format!("cmd_result:{}", r.status.as_str()),
                 })
                 .collect()
         }

@@ -172,6 +172,67 @@ impl Field {
         Ok(apply_scale(value, self.scale) + self.offset)
     }
 
+    /// The registers that hold `value` (engineering units): scale, offset, type, word and
+    /// byte order applied in reverse of [`Field::decode`]. Integers are rounded to the
+    /// nearest step; a value the type cannot hold is an error, never a wrapped number.
+    pub fn encode(&self, value: f64) -> Result<heapless::Vec<u16, 4>, EncodeError> {
+        let out_of_range = || EncodeError::OutOfRange {
+            field: self.name.clone(),
+            value,
+        };
+        if !value.is_finite() || self.scale == 0.0 || !self.scale.is_finite() {
+            return Err(out_of_range());
+        }
+        let raw = (value - self.offset) / self.scale;
+        let int = |min: f64, max: f64| -> Result<u64, EncodeError> {
+            let r = raw.round();
+            if r < min || r > max {
+                return Err(out_of_range());
+            }
+            // In range, so the casts are exact (i64 -> u64 keeps the two's complement).
+            Ok(r as i64 as u64)
+        };
+        let bits: u64 = match self.data_type {
+            DataType::U16 => int(0.0, 65_535.0)?,
+            DataType::I16 => int(-32_768.0, 32_767.0)? & 0xFFFF,
+            DataType::U32 => int(0.0, 4_294_967_295.0)?,
+            DataType::I32 => int(-2_147_483_648.0, 2_147_483_647.0)? & 0xFFFF_FFFF,
+            // Past 2^53 an f64 no longer holds every integer: refuse rather than round.
+            DataType::U64 => int(0.0, 9_007_199_254_740_992.0)?,
+            DataType::I64 => int(-9_007_199_254_740_992.0, 9_007_199_254_740_992.0)?,
+            DataType::F32 => {
+                let f = raw as f32;
+                if !f.is_finite() {
+                    return Err(out_of_range());
+                }
+                u64::from(f.to_bits())
+            }
+            DataType::F64 => raw.to_bits(),
+            DataType::Bool => {
+                if self.bit.is_some() {
+                    // One bit of a shared register needs a read-modify-write.
+                    return Err(EncodeError::NotWritable {
+                        field: self.name.clone(),
+                    });
+                }
+                u64::from(raw != 0.0)
+            }
+        };
+        let n = usize::from(self.data_type.registers());
+        let mut words: heapless::Vec<u16, 4> = (0..n)
+            .map(|i| (bits >> (16 * (n - 1 - i))) as u16)
+            .collect();
+        if self.word_order == WordOrder::LowFirst {
+            words.reverse();
+        }
+        if self.byte_order == ByteOrder::Little {
+            for w in words.iter_mut() {
+                *w = w.swap_bytes();
+            }
+        }
+        Ok(words)
+    }
+
     /// True when `value` lies inside the declared range (or there is none).
     pub fn in_range(&self, value: f64) -> bool {
         value.is_finite()
@@ -198,6 +259,15 @@ fn apply_scale(value: f64, scale: f64) -> f64 {
 pub struct Profile {
     pub name: String,
     pub fields: Vec<Field>,
+}
+
+/// Why a value cannot be written to a field.
+#[derive(Debug, Error, PartialEq)]
+pub enum EncodeError {
+    #[error("{field}: {value} does not fit the field's type")]
+    OutOfRange { field: Arc<str>, value: f64 },
+    #[error("{field}: a single bit cannot be written")]
+    NotWritable { field: Arc<str> },
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -292,6 +362,60 @@ mod tests {
     fn u64_keeps_its_high_words() {
         let v = field(DataType::U64).decode(&[0, 1, 0, 0]).unwrap();
         assert_eq!(v, 4_294_967_296.0);
+    }
+
+    #[test]
+    fn encoding_is_the_inverse_of_decoding_for_every_type_and_order() {
+        let types = [
+            (DataType::U16, 1234.0),
+            (DataType::I16, -1234.0),
+            (DataType::U32, 70_000.0),
+            (DataType::I32, -70_000.0),
+            (DataType::F32, 1.5),
+            (DataType::U64, 5_000_000_000.0),
+            (DataType::I64, -5_000_000_000.0),
+            (DataType::F64, -2.25),
+            (DataType::Bool, 1.0),
+        ];
+        for (t, v) in types {
+            for word_order in [WordOrder::HighFirst, WordOrder::LowFirst] {
+                for byte_order in [ByteOrder::Big, ByteOrder::Little] {
+                    let mut f = field(t);
+                    f.word_order = word_order;
+                    f.byte_order = byte_order;
+                    let regs = f.encode(v).unwrap();
+                    assert_eq!(
+                        f.decode(&regs),
+                        Ok(v),
+                        "{t:?} {word_order:?} {byte_order:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encoding_applies_scale_and_offset_in_reverse_and_rounds_to_a_step() {
+        let mut f = Field::new("target_position", 0, DataType::I32);
+        f.scale = 0.001;
+        assert_eq!(f.encode(120.5).unwrap().as_slice(), &[0x0001, 0xD6B4]);
+        assert_eq!(f.encode(-0.0004).unwrap().as_slice(), &[0, 0]);
+        let mut t = Field::new("t", 0, DataType::I16);
+        t.scale = 0.1;
+        t.offset = -40.0;
+        assert_eq!(t.encode(10.0).unwrap().as_slice(), &[500]);
+    }
+
+    #[test]
+    fn a_value_the_type_cannot_hold_is_refused_not_wrapped() {
+        assert!(field(DataType::U16).encode(65_536.0).is_err());
+        assert!(field(DataType::U16).encode(-1.0).is_err());
+        assert!(field(DataType::I16).encode(32_768.0).is_err());
+        assert!(field(DataType::U32).encode(f64::NAN).is_err());
+        assert!(field(DataType::F32).encode(1e300).is_err());
+        let mut bit = field(DataType::Bool);
+        bit.bit = Some(3);
+        assert!(bit.encode(1.0).is_err());
     }
 
     #[test]

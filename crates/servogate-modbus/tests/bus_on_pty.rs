@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use servogate_core::{AvailabilityState, Event, EventBody, EventSink, SeqBook};
-use servogate_modbus::bus::{fixed_devices, run_bus, BusSettings, BusStats};
+use servogate_modbus::bus::{fixed_devices, no_orders, run_bus, BusSettings, BusStats};
 use servogate_modbus::poll::DeviceSettings;
 use servogate_modbus::profile::{DataType, Field, WordOrder};
 use servosim::model;
@@ -98,6 +98,7 @@ async fn rig_with(units: u8, device: impl Fn(u8) -> DeviceSettings) -> Rig {
         run_bus(
             settings,
             fixed_devices(devices),
+            no_orders(),
             Arc::new(Channel(tx)),
             st,
             SeqBook::default(),

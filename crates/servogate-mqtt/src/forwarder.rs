@@ -58,6 +58,30 @@ const CHANNEL_CAPACITY: usize = MAX_IN_FLIGHT + 8;
 /// Publishes per pump before yielding to other tasks.
 const PUMP_BATCH: usize = 256;
 
+/// A publish that arrived on a subscription (a command), as the event loop saw it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    /// The broker's retain flag: set only for a message retained before we subscribed,
+    /// so a stale one.
+    pub retain: bool,
+    /// Receipt, wall clock and monotonic.
+    pub received: SystemTime,
+    pub at: std::time::Instant,
+}
+
+/// Where incoming commands go: the topic filters to subscribe to on every new session,
+/// and a bounded channel the event loop task fills with `try_send` (it never waits: a
+/// full channel drops the message, counted and logged).
+#[derive(Debug, Clone)]
+pub struct Intake {
+    pub filters: Vec<String>,
+    pub tx: tokio::sync::mpsc::Sender<Incoming>,
+    /// Messages dropped because the channel was full.
+    pub dropped: Arc<AtomicU64>,
+}
+
 /// Counters the daemon can read at any time (all monotonic except `connected`).
 #[derive(Debug, Default)]
 pub struct MqttStats {
@@ -310,6 +334,7 @@ async fn drive(
     shared: Arc<Shared>,
     identity: Arc<Identity>,
     mut backoff: Backoff,
+    intake: Option<Intake>,
     stop: CancellationToken,
 ) -> LoopExit {
     let mut was_connected = false;
@@ -329,6 +354,9 @@ async fn drive(
                     backoff.reset();
                     was_connected = true;
                     failures = 0;
+                }
+                if let (Event::Incoming(Packet::Publish(p)), Some(intake)) = (&event, &intake) {
+                    take_in(intake, p);
                 }
                 let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
                 shared.apply(&mut shared.track(), &event);
@@ -382,6 +410,24 @@ async fn drive(
     }
 }
 
+/// Hands an incoming publish to the intake without waiting (this runs in the event loop
+/// task, which must never block).
+fn take_in(intake: &Intake, p: &rumqttc::Publish) {
+    let incoming = Incoming {
+        topic: p.topic.clone(),
+        payload: p.payload.clone(),
+        retain: p.retain,
+        received: SystemTime::now(),
+        at: std::time::Instant::now(),
+    };
+    if intake.tx.try_send(incoming).is_err() {
+        let n = intake.dropped.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(dropped = n, "command intake full: incoming message dropped");
+        }
+    }
+}
+
 /// Aborts the task when dropped, so a cancelled `run` future also drops the connection.
 struct AbortOnDrop<T>(JoinHandle<T>);
 
@@ -411,6 +457,8 @@ struct Publisher {
     seen_epoch: u64,
     shutting_down: bool,
     farewell_epoch: Option<u64>,
+    /// Command topics to subscribe to on every new session (rumqttc does not).
+    filters: Vec<String>,
 }
 
 /// One publish ready for rumqttc.
@@ -472,7 +520,7 @@ impl Publisher {
         let (qos, retain) = match event.body {
             EventBody::Telemetry(_) => (self.telemetry_qos, false),
             EventBody::Availability(_) => (QoS::AtLeastOnce, true),
-            EventBody::Notice(_) => (QoS::AtLeastOnce, false),
+            EventBody::Notice(_) | EventBody::CommandResult(_) => (QoS::AtLeastOnce, false),
         };
         if let Err(why) = self.sendable(&topic, payload.len(), qos) {
             error!(%topic, seq = event.seq, "event refused: {why}");
@@ -556,6 +604,12 @@ impl Publisher {
 
     /// A new session: birth, every meta and every known availability go out again, retained.
     fn new_session(&mut self) {
+        for f in &self.filters {
+            // The request channel keeps room beside the publish window, so this fits.
+            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                error!(filter = %f, error = %e, "cannot subscribe to the command topic");
+            }
+        }
         self.preamble.clear();
         if !self.shutting_down {
             self.preamble.push_back((
@@ -613,6 +667,7 @@ pub struct Forwarder {
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     stats: Arc<MqttStats>,
     handover: CancellationToken,
+    intake: Option<Intake>,
 }
 
 /// (meta topic, meta payload) of each device, by device name.
@@ -663,6 +718,7 @@ impl Forwarder {
             meta_updates: None,
             stats: Arc::default(),
             handover: CancellationToken::new(),
+            intake: None,
         })
     }
 
@@ -675,6 +731,13 @@ impl Forwarder {
 
     pub fn stats(&self) -> Arc<MqttStats> {
         self.stats.clone()
+    }
+
+    /// Subscribes to `intake.filters` on every session and hands what arrives on them to
+    /// `intake.tx` (the command path).
+    pub fn with_intake(mut self, intake: Intake) -> Self {
+        self.intake = Some(intake);
+        self
     }
 
     /// Cancelling this token ends the run like the shutdown token, but without waiting
@@ -722,6 +785,7 @@ impl Forwarder {
             shared.clone(),
             self.identity.clone(),
             Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max),
+            self.intake.clone(),
             stop.clone(),
         )));
         let mut publisher = Publisher {
@@ -738,6 +802,11 @@ impl Forwarder {
             seen_epoch: 0,
             shutting_down: false,
             farewell_epoch: None,
+            filters: self
+                .intake
+                .as_ref()
+                .map(|i| i.filters.clone())
+                .unwrap_or_default(),
         };
 
         // A receiver of its own to wake on: the publisher's keeps its change unseen

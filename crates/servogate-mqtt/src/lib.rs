@@ -15,7 +15,9 @@ mod outbox;
 pub mod payload;
 mod settings;
 
-pub use forwarder::{run, Forwarder, ForwarderReport, MqttStats, MqttStatsSnapshot, MAX_IN_FLIGHT};
+pub use forwarder::{
+    run, Forwarder, ForwarderReport, Incoming, Intake, MqttStats, MqttStatsSnapshot, MAX_IN_FLIGHT,
+};
 pub use outbox::Outbox;
 pub use payload::DeviceMeta;
 pub use settings::{

@@ -8,7 +8,7 @@
 use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use servogate_core::{Availability, Event, EventBody, EventKind, Notice, Telemetry};
+use servogate_core::{Availability, CommandReport, Event, EventBody, EventKind, Notice, Telemetry};
 
 /// What the daemon knows about a device, for its retained `meta` topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,10 @@ pub enum DeviceTopic {
     Availability,
     Telemetry,
     Events,
+    /// `cmd`: commands in.
+    Command,
+    /// `cmd/result`: one result per command.
+    CommandResult,
 }
 
 impl DeviceTopic {
@@ -41,6 +45,8 @@ impl DeviceTopic {
             Self::Availability => "availability",
             Self::Telemetry => "telemetry",
             Self::Events => "events",
+            Self::Command => "cmd",
+            Self::CommandResult => "cmd/result",
         }
     }
 }
@@ -67,6 +73,7 @@ pub fn event_topic(prefix: &str, event: &Event) -> String {
         EventBody::Telemetry(_) => DeviceTopic::Telemetry,
         EventBody::Availability(_) => DeviceTopic::Availability,
         EventBody::Notice(_) => DeviceTopic::Events,
+        EventBody::CommandResult(_) => DeviceTopic::CommandResult,
     };
     device_topic(prefix, &event.device, topic)
 }
@@ -93,6 +100,7 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
         EventBody::Telemetry(t) => encode_telemetry(event.seq, event.ts, t),
         EventBody::Availability(a) => encode_availability(event.seq, event.ts, a),
         EventBody::Notice(n) => encode_notice(event.seq, event.ts, n),
+        EventBody::CommandResult(r) => encode_command_result(event.seq, event.ts, r),
     }
 }
 
@@ -202,6 +210,36 @@ pub fn encode_availability(seq: u64, ts: SystemTime, a: &Availability) -> Vec<u8
     o.ts("since", a.since);
     o.str("reason", &a.reason);
     o.ts("ts", ts);
+    o.finish()
+}
+
+/// `{"id","seq","ts","status","action"[,"reason","message"],"received","latency_ms"
+/// [,"duplicate":true]}`: `id` is `null` when the payload had no valid one.
+pub fn encode_command_result(seq: u64, ts: SystemTime, r: &CommandReport) -> Vec<u8> {
+    let mut o = Obj::new();
+    match &r.id {
+        Some(id) => o.str("id", id),
+        None => o.null("id"),
+    }
+    o.u64("seq", seq);
+    o.ts("ts", ts);
+    o.str("status", r.status.as_str());
+    match r.action {
+        Some(a) => o.str("action", a),
+        None => o.null("action"),
+    }
+    if let Some(reason) = r.reason {
+        o.str("reason", reason.as_str());
+    }
+    if !r.message.is_empty() {
+        o.str("message", &r.message);
+    }
+    o.ts("received", r.received);
+    // Whole microseconds: 3.1, not 3.1000000000000001.
+    o.f64("latency_ms", r.latency.as_micros() as f64 / 1e3);
+    if r.duplicate {
+        o.bool("duplicate", true);
+    }
     o.finish()
 }
 
@@ -411,6 +449,35 @@ mod tests {
         assert!(v["position"].is_null());
         assert!(v["velocity"].is_null());
         assert!(v["values"]["x"].is_null());
+    }
+
+    #[test]
+    fn a_command_result_names_id_status_reason_and_latency() {
+        use servogate_core::{CommandReason, CommandStatus};
+        let r = CommandReport {
+            id: Some(Arc::from("c-0043")),
+            action: Some("write"),
+            status: CommandStatus::Rejected,
+            reason: Some(CommandReason::OutOfRange),
+            message: "speed_limit 300 > max 250".into(),
+            received: at(1_767_225_600_000),
+            latency: Duration::from_micros(3_100),
+            duplicate: false,
+        };
+        let text = String::from_utf8(encode_command_result(18, at(1_767_225_600_003), &r)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"c-0043","seq":18,"ts":"2026-01-01T00:00:00.003Z","status":"rejected","action":"write","reason":"out_of_range","message":"speed_limit 300 > max 250","received":"2026-01-01T00:00:00.000Z","latency_ms":3.1}"#
+        );
+        let anonymous = CommandReport {
+            id: None,
+            action: None,
+            duplicate: true,
+            ..r
+        };
+        let v = json(&encode_command_result(19, at(0), &anonymous));
+        assert!(v["id"].is_null());
+        assert_eq!(v["duplicate"], true);
     }
 
     #[test]

@@ -238,6 +238,26 @@ impl MqttSettings {
         Ok(opts)
     }
 
+    /// Options for a short-lived client of the same broker (`servogate cmd`): the same
+    /// login and transport, no Last Will.
+    pub fn client_options(&self) -> Result<MqttOptions, MqttError> {
+        let url = self.validate()?;
+        let mut opts = MqttOptions::new(self.client_id.clone(), url.host.clone(), url.port);
+        opts.set_clean_session(true)
+            .set_keep_alive(self.keep_alive)
+            .set_max_packet_size(self.max_packet_size, self.max_packet_size);
+        if let Some(c) = &self.credentials {
+            opts.set_credentials(c.username.clone(), c.password.clone());
+        }
+        if let Some(files) = &self.tls {
+            let config = tls_client_config(files)?;
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(config),
+            )));
+        }
+        Ok(opts)
+    }
+
     pub(crate) fn telemetry_qos(&self) -> QoS {
         match self.telemetry_qos {
             0 => QoS::AtMostOnce,

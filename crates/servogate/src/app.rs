@@ -14,7 +14,7 @@
 //! effect at once, and `[buffer]` waits for a restart (the ring is not resized under
 //! load). Sequence numbers continue across all of it ([`SeqBook`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +27,12 @@ use servogate_modbus::bus::{run_bus, BusSettings};
 use servogate_modbus::poll::DeviceSettings;
 use servogate_mqtt::{DeviceMeta, Forwarder, MqttStats, Outbox};
 use servogate_socketcan::run_can_bus;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::commands::{self, CommandStats, DeskConfig, DeskDevice, DeviceViews};
 use crate::config::{self, Config, DeviceAddress};
 use crate::metrics::{self, Metrics, Observed};
 use crate::{logging, systemd};
@@ -59,6 +60,13 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Device lists for the forwarder's retained meta topics.
     meta: watch::Sender<Vec<DeviceMeta>>,
+    /// What the command policy reads of each device.
+    views: Arc<DeviceViews>,
+    cmd_stats: Arc<CommandStats>,
+    /// Commands from the forwarder's event loop to the desk.
+    intake: mpsc::Sender<servogate_mqtt::Incoming>,
+    /// The desk's devices, policies and bus inboxes (replaced on a reload).
+    desk: watch::Sender<DeskConfig>,
 }
 
 pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
@@ -83,14 +91,21 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     ));
     let (meta, _) = watch::channel(device_metas(&cfg));
     observed.set_devices(device_buses(&cfg));
+    let (intake, intake_rx) = mpsc::channel(commands::INTAKE_CAPACITY);
+    let (desk, desk_rx) = watch::channel(DeskConfig::default());
+    let cmd_stats = metrics.commands();
     let shared = Shared {
         boot_id,
         version,
+        views: observed.views(),
         outbox,
         observed,
         mqtt_stats,
         metrics,
         meta,
+        cmd_stats,
+        intake,
+        desk,
     };
 
     // Checked (url, TLS files, credentials, the metrics port) before any bus starts: a
@@ -107,6 +122,18 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
 
     let mut buses = Buses::new(shared.observed.clone(), shared.metrics.clone());
     buses.apply(&cfg).await?;
+    // The command desk: started before the forwarder subscribes to the cmd topics.
+    shared.desk.send_replace(desk_config(&cfg, &buses));
+    let desk_stop = CancellationToken::new();
+    let desk_task = tokio::spawn(commands::run_desk(
+        intake_rx,
+        desk_rx,
+        shared.views.clone(),
+        shared.observed.clone(),
+        buses.book.clone(),
+        shared.cmd_stats.clone(),
+        desk_stop.clone(),
+    ));
     let mut forwarder = RunningForwarder::spawn(forwarder, mqtt_fingerprint(&cfg));
 
     // systemd (Type=notify): ready once every bus has tried to open its port or
@@ -149,8 +176,11 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     if let Err(e) = systemd::stopping() {
         warn!(error = %e, "cannot notify systemd");
     }
-    info!("stopping: buses first, then the forwarder");
+    info!("stopping: buses first, then the command desk, then the forwarder");
     buses.stop_all().await;
+    // The buses answered every order they held; the desk publishes those results.
+    desk_stop.cancel();
+    let _ = desk_task.await;
     forwarder.stop(cfg.mqtt.shutdown_grace).await;
     if let Some(e) = endpoint {
         e.stop().await;
@@ -231,6 +261,8 @@ async fn reload(
     }
     shared.observed.set_devices(device_buses(&new));
     shared.meta.send_replace(device_metas(&new));
+    // A changed policy applies to the next command.
+    shared.desk.send_replace(desk_config(&new, buses));
     let listen = |c: &Config| c.metrics.as_ref().map(|m| m.listen);
     if listen(&new) != listen(&current) {
         if let Some(old) = endpoint.take() {
@@ -255,6 +287,8 @@ struct RunningBus {
     bus: config::Bus,
     /// The channel that hands the task new device lists (a reload).
     devices: DeviceLists,
+    /// The bus task's command inbox (Modbus buses).
+    orders: Option<mpsc::Sender<servogate_modbus::bus::BusOrder>>,
     stop: CancellationToken,
     finished: oneshot::Receiver<()>,
 }
@@ -331,6 +365,7 @@ impl Buses {
             info!(bus = %name, port = %settings.port.display(), devices = devices.len(), "starting bus");
             let stats = self.metrics.rtu_stats(&name);
             let (list, devices) = watch::channel(devices);
+            let (orders, inbox) = mpsc::channel(commands::BUS_QUEUE);
             let (sink, book) = (self.sink.clone(), self.book.clone());
             let task_settings = settings.clone();
             let task_name = name.clone();
@@ -338,9 +373,11 @@ impl Buses {
                 name,
                 bus,
                 DeviceLists::Rtu(settings, list),
+                Some(orders),
                 move |stop| async move {
                     let sink: Arc<dyn EventSink> = sink;
-                    if let Err(e) = run_bus(task_settings, devices, sink, stats, book, stop).await {
+                    let run = run_bus(task_settings, devices, inbox, sink, stats, book, stop);
+                    if let Err(e) = run.await {
                         error!(bus = %task_name, "bus task failed: {e}");
                     }
                 },
@@ -371,7 +408,7 @@ impl Buses {
             let stats = self.metrics.can_stats(&name);
             let sink = self.sink.clone();
             let (list, nodes) = watch::channel(nodes);
-            self.launch(name, bus, DeviceLists::Can(list), move |stop| {
+            self.launch(name, bus, DeviceLists::Can(list), None, move |stop| {
                 let sink: Arc<dyn EventSink> = sink;
                 run_can_bus(settings, master, nodes, sink, stats, stop)
             })?;
@@ -392,6 +429,7 @@ impl Buses {
         name: String,
         bus: config::Bus,
         devices: DeviceLists,
+        orders: Option<mpsc::Sender<servogate_modbus::bus::BusOrder>>,
         task: F,
     ) -> anyhow::Result<()>
     where
@@ -404,6 +442,7 @@ impl Buses {
         let running = RunningBus {
             bus,
             devices,
+            orders,
             stop,
             finished,
         };
@@ -427,6 +466,14 @@ impl Buses {
         for (_, r) in std::mem::take(&mut self.running) {
             let _ = r.finished.await;
         }
+    }
+
+    /// Each running bus's command inbox, by bus name.
+    fn routes(&self) -> HashMap<String, mpsc::Sender<servogate_modbus::bus::BusOrder>> {
+        self.running
+            .iter()
+            .filter_map(|(name, r)| Some((name.clone(), r.orders.clone()?)))
+            .collect()
     }
 
     /// Resolves once every running bus has tried to open its port or interface.
@@ -529,9 +576,18 @@ fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
         shared.outbox.clone(),
         device_metas(cfg),
     )?;
-    Ok(forwarder
+    let forwarder = forwarder
         .with_stats(shared.mqtt_stats.clone())
-        .with_meta_updates(shared.meta.subscribe()))
+        .with_meta_updates(shared.meta.subscribe());
+    // Commands are subscribed to only when some device takes them.
+    if cfg.devices.iter().any(|d| d.commands.is_some()) {
+        return Ok(forwarder.with_intake(servogate_mqtt::Intake {
+            filters: commands::filters(&cfg.mqtt.topic_prefix),
+            tx: shared.intake.clone(),
+            dropped: shared.cmd_stats.dropped.clone(),
+        }));
+    }
+    Ok(forwarder)
 }
 
 /// What each device's retained `meta` topic says.
@@ -549,6 +605,27 @@ fn device_metas(cfg: &Config) -> Vec<DeviceMeta> {
             fields: cfg.units(d),
         })
         .collect()
+}
+
+/// The desk's view of `cfg`: devices, policies, rules, and the running buses' inboxes.
+fn desk_config(cfg: &Config, buses: &Buses) -> DeskConfig {
+    DeskConfig {
+        prefix: cfg.mqtt.topic_prefix.clone(),
+        devices: cfg
+            .devices
+            .iter()
+            .map(|d| {
+                let entry = DeskDevice {
+                    bus: d.bus.clone(),
+                    policy: d.commands.clone(),
+                };
+                (d.name.clone(), entry)
+            })
+            .collect(),
+        routes: buses.routes(),
+        rules: cfg.commands.rules,
+        key: cfg.commands.key.clone(),
+    }
 }
 
 /// (device, bus) of every device, for the metrics.

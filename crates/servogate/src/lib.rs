@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML file, validated as a whole before any port opens.
 //! - [`app`]: `servogate run`: bus tasks, the ring and the forwarder, and their shutdown.
+//! - [`commands`]: the command desk: `cmd` topics -> policy -> bus inboxes -> results.
 //! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
 //! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
 //! - [`systemd`]: READY / WATCHDOG / STOPPING / STATUS for `Type=notify`.
@@ -9,6 +10,7 @@
 //! Architecture invariant: only this crate reads files, the environment and signals.
 
 pub mod app;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod logging;

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::commands::{CommandStats, DeviceViews};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -46,6 +47,7 @@ pub struct Metrics {
     running: Mutex<Vec<String>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    commands: Arc<CommandStats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,6 +76,7 @@ impl Metrics {
             running: Mutex::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            commands: Arc::default(),
         }
     }
 
@@ -109,6 +112,43 @@ impl Metrics {
         // Writing into a String cannot fail, and every collector below only writes.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
         out
+    }
+
+    /// The command path's counters (the desk counts into them).
+    pub fn commands(&self) -> Arc<CommandStats> {
+        self.commands.clone()
+    }
+
+    fn encode_commands(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let rows = self.commands.totals().into_iter().map(|((d, a, s), n)| {
+            let labels: Labels = vec![("device", d), ("action", a), ("status", s.to_owned())];
+            (labels, n)
+        });
+        counters(
+            e,
+            "commands",
+            "Command results by device, action and status (repeats of an id not counted).",
+            rows,
+        )?;
+        histograms(
+            e,
+            "command_latency_seconds",
+            "Command receipt to result, every final result.",
+            [(Labels::new(), &self.commands.latency)],
+        )?;
+        let one = |v: u64| [(Labels::new(), v)];
+        counters(
+            e,
+            "commands_unknown_device",
+            "Messages on the cmd topic of a device that is not configured (ignored).",
+            one(self.commands.unknown_device.load(Relaxed)),
+        )?;
+        counters(
+            e,
+            "commands_dropped",
+            "Command messages dropped because the desk's intake was full.",
+            one(self.commands.dropped.load(Relaxed)),
+        )
     }
 
     fn encode_gateway(&self, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -402,6 +442,7 @@ impl Collector for Metrics {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let running = lock(&self.running).clone();
         self.encode_gateway(&mut e)?;
+        self.encode_commands(&mut e)?;
         self.encode_ring(&mut e)?;
         self.encode_mqtt(&mut e)?;
         self.encode_devices(&mut e)?;
@@ -467,6 +508,8 @@ fn histograms<'h, L: EncodeLabelSet>(
 pub struct Observed {
     inner: Arc<Outbox>,
     state: Mutex<ObservedState>,
+    /// What the command policy reads of each device (availability, last telemetry).
+    views: Arc<DeviceViews>,
 }
 
 #[derive(Debug, Default)]
@@ -482,7 +525,13 @@ impl Observed {
         Self {
             inner,
             state: Mutex::default(),
+            views: Arc::default(),
         }
+    }
+
+    /// The live per-device view the command policy reads.
+    pub fn views(&self) -> Arc<DeviceViews> {
+        self.views.clone()
     }
 
     /// The devices configured now, with their bus: a device kept keeps its state, a
@@ -510,6 +559,7 @@ impl Observed {
 
 impl EventSink for Observed {
     fn push(&self, event: Event) {
+        self.views.observe(&event);
         match &event.body {
             EventBody::Availability(a) => {
                 let mut st = lock(&self.state);
@@ -527,7 +577,7 @@ impl EventSink for Observed {
                     }
                 }
             }
-            EventBody::Telemetry(_) => {}
+            EventBody::Telemetry(_) | EventBody::CommandResult(_) => {}
         }
         self.inner.push(event);
     }

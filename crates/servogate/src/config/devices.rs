@@ -239,7 +239,16 @@ impl Source<'_> {
             Some(v) => *v.get_ref(),
             None => DEFAULT_OFFLINE_AFTER,
         };
+        let commands = match d.commands {
+            None => None,
+            Some(raw) => {
+                let fields = profiles.get(&profile).map(|f| &f[..]);
+                let fields = if canopen.is_some() { None } else { fields };
+                Some(self.command_policy(raw, &key, fields, poll)?)
+            }
+        };
         Ok(Device {
+            commands,
             name,
             bus: bus.name.clone(),
             address,

@@ -36,6 +36,7 @@
 mod buffer;
 mod buses;
 mod can_device;
+mod commands;
 mod devices;
 mod error;
 #[cfg(test)]
@@ -52,6 +53,7 @@ mod summary;
 
 use std::path::Path;
 
+pub use commands::Commands;
 pub use error::ConfigError;
 pub use model::{
     Buffer, Bus, BusKind, CanBus, CanDevice, Config, Device, DeviceAddress, Gateway, Metrics,

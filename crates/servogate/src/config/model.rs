@@ -33,6 +33,8 @@ pub struct Config {
     /// In file order.
     pub devices: Vec<Device>,
     pub metrics: Option<Metrics>,
+    /// `[commands]`: gateway-wide command rules.
+    pub commands: super::commands::Commands,
 }
 
 /// `[gateway]`.
@@ -204,6 +206,8 @@ pub struct Device {
     pub offline_after: u32,
     /// Set for a device on a canopen bus.
     pub canopen: Option<CanDevice>,
+    /// `[devices.commands]`; `None`: the device takes no command.
+    pub commands: Option<servogate_command::Policy>,
 }
 
 impl Device {

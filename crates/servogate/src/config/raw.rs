@@ -62,6 +62,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) devices: Vec<S<RawDevice>>,
     pub(super) metrics: Option<RawMetrics>,
+    pub(super) commands: Option<S<super::commands::RawCommands>>,
 }
 
 #[derive(Deserialize)]
@@ -181,4 +182,6 @@ pub(super) struct RawDevice {
     pub(super) configure_heartbeat: Option<S<bool>>,
     pub(super) tpdos: Option<Vec<S<RawTpdo>>>,
     pub(super) objects: Option<Vec<S<RawObject>>>,
+    /// `[devices.commands]`: the command policy (default deny).
+    pub(super) commands: Option<S<super::commands::RawPolicy>>,
 }

@@ -129,6 +129,7 @@ impl<'a> Source<'a> {
         let profiles = self.profiles(raw.profiles)?;
         let buses = self.buses(raw.buses)?;
         let devices = self.devices(raw.devices, &buses, &profiles)?;
+        let commands = self.commands(raw.commands)?;
         let metrics = match raw.metrics {
             None => None,
             Some(m) => Some(self.metrics(m)?),
@@ -142,6 +143,7 @@ impl<'a> Source<'a> {
             buses,
             devices,
             metrics,
+            commands,
         })
     }
 }
