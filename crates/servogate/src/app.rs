@@ -684,7 +684,7 @@ where
     Ok(finished)
 }
 
-fn mqtt_settings(cfg: &Config) -> anyhow::Result<servogate_mqtt::MqttSettings> {
+pub(crate) fn mqtt_settings(cfg: &Config) -> anyhow::Result<servogate_mqtt::MqttSettings> {
     let m = &cfg.mqtt;
     let credentials = match &m.credentials_file {
         Some(path) => {

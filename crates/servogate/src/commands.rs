@@ -356,8 +356,11 @@ impl Desk {
             expiry: None,
         };
         let rate = self.rates.entry(device.clone()).or_default();
-        let deadline =
-            check(&cmd, policy, rate, cx).map_err(|r| Outcome::rejected(r.reason, r.message))?;
+        let deadline = check(&cmd, policy, rate, cx).map_err(|r| match r.reason {
+            // Past its deadline on arrival: the contract's own status for that.
+            CommandReason::Expired => Outcome::expired(r.message),
+            reason => Outcome::rejected(reason, r.message),
+        })?;
         let left = deadline
             .duration_since(msg.received)
             .unwrap_or(Duration::ZERO);

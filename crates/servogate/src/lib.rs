@@ -10,6 +10,7 @@
 //! Architecture invariant: only this crate reads files, the environment and signals.
 
 pub mod app;
+pub mod cmd;
 pub mod commands;
 pub mod config;
 pub mod demo;

@@ -9,10 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use servogate::{app, config, demo, logging};
+use servogate::{app, cmd, config, demo, logging};
 
 /// Exit status for a bad config or command line (sysexits.h EX_USAGE).
 const EX_USAGE: u8 = 64;
+/// Exit status of `cmd` when the command's result is not `done`.
+const EX_FAILED: u8 = 1;
 /// Exit status for a failure at run time (sysexits.h EX_SOFTWARE).
 const EX_SOFTWARE: u8 = 70;
 
@@ -20,7 +22,7 @@ const EX_SOFTWARE: u8 = 70;
 #[command(
     name = "servogate",
     version,
-    about = "Edge gateway: servo drives on Modbus RTU to MQTT"
+    about = "Edge gateway: servo drives on Modbus RTU and CANopen to MQTT, and commands back"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +45,8 @@ enum Command {
     },
     /// Run the whole pipeline on simulated servo axes, with live values on the terminal.
     Demo(demo::DemoArgs),
+    /// Send one command to a device, wait for its result and print it (exit 0 for done).
+    Cmd(cmd::CmdArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,25 @@ fn main() -> ExitCode {
             };
             logging::init(Some(&cfg.gateway.log));
             finish(runtime().and_then(|rt| rt.block_on(app::run(cfg, app::Options::default()))))
+        }
+        Command::Cmd(args) => {
+            let cfg = match config::load(&args.config) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("servogate: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            logging::init(Some("warn"));
+            match runtime().and_then(|rt| rt.block_on(cmd::run(cfg, args))) {
+                Ok(true) => ExitCode::SUCCESS,
+                // The result was printed; its status says why.
+                Ok(false) => ExitCode::from(EX_FAILED),
+                Err(e) => {
+                    eprintln!("servogate: {e:#}");
+                    ExitCode::from(EX_SOFTWARE)
+                }
+            }
         }
         Command::Demo(args) => {
             logging::init(Some("warn,rumqttd=off"));

@@ -1,0 +1,466 @@
+//! Commands end to end (DESIGN.md section 7): real mosquitto, servosim on a pty, the
+//! servogate binary. Every test checks what reached the drive with servosim's write
+//! counters, not only the result that was published.
+
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{json, Value};
+use servogate_e2e::*;
+
+const ID: &str = "e2e-cmd";
+
+/// The servosim map with the command registers, and a policy on every device.
+fn cmd_config(broker: &str, port: &std::path::Path, policy: &str) -> String {
+    let base = config(ID, broker, port, &[1, 2, 3], policy);
+    base.replace(
+        "[[buses]]",
+        r#"target_position    = { address = 0x0010, type = "i32", scale = 0.001, unit = "mm" }
+controlword        = { address = 0x0012, type = "u16" }
+modes_of_operation = { address = 0x0013, type = "i16" }
+profile_velocity   = { address = 0x0014, type = "u32", scale = 0.001, unit = "mm/s" }
+target_velocity    = { address = 0x0016, type = "i32", scale = 0.001, unit = "mm/s" }
+speed_limit        = { address = 0x0018, type = "u16", unit = "mm/s" }
+
+[[buses]]"#,
+    )
+}
+
+const POLICY: &str = r#"
+[devices.commands]
+allow = ["enable", "disable", "quick_stop", "halt", "fault_reset", "move", "write"]
+writable = ["speed_limit"]
+max_rate = 50
+require_fresh = true
+limits.position = { min = -200.0, max = 300.0, max_step = 50.0 }
+limits.velocity = { min = 0.0, max = 200.0 }
+limits.speed_limit = { min = 0, max = 250 }
+"#;
+
+/// A publisher of commands.
+struct Commander {
+    client: AsyncClient,
+}
+
+impl Commander {
+    async fn start(port: u16) -> Self {
+        let opts = MqttOptions::new(format!("e2e-cmd-{}", free_port()), "127.0.0.1", port);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        Self { client }
+    }
+
+    async fn send(&self, device: &str, payload: &str, retain: bool) {
+        let topic = format!("servogate/{ID}/devices/{device}/cmd");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
+            .await
+            .expect("publish");
+    }
+}
+
+fn now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    // The same format as the gateway's (RFC 3339, UTC, milliseconds).
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// A command with `ts` now and a 2 s time to live.
+fn cmd(id: &str, action: &str, extra: Value) -> String {
+    let mut v = json!({"id": id, "action": action, "ts": now(), "ttl_ms": 2000});
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
+    }
+    v.to_string()
+}
+
+/// The next result for `id` on `device`'s result topic.
+async fn result(sub: &mut Subscriber, device: &str, id: Option<&str>) -> Value {
+    let want = id.map_or(Value::Null, |i| Value::String(i.to_owned()));
+    let topic = format!("/devices/{device}/cmd/result");
+    let wait = sub.until(|m| m.topic.ends_with(&topic) && m.json["id"] == want);
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no result for {id:?} on {device}"))
+        .json
+}
+
+/// `writes` and `applied` of `unit` from servosim's stats line.
+fn writes(sim: &mut Servosim, unit: u8) -> (u64, u64) {
+    let line = sim.cmd("stats");
+    let field = |name: &str| -> u64 {
+        let list = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        list.split(',')
+            .find_map(|p| p.strip_prefix(&format!("{unit}:")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no unit {unit} in {line}"))
+    };
+    (field("writes"), field("applied"))
+}
+
+struct Rig {
+    _broker: Mosquitto,
+    _pty: PtyPair,
+    sim: Servosim,
+    gw: Servogate,
+    sub: Subscriber,
+    cmd: Commander,
+}
+
+async fn rig(policy: &str) -> Rig {
+    rig_with_retained(policy, &[]).await
+}
+
+/// A rig whose broker holds `retained` (device, payload) commands before the gateway
+/// subscribes: the broker then delivers them with the retain flag set.
+async fn rig_with_retained(policy: &str, retained: &[(&str, String)]) -> Rig {
+    let broker = Mosquitto::start();
+    let pty = PtyPair::start();
+    let sim = Servosim::start(&pty.sim, "1-3", &[]);
+    let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
+    let cmd = Commander::start(broker.port).await;
+    for (device, payload) in retained {
+        cmd.send(device, payload, true).await;
+        // Wait for the broker to have it: our own subscriber sees it come by.
+        let topic = format!("/devices/{device}/cmd");
+        let seen = sub.until(|m| m.topic.ends_with(&topic));
+        tokio::time::timeout(DEADLINE, seen)
+            .await
+            .expect("the retained command stored");
+    }
+    let gw = Servogate::start(&cmd_config(&broker.url(), &pty.gateway, policy));
+    // Every device online with telemetry before the first command (unless results of
+    // the retained ones come first: then the test reads those before anything else).
+    let mut seen = std::collections::HashSet::new();
+    while retained.is_empty() && seen.len() < 3 {
+        let m = sub.next().await;
+        if let Some((d, "telemetry")) = m.device_stream() {
+            seen.insert(d.to_owned());
+        }
+    }
+    Rig {
+        _broker: broker,
+        _pty: pty,
+        sim,
+        gw,
+        sub,
+        cmd,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_axis_is_enabled_moved_to_its_target_and_quick_stopped() {
+    let mut r = rig(POLICY).await;
+    // An untouched servosim unit runs enabled: disable it, so enable walks the states.
+    r.cmd
+        .send("axis-1", &cmd("dis-1", "disable", json!({})), false)
+        .await;
+    let dis = result(&mut r.sub, "axis-1", Some("dis-1")).await;
+    assert_eq!(dis["status"], "done", "{dis}");
+    r.cmd
+        .send("axis-1", &cmd("en-1", "enable", json!({})), false)
+        .await;
+    let en = result(&mut r.sub, "axis-1", Some("en-1")).await;
+    assert_eq!(en["status"], "done", "{en}");
+    assert!(en["seq"].as_u64().unwrap() >= 1);
+
+    // Wait for telemetry that shows the enabled drive, then move 20 mm from there.
+    let enabled = r.sub.until(|m| {
+        m.device_stream() == Some(("axis-1", "telemetry")) && m.json["statusword"] == 0x0637
+    });
+    let tel = tokio::time::timeout(DEADLINE, enabled)
+        .await
+        .expect("enabled telemetry");
+    let target = tel.json["position"].as_f64().unwrap() + 20.0;
+    let mv = cmd(
+        "mv-1",
+        "move",
+        json!({"position": target, "velocity": 100.0, "wait": "target_reached"}),
+    );
+    r.cmd.send("axis-1", &mv, false).await;
+    let res = result(&mut r.sub, "axis-1", Some("mv-1")).await;
+    assert_eq!(res["status"], "done", "{res}");
+    println!("move done in {} ms", res["latency_ms"]);
+    // The drive stands on the target, and telemetry says so.
+    let truth: Value =
+        serde_json::from_str(r.sim.cmd("truth 1").trim_start_matches("ok ")).unwrap();
+    assert!(
+        (truth["position_mm"].as_f64().unwrap() - target).abs() < 1e-6,
+        "{truth}"
+    );
+    let at = r
+        .sub
+        .until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
+        .await;
+    assert!(
+        (at.json["position"].as_f64().unwrap() - target).abs() < 0.0015,
+        "{}",
+        at.json
+    );
+
+    r.cmd
+        .send("axis-1", &cmd("qs-1", "quick_stop", json!({})), false)
+        .await;
+    let qs = result(&mut r.sub, "axis-1", Some("qs-1")).await;
+    assert_eq!(qs["status"], "done", "{qs}");
+    let truth: Value =
+        serde_json::from_str(r.sim.cmd("truth 1").trim_start_matches("ok ")).unwrap();
+    assert_eq!(truth["state"], "quick_stop_active");
+    let (w, applied) = writes(&mut r.sim, 1);
+    assert_eq!(w, applied, "every write reached the drive and was taken");
+    assert_eq!(
+        w,
+        1 + 2 + 6 + 1,
+        "disable 1, enable 2, move 6, quick stop 1"
+    );
+    // The other units received nothing.
+    assert_eq!(writes(&mut r.sim, 2), (0, 0));
+    r.gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_answered_with_its_reason_and_nothing_reaches_the_drive() {
+    let policy = POLICY.replace("max_rate = 50", "max_rate = 5");
+    // A command retained on the broker is stale: never executed, even when well-formed.
+    let stale = cmd("r-ret", "move", json!({"position": 1.0}));
+    let mut r = rig_with_retained(&policy, &[("axis-2", stale)]).await;
+    let res = result(&mut r.sub, "axis-2", Some("r-ret")).await;
+    assert_eq!(res["reason"], "retained", "{res}");
+    let past = rfc3339(SystemTime::now() - Duration::from_secs(5));
+    let future = rfc3339(SystemTime::now() + Duration::from_secs(30));
+    let cases: Vec<(&str, String, &str, bool)> = vec![
+        ("bad", "not json".into(), "bad_request", false),
+        (
+            "no-id",
+            json!({"action": "halt"}).to_string(),
+            "bad_request",
+            false,
+        ),
+        (
+            "r-field",
+            cmd("r-field", "write", json!({"values": {"torque_limit": 1}})),
+            "unknown_field",
+            false,
+        ),
+        (
+            "r-na",
+            cmd("r-na", "write", json!({"values": {"statusword": 1}})),
+            "not_allowed",
+            false,
+        ),
+        (
+            "r-range",
+            cmd("r-range", "write", json!({"values": {"speed_limit": 300}})),
+            "out_of_range",
+            false,
+        ),
+        (
+            "r-step",
+            cmd(
+                "r-step",
+                "move",
+                json!({"position": 250.0, "relative": true}),
+            ),
+            "step_too_large",
+            false,
+        ),
+        (
+            "r-none",
+            json!({"id": "r-none", "action": "move", "position": 1.0}).to_string(),
+            "no_deadline",
+            false,
+        ),
+        (
+            "r-skew",
+            json!({"id": "r-skew", "action": "move", "position": 1.0, "ts": future, "ttl_ms": 100})
+                .to_string(),
+            "clock_skew",
+            false,
+        ),
+        (
+            "r-exp",
+            json!({"id": "r-exp", "action": "move", "position": 1.0, "deadline": past}).to_string(),
+            "expired",
+            false,
+        ),
+    ];
+    for (id, payload, reason, retain) in &cases {
+        r.cmd.send("axis-2", payload, *retain).await;
+        let want = (*id != "bad" && *id != "no-id").then_some(*id);
+        let res = result(&mut r.sub, "axis-2", want).await;
+        assert_eq!(
+            res["status"],
+            if *reason == "expired" {
+                "expired"
+            } else {
+                "rejected"
+            },
+            "{id}: {res}"
+        );
+        assert_eq!(res["reason"], *reason, "{id}: {res}");
+    }
+    // id_reused: the same id with another body.
+    r.cmd
+        .send("axis-2", &cmd("r-ret", "halt", json!({})), false)
+        .await;
+    // (r-ret was retained, so never recorded: this one is new and a halt is done)
+    let res = result(&mut r.sub, "axis-2", Some("r-ret")).await;
+    assert_eq!(res["status"], "done", "{res}");
+    r.cmd
+        .send("axis-2", &cmd("r-ret", "disable", json!({})), false)
+        .await;
+    let res = result(&mut r.sub, "axis-2", Some("r-ret")).await;
+    assert_eq!(res["reason"], "id_reused", "{res}");
+    // wrong_state: a move needs operation_enabled; axis-3 is disabled first.
+    r.cmd
+        .send("axis-3", &cmd("ws-0", "disable", json!({})), false)
+        .await;
+    assert_eq!(
+        result(&mut r.sub, "axis-3", Some("ws-0")).await["status"],
+        "done"
+    );
+    let (w3, _) = writes(&mut r.sim, 3);
+    r.sub
+        .until(|m| {
+            m.device_stream() == Some(("axis-3", "telemetry"))
+                && m.json["state"] != "operation_enabled"
+        })
+        .await;
+    r.cmd
+        .send(
+            "axis-3",
+            &cmd("ws-1", "move", json!({"position": 1.0})),
+            false,
+        )
+        .await;
+    assert_eq!(
+        result(&mut r.sub, "axis-3", Some("ws-1")).await["reason"],
+        "wrong_state"
+    );
+    assert_eq!(
+        writes(&mut r.sim, 3).0,
+        w3,
+        "the refused move wrote nothing"
+    );
+
+    // The refusals on axis-2 wrote nothing: only the halt's statusword read went out
+    // (a halt of a drive at rest writes nothing either, but axis-2 is enabled: one write).
+    let (w2, _) = writes(&mut r.sim, 2);
+    assert!(w2 <= 2, "halt 1 + disable 0 (id_reused): {w2}");
+
+    // rate_limited: max_rate 5/s, so a burst of 8 moves is cut.
+    let mut limited = 0;
+    for i in 0..8 {
+        let id = format!("rl-{i}");
+        r.cmd
+            .send(
+                "axis-1",
+                &cmd(&id, "write", json!({"values": {"speed_limit": 100 + i}})),
+                false,
+            )
+            .await;
+        if result(&mut r.sub, "axis-1", Some(&id)).await["reason"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 2, "{limited} of 8 rate limited");
+    assert_eq!(
+        writes(&mut r.sim, 1).0,
+        8 - limited,
+        "only the accepted writes reached the drive"
+    );
+    r.gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_three_times_writes_once_and_answers_three_times() {
+    let mut r = rig(POLICY).await;
+    let payload = cmd("dup-1", "write", json!({"values": {"speed_limit": 150}}));
+    for _ in 0..3 {
+        r.cmd.send("axis-1", &payload, false).await;
+    }
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        results.push(result(&mut r.sub, "axis-1", Some("dup-1")).await);
+    }
+    assert!(results.iter().all(|r| r["status"] == "done"), "{results:?}");
+    let dups = results.iter().filter(|r| r["duplicate"] == true).count();
+    assert_eq!(dups, 2, "{results:?}");
+    let seqs: Vec<u64> = results.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_eq!(writes(&mut r.sim, 1), (1, 1), "one write on the wire");
+    r.gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drive_refusal_is_failed_a_lost_echo_is_unknown_and_polling_goes_on() {
+    let mut r = rig(POLICY).await;
+    r.sim.cmd("reject 1 4");
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("ex-1", "write", json!({"values": {"speed_limit": 120}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-1", Some("ex-1")).await;
+    assert_eq!(
+        (res["status"].as_str(), res["reason"].as_str()),
+        (Some("failed"), Some("exception")),
+        "{res}"
+    );
+    assert_eq!(writes(&mut r.sim, 1), (1, 0), "received, not applied");
+    r.sim.cmd("accept 1");
+
+    r.sim.cmd("mute-writes 1");
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("to-1", "write", json!({"values": {"speed_limit": 130}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-1", Some("to-1")).await;
+    assert_eq!(
+        (res["status"].as_str(), res["reason"].as_str()),
+        (Some("unknown"), Some("timeout")),
+        "{res}"
+    );
+    assert_eq!(writes(&mut r.sim, 1), (2, 1), "applied once, never retried");
+    // Polling goes on: fresh telemetry of axis-1 after the unknown write.
+    let before = r
+        .sub
+        .until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
+        .await;
+    let after = r
+        .sub
+        .until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
+        .await;
+    assert!(after.json["seq"].as_u64() > before.json["seq"].as_u64());
+    r.gw.stop();
+}
