@@ -245,3 +245,84 @@ impl Source<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::fixture::{err, line_of, GOOD};
+    use crate::config::parse;
+
+    fn with(extra_fields: &str, policy: &str) -> String {
+        let text = GOOD.replace("dc_bus   =", &format!("{extra_fields}\ndc_bus   ="));
+        format!("{text}\n[devices.commands]\n{policy}\n")
+    }
+
+    const CW: &str = "controlword = { address = 0x0110, type = \"u16\" }\nstatusword = { address = 0x0111, type = \"u16\" }\nspeed_limit = { address = 0x0112, type = \"u16\" }";
+
+    #[test]
+    fn a_policy_reaches_the_device_with_its_defaults() {
+        let text = with(CW, "allow = [\"enable\", \"write\"]\nwritable = [\"speed_limit\"]\nmax_rate = 20\nlimits.speed_limit = { max = 250 }");
+        let cfg = parse(&text, std::path::Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let p = cfg.devices[0].commands.as_ref().expect("a policy");
+        assert_eq!(p.allow, ["enable", "write"]);
+        assert_eq!(p.writable, ["speed_limit"]);
+        assert_eq!(p.max_rate, Some(20.0));
+        assert!(!p.require_fresh);
+        assert_eq!(p.max_age, None);
+        // 3 x poll (10 ms) + 100 ms.
+        assert_eq!(p.stale_after, Duration::from_millis(130));
+        assert_eq!(p.limits["speed_limit"].max, Some(250.0));
+        assert!(cfg.devices.iter().skip(1).all(|d| d.commands.is_none()));
+    }
+
+    #[test]
+    fn an_action_the_profile_cannot_carry_names_its_line_and_what_is_missing() {
+        let text = with("", "allow = [\"move\"]");
+        let e = err(&text);
+        let line = line_of(&text, "allow = [\"move\"]");
+        assert_eq!(
+            e,
+            format!("t.toml:{line}:10: devices[0].commands.allow: \"move\" needs a `controlword` field in the device's profile")
+        );
+        let e = err(&with(CW, "allow = [\"fly\"]"));
+        assert!(e.contains("unknown action \"fly\""), "{e}");
+    }
+
+    #[test]
+    fn writable_fields_must_be_holding_registers_of_the_profile() {
+        let e = err(&with(CW, "writable = [\"dc_bus\"]"));
+        assert!(
+            e.contains("commands.writable: \"dc_bus\" cannot be written"),
+            "{e}"
+        );
+        let e = err(&with(CW, "writable = [\"nope\"]"));
+        assert!(e.contains("\"nope\" is not a field"), "{e}");
+    }
+
+    #[test]
+    fn bad_numbers_and_unknown_keys_are_refused_at_their_key() {
+        let e = err(&with(CW, "max_rate = 0"));
+        assert!(
+            e.contains("devices[0].commands.max_rate: must be above zero"),
+            "{e}"
+        );
+        let e = err(&with(CW, "limits.speed_limit = { min = 5, max = 1 }"));
+        assert!(
+            e.contains("commands.limits.speed_limit.max: max 1 is below min 5"),
+            "{e}"
+        );
+        let e = err(&with(CW, "maximum_rate = 3"));
+        assert!(e.contains("maximum_rate"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_key_file_is_a_config_error_naming_the_key() {
+        let text = format!("{GOOD}\n[commands]\nhmac_key_file = \"/nonexistent/cmd.key\"\n");
+        let e = err(&text);
+        assert!(
+            e.contains("commands.hmac_key_file: cannot read /nonexistent/cmd.key"),
+            "{e}"
+        );
+    }
+}

@@ -134,6 +134,32 @@ impl Config {
                     d(dev.poll),
                     d(dev.late_after),
                 );
+                if let Some(p) = &dev.commands {
+                    let _ = writeln!(
+                        s,
+                        "    commands: allow {}; writable {}; {}{}{}",
+                        if p.allow.is_empty() {
+                            "nothing".to_owned()
+                        } else {
+                            p.allow.join(", ")
+                        },
+                        if p.writable.is_empty() {
+                            "nothing".to_owned()
+                        } else {
+                            p.writable.join(", ")
+                        },
+                        p.max_age
+                            .map_or("no max_age".to_owned(), |a| format!("max_age {}", d(a))),
+                        p.max_rate
+                            .map(|r| format!(", max_rate {r}/s"))
+                            .unwrap_or_default(),
+                        if p.require_fresh {
+                            format!(", fresh within {}", d(p.stale_after))
+                        } else {
+                            String::new()
+                        },
+                    );
+                }
             }
             if !any {
                 let _ = writeln!(s, "  (no devices)");
@@ -142,6 +168,18 @@ impl Config {
         if let Some(metrics) = &self.metrics {
             let _ = writeln!(s, "metrics on {}", metrics.listen);
         }
+        let taking = self.devices.iter().filter(|d| d.commands.is_some()).count();
+        let _ = writeln!(
+            s,
+            "commands: {taking} device{} take commands{}, max clock skew {}",
+            if taking == 1 { "" } else { "s" },
+            if self.commands.key.is_some() {
+                ", signed (HMAC-SHA256)"
+            } else {
+                ""
+            },
+            d(self.commands.rules.max_clock_skew),
+        );
         s.truncate(s.trim_end().len());
         s
     }
@@ -165,5 +203,6 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("2 reads per poll"), "{s}");
+        assert!(s.contains("commands: 0 devices take commands"), "{s}");
     }
 }
