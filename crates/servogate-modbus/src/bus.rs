@@ -410,6 +410,11 @@ pub async fn run_bus(
                 let now = Instant::now();
                 last_read.insert(unit, probe);
                 let answered = count_probe(&stats, &outcome, now - sent);
+                match &outcome {
+                    Outcome::Failed(f) => stats.count(f),
+                    Outcome::Garbled => stats.count(&Failure::WrongReply),
+                    _ => {}
+                }
                 wire.ended(now, matches!(outcome, Outcome::Failed(Failure::Timeout)));
                 if answered {
                     set.suspect[i] = false;
@@ -700,6 +705,7 @@ fn finish(
 }
 
 /// Counts a probe's answer; true when the unit answered in time (data or an exception).
+/// A failure is left to the caller to count.
 fn count_probe(stats: &BusStats, outcome: &Outcome, elapsed: Duration) -> bool {
     let answered = match outcome {
         Outcome::Reply(_) => {
@@ -714,14 +720,8 @@ fn count_probe(stats: &BusStats, outcome: &Outcome, elapsed: Duration) -> bool {
             stats.count_exception(*code);
             true
         }
-        Outcome::Failed(f) => {
-            stats.count(f);
-            false
-        }
-        Outcome::Garbled => {
-            stats.count(&Failure::WrongReply);
-            false
-        }
+        // A failed probe is counted by the caller, with the rest of its handling.
+        Outcome::Failed(_) | Outcome::Garbled => false,
     };
     if answered {
         stats.reply_time.record(elapsed);
