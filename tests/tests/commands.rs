@@ -12,7 +12,9 @@ const ID: &str = "e2e-cmd";
 
 /// The servosim map with the command registers, and a policy on every device.
 fn cmd_config(broker: &str, port: &std::path::Path, policy: &str) -> String {
-    let base = config(ID, broker, port, &[1, 2, 3], policy);
+    // Gateway-wide tables after a `# tail` line go once, at the end.
+    let (policy, tail) = policy.split_once("# tail\n").unwrap_or((policy, ""));
+    let base = config(ID, broker, port, &[1, 2, 3], policy) + "\n" + tail;
     base.replace(
         "[[buses]]",
         r#"target_position    = { address = 0x0010, type = "i32", scale = 0.001, unit = "mm" }
@@ -124,7 +126,9 @@ fn writes(sim: &mut Servosim, unit: u8) -> (u64, u64) {
 }
 
 struct Rig {
-    _broker: Mosquitto,
+    broker: Mosquitto,
+    /// The config the gateway runs with.
+    config: String,
     _pty: PtyPair,
     sim: Servosim,
     gw: Servogate,
@@ -153,18 +157,32 @@ async fn rig_with_retained(policy: &str, retained: &[(&str, String)]) -> Rig {
             .await
             .expect("the retained command stored");
     }
-    let gw = Servogate::start(&cmd_config(&broker.url(), &pty.gateway, policy));
+    let config = cmd_config(&broker.url(), &pty.gateway, policy);
+    rig_from(broker, pty, sim, sub, cmd, config, retained.is_empty()).await
+}
+
+async fn rig_from(
+    broker: Mosquitto,
+    pty: PtyPair,
+    sim: Servosim,
+    mut sub: Subscriber,
+    cmd: Commander,
+    config: String,
+    wait_telemetry: bool,
+) -> Rig {
+    let gw = Servogate::start(&config);
     // Every device online with telemetry before the first command (unless results of
     // the retained ones come first: then the test reads those before anything else).
     let mut seen = std::collections::HashSet::new();
-    while retained.is_empty() && seen.len() < 3 {
+    while wait_telemetry && seen.len() < 3 {
         let m = sub.next().await;
         if let Some((d, "telemetry")) = m.device_stream() {
             seen.insert(d.to_owned());
         }
     }
     Rig {
-        _broker: broker,
+        broker,
+        config,
         _pty: pty,
         sim,
         gw,
@@ -462,5 +480,265 @@ async fn a_drive_refusal_is_failed_a_lost_echo_is_unknown_and_polling_goes_on() 
         .until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
         .await;
     assert!(after.json["seq"].as_u64() > before.json["seq"].as_u64());
+    r.gw.stop();
+}
+
+async fn until_device(
+    sub: &mut Subscriber,
+    device: &str,
+    stream: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let wait = sub.until(|m| m.device_stream() == Some((device, stream)) && pred(&m.json));
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {stream} of {device} as expected"))
+        .json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_frame() {
+    let broker = Mosquitto::start();
+    let pty = PtyPair::start();
+    let sim = Servosim::start(&pty.sim, "1-3", &[]);
+    let sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
+    let commander = Commander::start(broker.port).await;
+    // A second bus whose port does not exist, with a device whose policy does not ask for
+    // fresh feedback: its commands reach the bus task, which cannot send them.
+    let config = format!(
+        "{}\n[[buses]]\nname = \"rs485-b\"\nprotocol = \"modbus-rtu\"\nport = \"/nonexistent/ttyX\"\nbaud = 115200\n\n\
+         [[devices]]\nname = \"axis-9\"\nbus = \"rs485-b\"\nunit = 9\nprofile = \"sim\"\npoll = \"10ms\"\n\n\
+         [devices.commands]\nallow = [\"write\"]\nwritable = [\"speed_limit\"]\nmax_age = \"500ms\"\n",
+        cmd_config(&broker.url(), &pty.gateway, POLICY)
+    );
+    let mut r = rig_from(broker, pty, sim, sub, commander, config, true).await;
+
+    r.sim.cmd("dead 2");
+    until_device(&mut r.sub, "axis-2", "availability", |j| {
+        j["state"] == "offline"
+    })
+    .await;
+    r.cmd
+        .send(
+            "axis-2",
+            &cmd("off-1", "write", json!({"values": {"speed_limit": 100}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-2", Some("off-1")).await;
+    assert_eq!(res["reason"], "device_offline", "{res}");
+    // A stop still goes to an offline drive: only allow can forbid it.
+    r.cmd
+        .send("axis-2", &cmd("off-2", "quick_stop", json!({})), false)
+        .await;
+    let res = result(&mut r.sub, "axis-2", Some("off-2")).await;
+    assert_eq!(res["status"], "unknown", "sent to a dead unit: {res}");
+    r.sim.cmd("alive 2");
+
+    // Late replies make telemetry uncertain: motion and writes wait for good feedback.
+    r.sim.cmd("late 3 20ms");
+    until_device(&mut r.sub, "axis-3", "telemetry", |j| {
+        j["quality"] == "uncertain"
+    })
+    .await;
+    r.cmd
+        .send(
+            "axis-3",
+            &cmd("st-1", "write", json!({"values": {"speed_limit": 100}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-3", Some("st-1")).await;
+    assert_eq!(res["reason"], "stale_feedback", "{res}");
+    r.sim.cmd("ontime 3");
+
+    r.cmd
+        .send(
+            "axis-9",
+            &cmd("bd-1", "write", json!({"values": {"speed_limit": 100}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-9", Some("bd-1")).await;
+    assert_eq!(
+        (res["status"].as_str(), res["reason"].as_str()),
+        (Some("rejected"), Some("bus_down")),
+        "{res}"
+    );
+
+    // Unit 2 received the quick stop (it was dead: received, not applied) and nothing else.
+    assert_eq!(writes(&mut r.sim, 2), (1, 0));
+    assert_eq!(writes(&mut r.sim, 3), (0, 0));
+    r.gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_key_only_signed_commands_run_and_servogate_cmd_signs_them() {
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("cmd.key");
+    std::fs::write(&key, "an-example-key-of-32-bytes-long!\n").unwrap();
+    let policy = format!(
+        "{POLICY}# tail\n[commands]\nhmac_key_file = \"{}\"\n",
+        key.display()
+    );
+    let mut r = rig(&policy).await;
+    // Unsigned, and signed with another key: refused, nothing written.
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("s-1", "write", json!({"values": {"speed_limit": 100}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-1", None).await;
+    assert_eq!(res["reason"], "bad_signature", "{res}");
+    let inner = cmd("s-2", "write", json!({"values": {"speed_limit": 100}}));
+    let forged = json!({"signed": inner, "sig": "ab".repeat(32)}).to_string();
+    r.cmd.send("axis-1", &forged, false).await;
+    let res = result(&mut r.sub, "axis-1", None).await;
+    assert_eq!(res["reason"], "bad_signature", "{res}");
+    assert_eq!(writes(&mut r.sim, 1), (0, 0));
+
+    // servogate cmd signs with the config's key: done, exit 0, one write.
+    let config = r.gw.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin("servogate"))
+            .args(["cmd", "--config"])
+            .arg(&config)
+            .args(["axis-1", "write", "speed_limit=111", "--ttl", "2s"])
+            .output()
+            .expect("servogate cmd")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_str(stdout.trim()).expect("the result as JSON");
+    assert_eq!(printed["status"], "done");
+    assert_eq!(writes(&mut r.sim, 1), (1, 1));
+    // And a refused one exits 1 with the result printed.
+    let config = r.gw.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin("servogate"))
+            .args(["cmd", "--config"])
+            .arg(&config)
+            .args(["axis-1", "write", "speed_limit=999"])
+            .output()
+            .expect("servogate cmd")
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("out_of_range"));
+    assert_eq!(writes(&mut r.sim, 1), (1, 1));
+    r.gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_sent_while_the_gateway_was_down_are_never_executed() {
+    let mut r = rig(POLICY).await;
+    r.gw.stop();
+    // Published while nobody takes them (the gateway's session is clean: the broker keeps
+    // nothing for it), and the same commands delivered late, as a queue would.
+    let late: Vec<String> = (0..5)
+        .map(|i| {
+            cmd(
+                &format!("q-{i}"),
+                "write",
+                json!({"values": {"speed_limit": 50 + i}}),
+            )
+        })
+        .collect();
+    for p in &late {
+        r.cmd.send("axis-1", p, false).await;
+    }
+    // Their 2 s time to live passes before the gateway is back.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    r.gw = Servogate::start(&r.config);
+    // The first gateway's farewell, then the new one's birth (it has subscribed by then:
+    // its SUBSCRIBE goes out before its first publish), then its telemetry.
+    let status = format!("servogate/{ID}/status");
+    for online in [false, true] {
+        let wait = r
+            .sub
+            .until(|m| m.topic == status && m.json["online"] == online);
+        tokio::time::timeout(DEADLINE, wait).await.expect("status");
+    }
+    until_device(&mut r.sub, "axis-1", "telemetry", |_| true).await;
+    for p in &late {
+        r.cmd.send("axis-1", p, false).await;
+    }
+    for i in 0..5 {
+        let res = result(&mut r.sub, "axis-1", Some(&format!("q-{i}"))).await;
+        assert_eq!(
+            (res["status"].as_str(), res["reason"].as_str()),
+            (Some("expired"), Some("expired")),
+            "{res}"
+        );
+    }
+    assert_eq!(writes(&mut r.sim, 1), (0, 0), "0 expired commands executed");
+    r.gw.stop();
+    drop(r.broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_policy_applies_to_the_next_command() {
+    let port = free_port();
+    let policy = format!("{POLICY}# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut r = rig(&policy).await;
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("rl-a", "write", json!({"values": {"speed_limit": 240}})),
+            false,
+        )
+        .await;
+    assert_eq!(
+        result(&mut r.sub, "axis-1", Some("rl-a")).await["status"],
+        "done"
+    );
+    let tighter = r.config.replace(
+        "limits.speed_limit = { min = 0, max = 250 }",
+        "limits.speed_limit = { min = 0, max = 200 }",
+    );
+    assert_ne!(tighter, r.config);
+    r.gw.reload(&tighter);
+    scrape_until(port, "the reload", |t| {
+        sample(t, r#"servogate_reloads_total{result="ok"}"#) == Some(1.0)
+    })
+    .await;
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("rl-b", "write", json!({"values": {"speed_limit": 240}})),
+            false,
+        )
+        .await;
+    let res = result(&mut r.sub, "axis-1", Some("rl-b")).await;
+    assert_eq!(res["reason"], "out_of_range", "{res}");
+    assert_eq!(writes(&mut r.sim, 1), (1, 1));
+    // The metrics count both, by device, action and status.
+    let text = scrape_until(port, "the command counters", |t| {
+        sample(
+            t,
+            r#"servogate_commands_total{device="axis-1",action="write",status="rejected"}"#,
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"servogate_commands_total{device="axis-1",action="write",status="done"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "servogate_command_latency_seconds_count"),
+        Some(2.0)
+    );
     r.gw.stop();
 }

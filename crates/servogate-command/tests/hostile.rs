@@ -198,7 +198,7 @@ fn policy() -> Policy {
 
 #[test]
 fn a_hundred_thousand_hostile_payloads_never_panic_and_never_pass_unchecked() {
-    let mut r = Rng(0x5EED_0F_C0FFEE);
+    let mut r = Rng(0x5EED_0FC0_FFEE);
     let received = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_551_200); // 2026-12-06T10:00:00Z
     let view = DeviceView {
         online: Some(true),

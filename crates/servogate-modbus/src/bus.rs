@@ -387,7 +387,12 @@ pub async fn run_bus(
             let unit = tx_unit(&tx);
             let device = set.pollers.iter().position(|p| p.settings().unit == unit);
             let timeout = device.map_or(DEFAULT_TIMEOUT, |i| set.pollers[i].settings().timeout);
-            if let Some(i) = device.filter(|&i| set.suspect[i]) {
+            // A read to a suspect unit is preceded by a probe, as a poll would be. A write
+            // is not: a straggling read reply has another function code than the echo
+            // (the line and tokio-modbus refuse it), so at worst the write is `unknown`,
+            // and a stop to a unit that stopped answering must still go out.
+            let probe_first = matches!(tx, Transaction::Read(_));
+            if let Some(i) = device.filter(|&i| set.suspect[i] && probe_first) {
                 // Probe the unit first; the job's own frame waits for the next turn.
                 exec.unpoll(ji);
                 let probe = last_read.get(&unit).map_or(
