@@ -46,9 +46,17 @@ struct Commander {
 
 impl Commander {
     async fn start(port: u16) -> Self {
-        let opts = MqttOptions::new(format!("e2e-cmd-{}", free_port()), "127.0.0.1", port);
+        let mut opts = MqttOptions::new(format!("e2e-cmd-{}", free_port()), "127.0.0.1", port);
+        // Oversized commands are part of the hostile set.
+        opts.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        tokio::spawn(async move {
+            loop {
+                if eventloop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
         Self { client }
     }
 
@@ -741,4 +749,161 @@ async fn a_reloaded_policy_applies_to_the_next_command() {
         Some(2.0)
     );
     r.gw.stop();
+}
+
+/// xorshift64*: reproducible hostile payloads without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+/// One hostile payload: bad JSON, wrong types, non-finite numbers, huge ids, unknown
+/// fields, deep nesting, oversized (past the 16 KiB a command may have), random bytes.
+fn hostile(r: &mut Rng) -> Vec<u8> {
+    let num = [
+        "0", "-1", "1e308", "1e999", "NaN", "Infinity", "120.5", "\"1\"", "null", "[]",
+    ];
+    let ids = [
+        "\"c-1\"",
+        "\"\"",
+        "null",
+        "1",
+        "\"a b\"",
+        "\"ä\"",
+        "\"c/1\"",
+        "\"x.y:z-0\"",
+    ];
+    let actions = [
+        "\"move\"",
+        "\"write\"",
+        "\"halt\"",
+        "\"quick_stop\"",
+        "\"fly\"",
+        "null",
+        "7",
+    ];
+    let keys = [
+        "position", "velocity", "values", "deadline", "ts", "ttl_ms", "postion", "targets",
+        "signed",
+    ];
+    match r.below(10) {
+        0 => (0..r.below(200)).map(|_| r.next() as u8).collect(),
+        1 => {
+            let n = 1 + r.below(5000);
+            format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()
+        }
+        2 => format!(
+            r#"{{"id":"c-2","action":"halt","pad":"{}"}}"#,
+            "a".repeat(20_000)
+        )
+        .into_bytes(),
+        3 => format!(
+            r#"{{"id":"{}","action":"move","position":1}}"#,
+            "x".repeat(65 + r.below(500))
+        )
+        .into_bytes(),
+        _ => {
+            let mut parts = vec![
+                format!("\"id\":{}", r.pick(&ids)),
+                format!("\"action\":{}", r.pick(&actions)),
+            ];
+            for _ in 0..r.below(4) {
+                parts.push(format!("\"{}\":{}", r.pick(&keys), r.pick(&num)));
+            }
+            if r.below(3) == 0 {
+                parts.push(format!(
+                    "\"values\":{{\"{}\":{}}}",
+                    r.pick(&["speed_limit", "nope", "statusword"]),
+                    r.pick(&num)
+                ));
+            }
+            let text = format!("{{{}}}", parts.join(","));
+            let cut = if r.below(8) == 0 {
+                r.below(text.len())
+            } else {
+                text.len()
+            };
+            text.as_bytes()[..cut].to_vec()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_hostile_payloads_get_answers_and_never_a_frame_on_the_bus() {
+    const TOTAL: usize = 100_000;
+    let port = free_port();
+    // Every action refused by the policy: whatever the generator makes well-formed by
+    // chance must not move a drive either.
+    let policy = format!(
+        "\n[devices.commands]\nallow = []\n# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let mut r = rig(&policy).await;
+    let mut rng = Rng(0x0DD_BA11_5EED);
+    let (mut results, mut unknown, mut sent) = (0usize, 0usize, 0usize);
+    while sent < TOTAL {
+        // In chunks, each answered before the next, so the intake (256) never overflows
+        // and every payload reaches the parser.
+        let chunk = 200.min(TOTAL - sent);
+        for _ in 0..chunk {
+            let device = match rng.below(20) {
+                0 => {
+                    unknown += 1;
+                    format!("ghost-{}", rng.below(1_000_000))
+                }
+                _ => format!("axis-{}", 1 + rng.below(3)),
+            };
+            let payload = hostile(&mut rng);
+            let topic = format!("servogate/{ID}/devices/{device}/cmd");
+            r.cmd
+                .client
+                .publish(topic, QoS::AtMostOnce, false, payload)
+                .await
+                .expect("publish");
+        }
+        sent += chunk;
+        let answered = async {
+            while results < sent - unknown {
+                let m = r.sub.next().await;
+                if m.topic.ends_with("/cmd/result") {
+                    results += 1;
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, answered)
+            .await
+            .unwrap_or_else(|_| panic!("payloads up to {sent} not all answered"));
+    }
+    let text = scrape_until(port, "the counters", |_| true).await;
+    let dropped = sample(&text, "servogate_commands_dropped_total").unwrap();
+    let ghosts = sample(&text, "servogate_commands_unknown_device_total").unwrap();
+    println!("{results} results, {ghosts} unknown devices, {dropped} dropped of {sent}");
+    assert_eq!(dropped, 0.0);
+    assert_eq!(ghosts as usize, unknown);
+    assert_eq!(
+        results + unknown,
+        TOTAL,
+        "every payload answered or counted"
+    );
+    for unit in 1..=3 {
+        assert_eq!(
+            writes(&mut r.sim, unit),
+            (0, 0),
+            "unit {unit}: nothing reached the drive"
+        );
+    }
+    // The gateway is alive and still polling.
+    until_device(&mut r.sub, "axis-1", "telemetry", |_| true).await;
+    assert!(r.gw.stop().success());
 }

@@ -238,11 +238,17 @@ impl Desk {
             return None;
         };
         let Some(entry) = self.cfg.devices.get(&device).cloned() else {
-            self.stats
+            let n = self
+                .stats
                 .unknown_device
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            warn!(device = %device.chars().take(64).collect::<String>(),
-                  "command for a device that is not configured: ignored");
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            // Counted always, logged at the 1st, 2nd, 4th, 8th...: a flood of made-up
+            // names must not flood the journal either.
+            if n.is_power_of_two() {
+                warn!(device = %device.chars().take(64).collect::<String>(), count = n,
+                      "command for a device that is not configured: ignored");
+            }
             return None;
         };
         let device: Arc<str> = Arc::from(device);
