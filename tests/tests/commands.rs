@@ -33,7 +33,7 @@ const POLICY: &str = r#"
 allow = ["enable", "disable", "quick_stop", "halt", "fault_reset", "move", "write"]
 writable = ["speed_limit"]
 max_rate = 50
-require_fresh = true
+require_fresh = false
 limits.position = { min = -200.0, max = 300.0, max_step = 50.0 }
 limits.velocity = { min = 0.0, max = 200.0 }
 limits.speed_limit = { min = 0, max = 250 }
@@ -517,7 +517,13 @@ async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_
         "{}\n[[buses]]\nname = \"rs485-b\"\nprotocol = \"modbus-rtu\"\nport = \"/nonexistent/ttyX\"\nbaud = 115200\n\n\
          [[devices]]\nname = \"axis-9\"\nbus = \"rs485-b\"\nunit = 9\nprofile = \"sim\"\npoll = \"10ms\"\n\n\
          [devices.commands]\nallow = [\"write\"]\nwritable = [\"speed_limit\"]\nmax_age = \"500ms\"\n",
-        cmd_config(&broker.url(), &pty.gateway, POLICY)
+        cmd_config(
+            &broker.url(),
+            &pty.gateway,
+            // Fresh feedback required here only: a loaded machine's late reply would
+            // refuse the other tests' commands.
+            &POLICY.replace("require_fresh = false", "require_fresh = true")
+        )
     );
     let mut r = rig_from(broker, pty, sim, sub, commander, config, true).await;
 
@@ -906,4 +912,125 @@ async fn a_hundred_thousand_hostile_payloads_get_answers_and_never_a_frame_on_th
     // The gateway is alive and still polling.
     until_device(&mut r.sub, "axis-1", "telemetry", |_| true).await;
     assert!(r.gw.stop().success());
+}
+
+/// The next group result with `id` on `{prefix}/cmd/result`.
+async fn group_result(sub: &mut Subscriber, id: &str) -> Value {
+    let topic = format!("servogate/{ID}/cmd/result");
+    let wait = sub.until(|m| m.topic == topic && m.json["id"] == id);
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no group result for {id}"))
+        .json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_move_runs_on_every_axis_or_on_none() {
+    let mut r = rig(POLICY).await;
+    // Where each axis is now: the targets are 10 mm from there.
+    let mut targets = serde_json::Map::new();
+    for unit in 1..=3u8 {
+        let truth: Value = serde_json::from_str(
+            r.sim
+                .cmd(&format!("truth {unit}"))
+                .trim_start_matches("ok "),
+        )
+        .unwrap();
+        let p = truth["position_mm"].as_f64().unwrap();
+        targets.insert(
+            format!("axis-{unit}"),
+            json!({"position": (p * 1000.0).round() / 1000.0 + 10.0}),
+        );
+    }
+    // One target out of its limits: nobody moves.
+    let mut bad = targets.clone();
+    bad.insert("axis-2".into(), json!({"position": 400.0}));
+    let g = json!({"id": "g-bad", "action": "move", "targets": bad, "ts": now(), "ttl_ms": 2000});
+    r.cmd
+        .client
+        .publish(
+            format!("servogate/{ID}/cmd"),
+            QoS::AtLeastOnce,
+            false,
+            g.to_string(),
+        )
+        .await
+        .unwrap();
+    let res = group_result(&mut r.sub, "g-bad").await;
+    assert_eq!(
+        (res["status"].as_str(), res["reason"].as_str()),
+        (Some("rejected"), Some("group_rejected")),
+        "{res}"
+    );
+    assert_eq!(res["devices"]["axis-2"]["reason"], "out_of_range", "{res}");
+    assert_eq!(
+        res["devices"]["axis-1"]["reason"], "group_rejected",
+        "{res}"
+    );
+    for unit in 1..=3 {
+        assert_eq!(writes(&mut r.sim, unit), (0, 0));
+    }
+
+    let g = json!({"id": "g-1", "action": "move", "wait": "target_reached", "targets": targets.clone(), "ts": now(), "ttl_ms": 2000});
+    // `wait` is a per-target parameter: put it in each.
+    let mut with_wait = targets.clone();
+    for v in with_wait.values_mut() {
+        v["wait"] = json!("target_reached");
+        v["velocity"] = json!(100.0);
+    }
+    let g = {
+        let mut g = g;
+        g["targets"] = Value::Object(with_wait);
+        g.as_object_mut().unwrap().remove("wait");
+        g
+    };
+    r.cmd
+        .client
+        .publish(
+            format!("servogate/{ID}/cmd"),
+            QoS::AtLeastOnce,
+            false,
+            g.to_string(),
+        )
+        .await
+        .unwrap();
+    let res = group_result(&mut r.sub, "g-1").await;
+    assert_eq!(res["status"], "done", "{res}");
+    for unit in 1..=3u8 {
+        assert_eq!(
+            res["devices"][format!("axis-{unit}")]["status"],
+            "done",
+            "{res}"
+        );
+        let truth: Value = serde_json::from_str(
+            r.sim
+                .cmd(&format!("truth {unit}"))
+                .trim_start_matches("ok "),
+        )
+        .unwrap();
+        let want = targets[&format!("axis-{unit}")]["position"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (truth["position_mm"].as_f64().unwrap() - want).abs() < 1e-6,
+            "{truth}"
+        );
+    }
+    // The same group again: its stored result, nothing sent twice.
+    let before: Vec<(u64, u64)> = (1..=3).map(|u| writes(&mut r.sim, u)).collect();
+    r.cmd
+        .client
+        .publish(
+            format!("servogate/{ID}/cmd"),
+            QoS::AtLeastOnce,
+            false,
+            g.to_string(),
+        )
+        .await
+        .unwrap();
+    let again = group_result(&mut r.sub, "g-1").await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    let after: Vec<(u64, u64)> = (1..=3).map(|u| writes(&mut r.sim, u)).collect();
+    assert_eq!(before, after);
+    r.gw.stop();
 }

@@ -120,6 +120,7 @@ mod tests {
             received: SystemTime::UNIX_EPOCH,
             latency: Duration::ZERO,
             duplicate: false,
+            group: Vec::new(),
         }
     }
 

@@ -146,4 +146,22 @@ pub struct CommandReport {
     pub latency: Duration,
     /// A repeat of an id already answered: this is the stored result again.
     pub duplicate: bool,
+    /// A group command's result lists every device's (empty for a one-device command).
+    pub group: Vec<MemberResult>,
+}
+
+impl CommandReport {
+    /// True for the result of a group command (`{prefix}/cmd/result`).
+    pub fn is_group(&self) -> bool {
+        !self.group.is_empty()
+    }
+}
+
+/// One device's part of a group command's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberResult {
+    pub device: Arc<str>,
+    pub status: CommandStatus,
+    pub reason: Option<CommandReason>,
+    pub message: String,
 }

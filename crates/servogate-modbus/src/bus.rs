@@ -387,11 +387,11 @@ pub async fn run_bus(
             let unit = tx_unit(&tx);
             let device = set.pollers.iter().position(|p| p.settings().unit == unit);
             let timeout = device.map_or(DEFAULT_TIMEOUT, |i| set.pollers[i].settings().timeout);
-            // A read to a suspect unit is preceded by a probe, as a poll would be. A write
-            // is not: a straggling read reply has another function code than the echo
-            // (the line and tokio-modbus refuse it), so at worst the write is `unknown`,
-            // and a stop to a unit that stopped answering must still go out.
-            let probe_first = matches!(tx, Transaction::Read(_));
+            // A frame to a suspect unit is preceded by a probe, as a poll would be: a
+            // straggling reply that lands on a write's echo makes the write `unknown`
+            // (seen on a loaded machine). A stop is not held back: it goes out at once,
+            // even to a unit that stopped answering, and is `unknown` at worst.
+            let probe_first = matches!(tx, Transaction::Read(_)) || !exec.is_safety(ji);
             if let Some(i) = device.filter(|&i| set.suspect[i] && probe_first) {
                 // Probe the unit first; the job's own frame waits for the next turn.
                 exec.unpoll(ji);

@@ -672,6 +672,11 @@ impl Executor {
         }
     }
 
+    /// True when job `index` is a safety action (`quick_stop`, `halt`, `disable`).
+    pub fn is_safety(&self, index: usize) -> bool {
+        self.jobs.get(index).is_some_and(Job::is_safety)
+    }
+
     /// Job `index` does not get the transaction it was handed (its unit is probed first).
     pub fn unpoll(&mut self, index: usize) {
         if let Some(j) = self.jobs.get_mut(index) {

@@ -56,6 +56,16 @@ pub fn status_topic(prefix: &str) -> String {
     format!("{prefix}/status")
 }
 
+/// `{prefix}/cmd`: group commands in.
+pub fn group_command_topic(prefix: &str) -> String {
+    format!("{prefix}/cmd")
+}
+
+/// `{prefix}/cmd/result`: group command results.
+pub fn group_result_topic(prefix: &str) -> String {
+    format!("{prefix}/cmd/result")
+}
+
 /// `{prefix}/devices/{device}/{meta|availability|telemetry|events}`.
 pub fn device_topic(prefix: &str, device: &str, topic: DeviceTopic) -> String {
     // Built with pushes into one allocation of the right size: this runs for every event.
@@ -73,6 +83,8 @@ pub fn event_topic(prefix: &str, event: &Event) -> String {
         EventBody::Telemetry(_) => DeviceTopic::Telemetry,
         EventBody::Availability(_) => DeviceTopic::Availability,
         EventBody::Notice(_) => DeviceTopic::Events,
+        // A group command's result is the gateway's, not one device's.
+        EventBody::CommandResult(ref r) if r.is_group() => return group_result_topic(prefix),
         EventBody::CommandResult(_) => DeviceTopic::CommandResult,
     };
     device_topic(prefix, &event.device, topic)
@@ -239,6 +251,21 @@ pub fn encode_command_result(seq: u64, ts: SystemTime, r: &CommandReport) -> Vec
     o.f64("latency_ms", r.latency.as_micros() as f64 / 1e3);
     if r.duplicate {
         o.bool("duplicate", true);
+    }
+    if r.is_group() {
+        let mut devices = Obj::new();
+        for m in &r.group {
+            let mut d = Obj::new();
+            d.str("status", m.status.as_str());
+            if let Some(reason) = m.reason {
+                d.str("reason", reason.as_str());
+            }
+            if !m.message.is_empty() {
+                d.str("message", &m.message);
+            }
+            devices.raw(&m.device, &d.finish());
+        }
+        o.raw("devices", &devices.finish());
     }
     o.finish()
 }
@@ -463,6 +490,7 @@ mod tests {
             received: at(1_767_225_600_000),
             latency: Duration::from_micros(3_100),
             duplicate: false,
+            group: Vec::new(),
         };
         let text = String::from_utf8(encode_command_result(18, at(1_767_225_600_003), &r)).unwrap();
         assert_eq!(

@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use servogate_command::{
-    check, parse_command, Command, CommandId, Context, DeviceView, Feedback, IdBook, Order,
-    Outcome, Policy, RateLimiter, Refusal, Rules, Seen, SigningKey,
+    check, parse_command, parse_group, Command, CommandId, Context, DeviceView, Feedback,
+    GroupCommand, IdBook, Order, Outcome, Policy, RateLimiter, Refusal, Rules, Seen, SigningKey,
 };
 use servogate_core::{
     AvailabilityState, CommandReason, CommandReport, CommandStatus, DeviceEvents, Event, EventBody,
-    EventSink, Histogram, SeqBook,
+    EventSink, Histogram, MemberResult, SeqBook,
 };
 use servogate_modbus::bus::BusOrder;
 use servogate_mqtt::Incoming;
@@ -134,10 +134,16 @@ pub struct DeskConfig {
     pub key: Option<SigningKey>,
 }
 
-/// The topic filter of every device's `cmd` topic.
+/// The topic filters of every device's `cmd` topic and of group commands.
 pub fn filters(prefix: &str) -> Vec<String> {
-    vec![format!("{prefix}/devices/+/cmd")]
+    vec![
+        format!("{prefix}/devices/+/cmd"),
+        servogate_mqtt::payload::group_command_topic(prefix),
+    ]
 }
+
+/// Numbers group results: the gateway's own `cmd_result` stream.
+const GROUP: &str = "";
 
 /// A command handed to a bus, waiting for its outcome.
 struct InFlight {
@@ -146,6 +152,21 @@ struct InFlight {
     action: &'static str,
     received: SystemTime,
     at: Instant,
+    /// The group command it belongs to (a key of `Desk::groups`).
+    group: Option<u64>,
+}
+
+/// A group target that passed its checks: device, bus, deadline.
+type Target = (Arc<str>, String, SystemTime);
+
+/// A group command whose members are on their buses.
+struct GroupState {
+    id: CommandId,
+    action: &'static str,
+    received: SystemTime,
+    at: Instant,
+    /// Each device's outcome, once known, in payload order.
+    members: Vec<(Arc<str>, Option<Outcome>)>,
 }
 
 /// The desk's state (everything but the channels).
@@ -158,6 +179,8 @@ struct Desk {
     books: HashMap<Arc<str>, IdBook>,
     rates: HashMap<Arc<str>, RateLimiter>,
     stats: Arc<CommandStats>,
+    groups: HashMap<u64, GroupState>,
+    next_group: u64,
 }
 
 /// Runs the desk until `stop` fires.
@@ -179,6 +202,8 @@ pub async fn run_desk(
         books: HashMap::new(),
         rates: HashMap::new(),
         stats,
+        groups: HashMap::new(),
+        next_group: 0,
     };
     let mut pending: JoinSet<(InFlight, Outcome)> = JoinSet::new();
     loop {
@@ -186,7 +211,7 @@ pub async fn run_desk(
             _ = stop.cancelled() => break,
             // Cancellation-safe: a message not taken stays in the channel.
             Some(msg) = intake.recv() => {
-                if let Some((flight, rx)) = desk.take(msg) {
+                for (flight, rx) in desk.take(msg) {
                     pending.spawn(async move {
                         // A bus that stops answers every order; a dropped sender means
                         // its task died, and the frame may have gone out.
@@ -231,8 +256,16 @@ impl Desk {
         rest.strip_suffix("/cmd").filter(|d| !d.contains('/'))
     }
 
-    /// Handles one message; returns the order handed to a bus, if any.
-    fn take(&mut self, msg: Incoming) -> Option<(InFlight, oneshot::Receiver<Outcome>)> {
+    /// Handles one message; returns the orders handed to buses.
+    fn take(&mut self, msg: Incoming) -> Vec<(InFlight, oneshot::Receiver<Outcome>)> {
+        if msg.topic == servogate_mqtt::payload::group_command_topic(&self.cfg.prefix) {
+            return self.take_group(msg);
+        }
+        self.take_one(msg).into_iter().collect()
+    }
+
+    /// A command for one device.
+    fn take_one(&mut self, msg: Incoming) -> Option<(InFlight, oneshot::Receiver<Outcome>)> {
         let Some(device) = self.device_of(&msg.topic).map(str::to_owned) else {
             warn!(topic = %msg.topic, "message on an unexpected topic ignored");
             return None;
@@ -264,6 +297,7 @@ impl Desk {
                     received: msg.received,
                     latency: msg.at.elapsed(),
                     duplicate: false,
+                    group: Vec::new(),
                 },
             );
         };
@@ -334,8 +368,12 @@ impl Desk {
             action: cmd.action.name(),
             received: msg.received,
             at: msg.at,
+            group: None,
         };
-        match self.dispatch(&device, &entry.bus, &policy, cmd, &msg) {
+        let dispatched = self
+            .checked(&device, &policy, &cmd, &msg)
+            .and_then(|deadline| self.send(&device, &entry.bus, cmd, deadline, &msg));
+        match dispatched {
             Ok(rx) => Some((flight, rx)),
             Err(outcome) => {
                 self.finish(flight, outcome);
@@ -344,15 +382,239 @@ impl Desk {
         }
     }
 
-    /// Applies the policy and hands the order to its bus.
-    fn dispatch(
+    /// A group command: checked as a whole (one refusal refuses every target), then
+    /// every order handed to its bus, or none.
+    fn take_group(&mut self, msg: Incoming) -> Vec<(InFlight, oneshot::Receiver<Outcome>)> {
+        let gkey: Arc<str> = Arc::from(GROUP);
+        let report = |id: Option<&CommandId>, action, status, reason, message: String, group| {
+            CommandReport {
+                id: id.map(|i| i.as_arc().clone()),
+                action,
+                status,
+                reason,
+                message,
+                received: msg.received,
+                latency: msg.at.elapsed(),
+                duplicate: false,
+                group,
+            }
+        };
+        let g: GroupCommand = match parse_group(&msg.payload, self.cfg.key.as_ref()) {
+            Ok(g) => g,
+            Err(r) => {
+                let member = MemberResult {
+                    device: Arc::from("-"),
+                    status: CommandStatus::Rejected,
+                    reason: Some(r.reason),
+                    message: String::new(),
+                };
+                let rep = report(
+                    r.id.as_ref(),
+                    r.action,
+                    CommandStatus::Rejected,
+                    Some(r.reason),
+                    r.message,
+                    vec![member],
+                );
+                self.publish(&gkey, rep);
+                return Vec::new();
+            }
+        };
+        let action = g.targets[0].1.action.name();
+        let refuse_all =
+            |this: &mut Self, reason: CommandReason, message: &str, members: Vec<MemberResult>| {
+                let rep = report(
+                    Some(&g.id),
+                    Some(action),
+                    CommandStatus::Rejected,
+                    Some(reason),
+                    message.to_owned(),
+                    members,
+                );
+                this.publish(&gkey, rep);
+            };
+        let everyone = |reason: CommandReason| -> Vec<MemberResult> {
+            g.targets
+                .iter()
+                .map(|(d, _)| MemberResult {
+                    device: Arc::from(d.as_str()),
+                    status: CommandStatus::Rejected,
+                    reason: Some(reason),
+                    message: String::new(),
+                })
+                .collect()
+        };
+        if msg.retain {
+            refuse_all(
+                self,
+                CommandReason::Retained,
+                "a retained command is stale: never executed",
+                everyone(CommandReason::Retained),
+            );
+            return Vec::new();
+        }
+        match self
+            .books
+            .entry(gkey.clone())
+            .or_default()
+            .seen(&g.id, g.body_hash)
+        {
+            Seen::New => {}
+            Seen::InFlight => return Vec::new(),
+            Seen::Finished(mut r) => {
+                r.duplicate = true;
+                self.publish(&gkey, r);
+                return Vec::new();
+            }
+            Seen::Reused => {
+                refuse_all(
+                    self,
+                    CommandReason::IdReused,
+                    "this id was used before with another command",
+                    everyone(CommandReason::IdReused),
+                );
+                return Vec::new();
+            }
+        }
+        self.books
+            .entry(gkey.clone())
+            .or_default()
+            .start(g.id.clone(), g.body_hash);
+        // Every target checked first; nothing is sent unless all pass.
+        let mut checks: Vec<Result<Target, Outcome>> = Vec::new();
+        for (device, cmd) in &g.targets {
+            let Some(entry) = self.cfg.devices.get(device).cloned() else {
+                checks.push(Err(Outcome::rejected(
+                    CommandReason::BadRequest,
+                    format!("no device named {device:?}"),
+                )));
+                continue;
+            };
+            let Some(policy) = entry.policy else {
+                checks.push(Err(Outcome::rejected(
+                    CommandReason::NotAllowed,
+                    "this device takes no commands",
+                )));
+                continue;
+            };
+            let device: Arc<str> = Arc::from(device.as_str());
+            checks.push(
+                self.checked(&device, &policy, cmd, &msg)
+                    .map(|d| (device, entry.bus, d)),
+            );
+        }
+        // Room on every bus for every order, reserved before the first is sent.
+        let mut permits = Vec::new();
+        if checks.iter().all(Result::is_ok) {
+            for c in checks.iter_mut() {
+                let Ok((_, bus, _)) = c else { continue };
+                let permit = match self.cfg.routes.get(bus.as_str()) {
+                    None => Err(Outcome::rejected(
+                        CommandReason::BusDown,
+                        format!("bus {bus} is not running"),
+                    )),
+                    Some(route) => route.clone().try_reserve_owned().map_err(|_| {
+                        Outcome::rejected(
+                            CommandReason::RateLimited,
+                            format!("the command queue of bus {bus} is full"),
+                        )
+                    }),
+                };
+                match permit {
+                    Ok(p) => permits.push(p),
+                    Err(o) => *c = Err(o),
+                }
+            }
+        }
+        if checks.iter().any(Result::is_err) {
+            drop(permits);
+            let members = g
+                .targets
+                .iter()
+                .zip(&checks)
+                .map(|((d, _), c)| match c {
+                    Err(o) => MemberResult {
+                        device: Arc::from(d.as_str()),
+                        status: o.status,
+                        reason: o.reason,
+                        message: o.message.clone(),
+                    },
+                    Ok(_) => MemberResult {
+                        device: Arc::from(d.as_str()),
+                        status: CommandStatus::Rejected,
+                        reason: Some(CommandReason::GroupRejected),
+                        message: "another target was refused: nothing was sent".into(),
+                    },
+                })
+                .collect();
+            let rep = report(
+                Some(&g.id),
+                Some(action),
+                CommandStatus::Rejected,
+                Some(CommandReason::GroupRejected),
+                "a target was refused: nothing was sent".into(),
+                members,
+            );
+            self.books
+                .entry(gkey.clone())
+                .or_default()
+                .finish(&g.id, &rep);
+            self.publish(&gkey, rep);
+            return Vec::new();
+        }
+        let key = self.next_group;
+        self.next_group += 1;
+        let mut out = Vec::new();
+        let mut members = Vec::new();
+        for ((permit, c), (_, cmd)) in permits.into_iter().zip(checks).zip(g.targets) {
+            let Ok((device, _, deadline)) = c else {
+                continue;
+            };
+            let (reply, rx) = oneshot::channel();
+            let left = deadline
+                .duration_since(msg.received)
+                .unwrap_or(Duration::ZERO);
+            permit.send(BusOrder {
+                order: Order {
+                    device: device.clone(),
+                    id: cmd.id.clone(),
+                    action: cmd.action,
+                    deadline: msg.at + left,
+                },
+                reply,
+            });
+            members.push((device.clone(), None));
+            let flight = InFlight {
+                device,
+                id: cmd.id,
+                action,
+                received: msg.received,
+                at: msg.at,
+                group: Some(key),
+            };
+            out.push((flight, rx));
+        }
+        self.groups.insert(
+            key,
+            GroupState {
+                id: g.id,
+                action,
+                received: msg.received,
+                at: msg.at,
+                members,
+            },
+        );
+        out
+    }
+
+    /// Applies `policy` to `cmd` for `device`; returns its deadline.
+    fn checked(
         &mut self,
         device: &Arc<str>,
-        bus: &str,
         policy: &Policy,
-        cmd: Command,
+        cmd: &Command,
         msg: &Incoming,
-    ) -> Result<oneshot::Receiver<Outcome>, Outcome> {
+    ) -> Result<SystemTime, Outcome> {
         let view = self.views.get(device);
         let cx = Context {
             view: &view,
@@ -362,11 +624,22 @@ impl Desk {
             expiry: None,
         };
         let rate = self.rates.entry(device.clone()).or_default();
-        let deadline = check(&cmd, policy, rate, cx).map_err(|r| match r.reason {
+        check(cmd, policy, rate, cx).map_err(|r| match r.reason {
             // Past its deadline on arrival: the contract's own status for that.
             CommandReason::Expired => Outcome::expired(r.message),
             reason => Outcome::rejected(reason, r.message),
-        })?;
+        })
+    }
+
+    /// Hands a checked command to its bus.
+    fn send(
+        &mut self,
+        device: &Arc<str>,
+        bus: &str,
+        cmd: Command,
+        deadline: SystemTime,
+        msg: &Incoming,
+    ) -> Result<oneshot::Receiver<Outcome>, Outcome> {
         let left = deadline
             .duration_since(msg.received)
             .unwrap_or(Duration::ZERO);
@@ -399,6 +672,9 @@ impl Desk {
     /// A command's final outcome: stored for repeats, published, and once more for each
     /// repeat that came while it was in flight.
     fn finish(&mut self, f: InFlight, outcome: Outcome) {
+        if let Some(key) = f.group {
+            return self.finish_member(key, &f.device, outcome);
+        }
         let report = CommandReport {
             id: Some(f.id.as_arc().clone()),
             action: Some(f.action),
@@ -408,6 +684,7 @@ impl Desk {
             received: f.received,
             latency: f.at.elapsed(),
             duplicate: false,
+            group: Vec::new(),
         };
         let waiting = self
             .books
@@ -422,17 +699,82 @@ impl Desk {
         }
     }
 
+    /// One member of a group ended; the group's result goes out with the last.
+    fn finish_member(&mut self, key: u64, device: &Arc<str>, outcome: Outcome) {
+        let Some(g) = self.groups.get_mut(&key) else {
+            return;
+        };
+        if let Some(m) = g
+            .members
+            .iter_mut()
+            .find(|(d, o)| d == device && o.is_none())
+        {
+            m.1 = Some(outcome);
+        }
+        if g.members.iter().any(|(_, o)| o.is_none()) {
+            return;
+        }
+        let Some(g) = self.groups.remove(&key) else {
+            return;
+        };
+        // `done` only when every device's is; else the most serious of theirs.
+        let rank = |s: CommandStatus| match s {
+            CommandStatus::Unknown => 4,
+            CommandStatus::Failed => 3,
+            CommandStatus::Expired => 2,
+            CommandStatus::Rejected => 1,
+            _ => 0,
+        };
+        let members: Vec<MemberResult> = g
+            .members
+            .into_iter()
+            .map(|(device, o)| {
+                let o = o.unwrap_or_else(|| Outcome::unknown("no outcome"));
+                MemberResult {
+                    device,
+                    status: o.status,
+                    reason: o.reason,
+                    message: o.message,
+                }
+            })
+            .collect();
+        let worst = members.iter().max_by_key(|m| rank(m.status));
+        let (status, reason) = match worst {
+            Some(m) if m.status != CommandStatus::Done => (m.status, m.reason),
+            _ => (CommandStatus::Done, None),
+        };
+        let report = CommandReport {
+            id: Some(g.id.as_arc().clone()),
+            action: Some(g.action),
+            status,
+            reason,
+            message: String::new(),
+            received: g.received,
+            latency: g.at.elapsed(),
+            duplicate: false,
+            group: members,
+        };
+        let gkey: Arc<str> = Arc::from(GROUP);
+        self.books
+            .entry(gkey.clone())
+            .or_default()
+            .finish(&g.id, &report);
+        self.publish(&gkey, report);
+    }
+
     /// Numbers the result on the device's `cmd_result` stream, logs and counts it.
     fn publish(&mut self, device: &Arc<str>, report: CommandReport) {
         let id = report.id.as_deref().unwrap_or("-");
         let action = report.action.unwrap_or("-");
         let reason = report.reason.map_or("-", |r| r.as_str());
-        info!(target: "servogate::audit", device = %device, id, action,
+        // A group's result is the gateway's: "*" is no device name (not topic-safe).
+        let shown = if report.is_group() { "*" } else { &**device };
+        info!(target: "servogate::audit", device = %shown, id, action,
               status = report.status.as_str(), reason, duplicate = report.duplicate,
               latency_ms = report.latency.as_secs_f64() * 1e3, "command result");
         if !report.duplicate {
             self.stats
-                .count(device, action, report.status, report.latency);
+                .count(shown, action, report.status, report.latency);
         }
         let numberer = self
             .numberers
