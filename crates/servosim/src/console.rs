@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::Simulator;
 
 /// The commands, for `help` and error messages.
-pub const HELP: &str = "dead U | alive U | late U DUR | ontime U | fault U CODE | clear U | reject U CODE | accept U | mute-writes U | unmute-writes U | crc RATE | stats | truth U";
+pub const HELP: &str = "dead U | alive U | late U DUR | ontime U | fault U CODE | clear U | reject U CODE | accept U | mute-writes U | unmute-writes U | crc RATE | stats | journal | truth U";
 
 /// Runs one command line; `None` for a blank line (nothing to answer).
 pub fn execute(sim: &Simulator, line: &str) -> Option<String> {
@@ -97,6 +97,15 @@ fn run(sim: &Simulator, command: &str, args: &[&str]) -> Result<String, String> 
         "stats" => {
             expect_args(0)?;
             Ok(format_stats(sim))
+        }
+        "journal" => {
+            expect_args(0)?;
+            let entries: Vec<String> = sim
+                .journal()
+                .iter()
+                .map(|e| format!("{}:{}:{}", e.unit, e.function, e.t_ms))
+                .collect();
+            Ok(format!("journal {}", entries.join(",")))
         }
         "truth" => {
             expect_args(1)?;

@@ -67,6 +67,20 @@ pub fn faithful_delay(
     wire_time(request_len, baud) + t35(baud) + turnaround + wire_time(reply_len, baud)
 }
 
+/// Requests the journal keeps.
+pub const JOURNAL_LEN: usize = 512;
+
+/// One request frame to a simulated unit, as it arrived (for tests of the gateway's
+/// order on the line: a command ahead of the polls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub unit: u8,
+    /// The function code (3 read holding, 4 read input, 6 and 16 writes).
+    pub function: u8,
+    /// Model time of its arrival, ms.
+    pub t_ms: u32,
+}
+
 /// Counters of one unit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnitStats {
@@ -145,6 +159,8 @@ struct Inner {
     crc_noise: f64,
     corrupted: u64,
     dropped_bytes: u64,
+    /// The last requests to simulated units, oldest first.
+    journal: std::collections::VecDeque<JournalEntry>,
 }
 
 /// Simulated servo drives answering as Modbus RTU units. Share it in an `Arc`: the
@@ -171,6 +187,7 @@ impl Simulator {
             crc_noise: clamp_rate(options.crc_noise),
             corrupted: 0,
             dropped_bytes: 0,
+            journal: std::collections::VecDeque::with_capacity(JOURNAL_LEN),
         };
         Self {
             unit_list: units,
@@ -284,6 +301,11 @@ impl Simulator {
         }
     }
 
+    /// The last [`JOURNAL_LEN`] requests to simulated units, oldest first.
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        self.lock().journal.iter().copied().collect()
+    }
+
     /// Adds bytes the line dropped to the counters (called by the serving loop).
     pub fn count_dropped_bytes(&self, n: u64) {
         self.lock().dropped_bytes += n;
@@ -336,6 +358,14 @@ impl Simulator {
         }
         // A unit we do not simulate belongs to someone else (or no one): stay silent.
         let ctl = inner.units.get_mut(&frame.unit)?;
+        if inner.journal.len() == JOURNAL_LEN {
+            inner.journal.pop_front();
+        }
+        inner.journal.push_back(JournalEntry {
+            unit: frame.unit,
+            function,
+            t_ms,
+        });
         if is_write {
             ctl.stats.writes += 1;
         }
@@ -465,6 +495,26 @@ mod tests {
         let [a0, a1] = address.to_be_bytes();
         let [q0, q1] = quantity.to_be_bytes();
         request(unit, &[0x03, a0, a1, q0, q1])
+    }
+
+    #[test]
+    fn the_journal_keeps_the_last_requests_in_arrival_order() {
+        let s = sim("1-2", SimOptions::default());
+        s.handle(&read_holding(1, 0, 2), 10);
+        s.handle(&request(2, &[0x06, 0, 0x18, 0, 100]), 11);
+        s.handle(&read_holding(9, 0, 2), 12); // not simulated: not journaled
+        let j = s.journal();
+        assert_eq!(
+            j.iter()
+                .map(|e| (e.unit, e.function, e.t_ms))
+                .collect::<Vec<_>>(),
+            vec![(1, 3, 10), (2, 6, 11)]
+        );
+        for t in 0..JOURNAL_LEN as u32 + 5 {
+            s.handle(&read_holding(1, 0, 1), t);
+        }
+        assert_eq!(s.journal().len(), JOURNAL_LEN);
+        assert_eq!(s.journal()[0].t_ms, 5);
     }
 
     #[test]
