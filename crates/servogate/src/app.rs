@@ -240,7 +240,8 @@ async fn reload(
     if new.buffer != current.buffer {
         warn!(
             capacity = current.buffer.capacity,
-            "[buffer] changed: it takes effect at the next restart (the ring holding              unacknowledged events is not resized while running)"
+            "[buffer] changed: it takes effect at the next restart (the ring holding \
+             unacknowledged events is not resized while running)"
         );
     }
     // The forwarder first: if the new [mqtt] cannot be used (a TLS file unreadable), the
