@@ -1146,3 +1146,56 @@ fn parse_ms_reads_what_rfc3339_writes() {
     let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_551_200_250);
     assert_eq!(parse_ms(&rfc3339(t)), 1_796_551_200_250);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_larger_than_the_packet_limit_costs_a_reconnect_and_loses_no_event() {
+    let port = free_port();
+    let policy = format!("{POLICY}# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut r = rig(&policy).await;
+    // 200 KiB: past the gateway's max_packet_size (64 KiB by default).
+    let huge = format!(
+        r#"{{"id":"big","action":"halt","pad":"{}"}}"#,
+        "a".repeat(200 * 1024)
+    );
+    r.cmd.send("axis-1", &huge, false).await;
+    // rumqttc refuses the packet and drops the connection; the gateway reconnects and
+    // the ring publishes again whatever was not acknowledged.
+    let text = scrape_until(port, "a reconnect", |t| {
+        sample(t, "servogate_mqtt_connects_total").is_some_and(|n| n >= 2.0)
+    })
+    .await;
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.starts_with("servogate_mqtt"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Telemetry goes on with every seq, and a normal command works again.
+    let mut last = None;
+    for _ in 0..50 {
+        let t = until_device(&mut r.sub, "axis-2", "telemetry", |_| true).await;
+        let seq = t["seq"].as_u64().unwrap();
+        if let Some(l) = last {
+            assert!(seq == l + 1 || seq <= l, "gap: {l} -> {seq}");
+        }
+        last = Some(seq.max(last.unwrap_or(0)));
+    }
+    r.cmd
+        .send(
+            "axis-1",
+            &cmd("after-big", "write", json!({"values": {"speed_limit": 90}})),
+            false,
+        )
+        .await;
+    assert_eq!(
+        result(&mut r.sub, "axis-1", Some("after-big")).await["status"],
+        "done"
+    );
+    assert_eq!(
+        writes(&mut r.sim, 1),
+        (1, 1),
+        "the oversized one reached nothing"
+    );
+    r.gw.stop();
+}
