@@ -133,6 +133,14 @@ fn writes(sim: &mut Servosim, unit: u8) -> (u64, u64) {
     (field("writes"), field("applied"))
 }
 
+impl Rig {
+    /// Sends `cmd(id, action, extra)` to `device` and returns its result.
+    async fn ask(&mut self, device: &str, id: &str, action: &str, extra: Value) -> Value {
+        self.cmd.send(device, &cmd(id, action, extra), false).await;
+        result(&mut self.sub, device, Some(id)).await
+    }
+}
+
 struct Rig {
     broker: Mosquitto,
     /// The config the gateway runs with.
@@ -203,15 +211,9 @@ async fn rig_from(
 async fn an_axis_is_enabled_moved_to_its_target_and_quick_stopped() {
     let mut r = rig(POLICY).await;
     // An untouched servosim unit runs enabled: disable it, so enable walks the states.
-    r.cmd
-        .send("axis-1", &cmd("dis-1", "disable", json!({})), false)
-        .await;
-    let dis = result(&mut r.sub, "axis-1", Some("dis-1")).await;
+    let dis = r.ask("axis-1", "dis-1", "disable", json!({})).await;
     assert_eq!(dis["status"], "done", "{dis}");
-    r.cmd
-        .send("axis-1", &cmd("en-1", "enable", json!({})), false)
-        .await;
-    let en = result(&mut r.sub, "axis-1", Some("en-1")).await;
+    let en = r.ask("axis-1", "en-1", "enable", json!({})).await;
     assert_eq!(en["status"], "done", "{en}");
     assert!(en["seq"].as_u64().unwrap() >= 1);
 
@@ -249,10 +251,7 @@ async fn an_axis_is_enabled_moved_to_its_target_and_quick_stopped() {
         at.json
     );
 
-    r.cmd
-        .send("axis-1", &cmd("qs-1", "quick_stop", json!({})), false)
-        .await;
-    let qs = result(&mut r.sub, "axis-1", Some("qs-1")).await;
+    let qs = r.ask("axis-1", "qs-1", "quick_stop", json!({})).await;
     assert_eq!(qs["status"], "done", "{qs}");
     let truth: Value =
         serde_json::from_str(r.sim.cmd("truth 1").trim_start_matches("ok ")).unwrap();
@@ -357,10 +356,7 @@ async fn every_refusal_is_answered_with_its_reason_and_nothing_reaches_the_drive
     // (r-ret was retained, so never recorded: this one is new and a halt is done)
     let res = result(&mut r.sub, "axis-2", Some("r-ret")).await;
     assert_eq!(res["status"], "done", "{res}");
-    r.cmd
-        .send("axis-2", &cmd("r-ret", "disable", json!({})), false)
-        .await;
-    let res = result(&mut r.sub, "axis-2", Some("r-ret")).await;
+    let res = r.ask("axis-2", "r-ret", "disable", json!({})).await;
     assert_eq!(res["reason"], "id_reused", "{res}");
     // wrong_state: a move needs operation_enabled; axis-3 is disabled first.
     r.cmd
@@ -447,14 +443,14 @@ async fn the_same_id_three_times_writes_once_and_answers_three_times() {
 async fn a_drive_refusal_is_failed_a_lost_echo_is_unknown_and_polling_goes_on() {
     let mut r = rig(POLICY).await;
     r.sim.cmd("reject 1 4");
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-1",
-            &cmd("ex-1", "write", json!({"values": {"speed_limit": 120}})),
-            false,
+            "ex-1",
+            "write",
+            json!({"values": {"speed_limit": 120}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-1", Some("ex-1")).await;
     assert_eq!(
         (res["status"].as_str(), res["reason"].as_str()),
         (Some("failed"), Some("exception")),
@@ -464,14 +460,14 @@ async fn a_drive_refusal_is_failed_a_lost_echo_is_unknown_and_polling_goes_on() 
     r.sim.cmd("accept 1");
 
     r.sim.cmd("mute-writes 1");
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-1",
-            &cmd("to-1", "write", json!({"values": {"speed_limit": 130}})),
-            false,
+            "to-1",
+            "write",
+            json!({"values": {"speed_limit": 130}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-1", Some("to-1")).await;
     assert_eq!(
         (res["status"].as_str(), res["reason"].as_str()),
         (Some("unknown"), Some("timeout")),
@@ -532,20 +528,17 @@ async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_
         j["state"] == "offline"
     })
     .await;
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-2",
-            &cmd("off-1", "write", json!({"values": {"speed_limit": 100}})),
-            false,
+            "off-1",
+            "write",
+            json!({"values": {"speed_limit": 100}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-2", Some("off-1")).await;
     assert_eq!(res["reason"], "device_offline", "{res}");
     // A stop still goes to an offline drive: only allow can forbid it.
-    r.cmd
-        .send("axis-2", &cmd("off-2", "quick_stop", json!({})), false)
-        .await;
-    let res = result(&mut r.sub, "axis-2", Some("off-2")).await;
+    let res = r.ask("axis-2", "off-2", "quick_stop", json!({})).await;
     assert_eq!(res["status"], "unknown", "sent to a dead unit: {res}");
     r.sim.cmd("alive 2");
 
@@ -555,25 +548,25 @@ async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_
         j["quality"] == "uncertain"
     })
     .await;
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-3",
-            &cmd("st-1", "write", json!({"values": {"speed_limit": 100}})),
-            false,
+            "st-1",
+            "write",
+            json!({"values": {"speed_limit": 100}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-3", Some("st-1")).await;
     assert_eq!(res["reason"], "stale_feedback", "{res}");
     r.sim.cmd("ontime 3");
 
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-9",
-            &cmd("bd-1", "write", json!({"values": {"speed_limit": 100}})),
-            false,
+            "bd-1",
+            "write",
+            json!({"values": {"speed_limit": 100}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-9", Some("bd-1")).await;
     assert_eq!(
         (res["status"].as_str(), res["reason"].as_str()),
         (Some("rejected"), Some("bus_down")),
@@ -584,6 +577,22 @@ async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_
     assert_eq!(writes(&mut r.sim, 2), (1, 0));
     assert_eq!(writes(&mut r.sim, 3), (0, 0));
     r.gw.stop();
+}
+
+/// `servogate cmd --config CONFIG ARGS`, as a user types it.
+async fn servogate_cmd(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let config = config.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin("servogate"))
+            .args(["cmd", "--config"])
+            .arg(&config)
+            .args(&args)
+            .output()
+            .expect("servogate cmd")
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,17 +623,11 @@ async fn with_a_key_only_signed_commands_run_and_servogate_cmd_signs_them() {
     assert_eq!(writes(&mut r.sim, 1), (0, 0));
 
     // servogate cmd signs with the config's key: done, exit 0, one write.
-    let config = r.gw.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin("servogate"))
-            .args(["cmd", "--config"])
-            .arg(&config)
-            .args(["axis-1", "write", "speed_limit=111", "--ttl", "2s"])
-            .output()
-            .expect("servogate cmd")
-    })
-    .await
-    .unwrap();
+    let out = servogate_cmd(
+        &r.gw.config,
+        &["axis-1", "write", "speed_limit=111", "--ttl", "2s"],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -635,17 +638,7 @@ async fn with_a_key_only_signed_commands_run_and_servogate_cmd_signs_them() {
     assert_eq!(printed["status"], "done");
     assert_eq!(writes(&mut r.sim, 1), (1, 1));
     // And a refused one exits 1 with the result printed.
-    let config = r.gw.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin("servogate"))
-            .args(["cmd", "--config"])
-            .arg(&config)
-            .args(["axis-1", "write", "speed_limit=999"])
-            .output()
-            .expect("servogate cmd")
-    })
-    .await
-    .unwrap();
+    let out = servogate_cmd(&r.gw.config, &["axis-1", "write", "speed_limit=999"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("out_of_range"));
     assert_eq!(writes(&mut r.sim, 1), (1, 1));
@@ -725,14 +718,14 @@ async fn a_reloaded_policy_applies_to_the_next_command() {
         sample(t, r#"servogate_reloads_total{result="ok"}"#) == Some(1.0)
     })
     .await;
-    r.cmd
-        .send(
+    let res = r
+        .ask(
             "axis-1",
-            &cmd("rl-b", "write", json!({"values": {"speed_limit": 240}})),
-            false,
+            "rl-b",
+            "write",
+            json!({"values": {"speed_limit": 240}}),
         )
         .await;
-    let res = result(&mut r.sub, "axis-1", Some("rl-b")).await;
     assert_eq!(res["reason"], "out_of_range", "{res}");
     assert_eq!(writes(&mut r.sim, 1), (1, 1));
     // The metrics count both, by device, action and status.
@@ -757,27 +750,14 @@ async fn a_reloaded_policy_applies_to_the_next_command() {
     r.gw.stop();
 }
 
-/// xorshift64*: reproducible hostile payloads without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
+/// Seeded, so a failure is reproducible.
+fn pick<'a>(r: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
+    items[r.usize(..items.len())]
 }
 
 /// One hostile payload: bad JSON, wrong types, non-finite numbers, huge ids, unknown
 /// fields, deep nesting, oversized (past the 16 KiB a command may have), random bytes.
-fn hostile(r: &mut Rng) -> Vec<u8> {
+fn hostile(r: &mut fastrand::Rng) -> Vec<u8> {
     let num = [
         "0", "-1", "1e308", "1e999", "NaN", "Infinity", "120.5", "\"1\"", "null", "[]",
     ];
@@ -804,10 +784,10 @@ fn hostile(r: &mut Rng) -> Vec<u8> {
         "position", "velocity", "values", "deadline", "ts", "ttl_ms", "postion", "targets",
         "signed",
     ];
-    match r.below(10) {
-        0 => (0..r.below(200)).map(|_| r.next() as u8).collect(),
+    match r.usize(..10) {
+        0 => (0..r.usize(..200)).map(|_| r.u8(..)).collect(),
         1 => {
-            let n = 1 + r.below(5000);
+            let n = 1 + r.usize(..5000);
             format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()
         }
         2 => format!(
@@ -817,27 +797,27 @@ fn hostile(r: &mut Rng) -> Vec<u8> {
         .into_bytes(),
         3 => format!(
             r#"{{"id":"{}","action":"move","position":1}}"#,
-            "x".repeat(65 + r.below(500))
+            "x".repeat(65 + r.usize(..500))
         )
         .into_bytes(),
         _ => {
             let mut parts = vec![
-                format!("\"id\":{}", r.pick(&ids)),
-                format!("\"action\":{}", r.pick(&actions)),
+                format!("\"id\":{}", pick(r, &ids)),
+                format!("\"action\":{}", pick(r, &actions)),
             ];
-            for _ in 0..r.below(4) {
-                parts.push(format!("\"{}\":{}", r.pick(&keys), r.pick(&num)));
+            for _ in 0..r.usize(..4) {
+                parts.push(format!("\"{}\":{}", pick(r, &keys), pick(r, &num)));
             }
-            if r.below(3) == 0 {
+            if r.usize(..3) == 0 {
                 parts.push(format!(
                     "\"values\":{{\"{}\":{}}}",
-                    r.pick(&["speed_limit", "nope", "statusword"]),
-                    r.pick(&num)
+                    pick(r, &["speed_limit", "nope", "statusword"]),
+                    pick(r, &num)
                 ));
             }
             let text = format!("{{{}}}", parts.join(","));
-            let cut = if r.below(8) == 0 {
-                r.below(text.len())
+            let cut = if r.usize(..8) == 0 {
+                r.usize(..text.len())
             } else {
                 text.len()
             };
@@ -856,19 +836,19 @@ async fn a_hundred_thousand_hostile_payloads_get_answers_and_never_a_frame_on_th
         "\n[devices.commands]\nallow = []\n# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
     );
     let mut r = rig(&policy).await;
-    let mut rng = Rng(0x0DD_BA11_5EED);
+    let mut rng = fastrand::Rng::with_seed(0x0DD_BA11_5EED);
     let (mut results, mut unknown, mut sent) = (0usize, 0usize, 0usize);
     while sent < TOTAL {
         // In chunks, each answered before the next, so the intake (256) never overflows
         // and every payload reaches the parser.
         let chunk = 200.min(TOTAL - sent);
         for _ in 0..chunk {
-            let device = match rng.below(20) {
+            let device = match rng.usize(..20) {
                 0 => {
                     unknown += 1;
-                    format!("ghost-{}", rng.below(1_000_000))
+                    format!("ghost-{}", rng.usize(..1_000_000))
                 }
-                _ => format!("axis-{}", 1 + rng.below(3)),
+                _ => format!("axis-{}", 1 + rng.usize(..3)),
             };
             let payload = hostile(&mut rng);
             let topic = format!("servogate/{ID}/devices/{device}/cmd");

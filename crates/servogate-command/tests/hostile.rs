@@ -10,22 +10,9 @@ use servogate_command::{
 };
 use servogate_core::DriveState;
 
-/// xorshift64*: reproducible without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
+/// Seeded, so a failure is reproducible.
+fn pick<'a>(r: &mut fastrand::Rng, items: &[&'a str]) -> &'a str {
+    items[r.usize(..items.len())]
 }
 
 const NUMBERS: &[&str] = &[
@@ -103,42 +90,42 @@ const TIMES: &[&str] = &[
     "null",
 ];
 
-fn value(r: &mut Rng, depth: usize) -> String {
-    match r.below(if depth > 3 { 4 } else { 7 }) {
-        0 => r.pick(NUMBERS).to_owned(),
-        1 => r.pick(TIMES).to_owned(),
-        2 => r.pick(ACTIONS).to_owned(),
-        3 => format!("\"{}\"", "x".repeat(r.below(200))),
+fn value(r: &mut fastrand::Rng, depth: usize) -> String {
+    match r.usize(..if depth > 3 { 4 } else { 7 }) {
+        0 => pick(r, NUMBERS).to_owned(),
+        1 => pick(r, TIMES).to_owned(),
+        2 => pick(r, ACTIONS).to_owned(),
+        3 => format!("\"{}\"", "x".repeat(r.usize(..200))),
         4 => format!("[{}]", value(r, depth + 1)),
         5 => object(r, depth + 1),
-        _ => format!("{{\"speed_limit\":{}}}", r.pick(NUMBERS)),
+        _ => format!("{{\"speed_limit\":{}}}", pick(r, NUMBERS)),
     }
 }
 
-fn object(r: &mut Rng, depth: usize) -> String {
+fn object(r: &mut fastrand::Rng, depth: usize) -> String {
     let mut parts = Vec::new();
-    if r.below(10) > 0 {
-        parts.push(format!("\"id\":{}", r.pick(IDS)));
+    if r.usize(..10) > 0 {
+        parts.push(format!("\"id\":{}", pick(r, IDS)));
     }
-    if r.below(10) > 0 {
-        parts.push(format!("\"action\":{}", r.pick(ACTIONS)));
+    if r.usize(..10) > 0 {
+        parts.push(format!("\"action\":{}", pick(r, ACTIONS)));
     }
-    for _ in 0..r.below(5) {
-        let k = r.pick(KEYS);
+    for _ in 0..r.usize(..5) {
+        let k = pick(r, KEYS);
         parts.push(format!("{:?}:{}", k, value(r, depth)));
     }
     format!("{{{}}}", parts.join(","))
 }
 
-fn payload(r: &mut Rng) -> Vec<u8> {
-    match r.below(12) {
+fn payload(r: &mut fastrand::Rng) -> Vec<u8> {
+    match r.usize(..12) {
         0 => {
             // Random bytes.
-            (0..r.below(300)).map(|_| r.next() as u8).collect()
+            (0..r.usize(..300)).map(|_| r.u8(..)).collect()
         }
         1 => {
             // Deep nesting.
-            let n = 1 + r.below(100_000);
+            let n = 1 + r.usize(..100_000);
             format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()
         }
         2 => {
@@ -152,12 +139,12 @@ fn payload(r: &mut Rng) -> Vec<u8> {
         3 => {
             // A truncated object.
             let o = object(r, 0);
-            let cut = r.below(o.len().max(1));
+            let cut = r.usize(..o.len().max(1));
             o.as_bytes()[..cut].to_vec()
         }
         4 => format!(
             "{{\"id\":\"{}\",\"action\":\"halt\"}}",
-            "x".repeat(r.below(100))
+            "x".repeat(r.usize(..100))
         )
         .into_bytes(),
         _ => object(r, 0).into_bytes(),
@@ -198,7 +185,7 @@ fn policy() -> Policy {
 
 #[test]
 fn a_hundred_thousand_hostile_payloads_never_panic_and_never_pass_unchecked() {
-    let mut r = Rng(0x5EED_0FC0_FFEE);
+    let mut r = fastrand::Rng::with_seed(0x5EED_0FC0_FFEE);
     let received = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_551_200); // 2026-12-06T10:00:00Z
     let view = DeviceView {
         online: Some(true),

@@ -316,14 +316,13 @@ mod tests {
         v
     }
 
-    async fn exchange(reply: &[u8]) -> (Vec<u8>, Arc<LineMonitor>, usize) {
+    /// `request` through the line, answered with `reply`: what the line handed on, its
+    /// monitor, and how often it discarded its input.
+    async fn exchange_with(request: &[u8], reply: &[u8]) -> (Vec<u8>, Arc<LineMonitor>, usize) {
         let (a, mut b) = duplex(1024);
         let monitor = Arc::new(LineMonitor::default());
         let mut line = RtuLine::new(Port(a, 0), monitor.clone());
-        // Given a read request for 2 registers of unit 1
-        line.write_all(&with_crc(&[1, 3, 0, 0, 0, 2]))
-            .await
-            .unwrap();
+        line.write_all(request).await.unwrap();
         let mut req = [0u8; 8];
         b.read_exact(&mut req).await.unwrap();
         // When the peer answers
@@ -333,6 +332,11 @@ mod tests {
         let _ = line.read_to_end(&mut got).await;
         let discards = line.inner.1;
         (got, monitor, discards)
+    }
+
+    /// Given a read request for 2 registers of unit 1, answered with `reply`.
+    async fn exchange(reply: &[u8]) -> (Vec<u8>, Arc<LineMonitor>, usize) {
+        exchange_with(&with_crc(&[1, 3, 0, 0, 0, 2]), reply).await
     }
 
     #[tokio::test]
@@ -376,23 +380,16 @@ mod tests {
         );
     }
 
+    /// A write of 0x000F to register 0x0012 of unit 1, answered with `reply`.
+    async fn write_exchange(reply: &[u8]) -> (Vec<u8>, Arc<LineMonitor>) {
+        let (got, monitor, _) = exchange_with(&with_crc(&[1, 6, 0, 0x12, 0, 0x0F]), reply).await;
+        (got, monitor)
+    }
+
     #[tokio::test]
     async fn a_write_echo_naming_another_value_is_raised_and_withheld() {
-        let (a, mut b) = duplex(1024);
-        let monitor = Arc::new(LineMonitor::default());
-        let mut line = RtuLine::new(Port(a, 0), monitor.clone());
-        // Given a write of 0x000F to register 0x0012 of unit 1
-        let request = with_crc(&[1, 6, 0, 0x12, 0, 0x0F]);
-        line.write_all(&request).await.unwrap();
-        let mut req = [0u8; 8];
-        b.read_exact(&mut req).await.unwrap();
-        // When the echo says another value
-        b.write_all(&with_crc(&[1, 6, 0, 0x12, 0, 0x07]))
-            .await
-            .unwrap();
-        drop(b);
-        let mut got = Vec::new();
-        let _ = line.read_to_end(&mut got).await;
+        // Given a write of 0x000F, when the echo says 0x0007
+        let (got, monitor) = write_exchange(&with_crc(&[1, 6, 0, 0x12, 0, 0x07])).await;
         // Then the fault is raised and the echo never reaches tokio-modbus whole
         assert_eq!(monitor.take(), Some(LineFault::BadEcho));
         assert_eq!(got, vec![1, 6, 0, 0x12, 0]);
@@ -400,18 +397,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_matching_write_echo_passes() {
-        let (a, mut b) = duplex(1024);
-        let monitor = Arc::new(LineMonitor::default());
-        let mut line = RtuLine::new(Port(a, 0), monitor.clone());
-        let request = with_crc(&[1, 6, 0, 0x12, 0, 0x0F]);
-        line.write_all(&request).await.unwrap();
-        let mut req = [0u8; 8];
-        b.read_exact(&mut req).await.unwrap();
-        b.write_all(&request).await.unwrap();
-        drop(b);
-        let mut got = Vec::new();
-        let _ = line.read_to_end(&mut got).await;
-        assert_eq!(got, request);
+        let echo = with_crc(&[1, 6, 0, 0x12, 0, 0x0F]);
+        let (got, monitor) = write_exchange(&echo).await;
+        assert_eq!(got, echo);
         assert_eq!(monitor.take(), None);
     }
 

@@ -220,28 +220,20 @@ impl MqttSettings {
         will: LastWill,
         inflight: u16,
     ) -> Result<MqttOptions, MqttError> {
-        let mut opts = MqttOptions::new(self.client_id.clone(), url.host.clone(), url.port);
-        opts.set_clean_session(true)
-            .set_keep_alive(self.keep_alive)
-            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
-            .set_inflight(inflight)
-            .set_last_will(will);
-        if let Some(c) = &self.credentials {
-            opts.set_credentials(c.username.clone(), c.password.clone());
-        }
-        if let Some(files) = &self.tls {
-            let config = tls_client_config(files)?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(config),
-            )));
-        }
+        let mut opts = self.options(url)?;
+        opts.set_inflight(inflight).set_last_will(will);
         Ok(opts)
     }
 
     /// Options for a short-lived client of the same broker (`servogate cmd`): the same
     /// login and transport, no Last Will.
     pub fn client_options(&self) -> Result<MqttOptions, MqttError> {
-        let url = self.validate()?;
+        self.options(&self.validate()?)
+    }
+
+    /// What every client of ours sets: clean session (the ring, not the broker, owns
+    /// delivery), keep alive, packet limits, login and transport. Reads the TLS files.
+    fn options(&self, url: &BrokerUrl) -> Result<MqttOptions, MqttError> {
         let mut opts = MqttOptions::new(self.client_id.clone(), url.host.clone(), url.port);
         opts.set_clean_session(true)
             .set_keep_alive(self.keep_alive)
