@@ -1179,3 +1179,38 @@ async fn a_command_larger_than_the_packet_limit_costs_a_reconnect_and_loses_no_e
     );
     r.gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_gives_the_first_device_a_policy_subscribes_to_commands() {
+    let port = free_port();
+    let metrics = format!("# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut r = rig(&metrics).await;
+    // The same file with a policy on every device.
+    let with_policy =
+        with_policy.replace("poll = \"10ms\"\n", &format!("poll = \"10ms\"\n{POLICY}"));
+    assert_ne!(with_policy, r.config);
+    r.gw.reload(&with_policy);
+    scrape_until(port, "the reload", |t| {
+        sample(t, r#"servogate_reloads_total{result="ok"}"#) == Some(1.0)
+    })
+    .await;
+    // The forwarder reconnected with the cmd topics: its birth comes again.
+    let status = format!("servogate/{ID}/status");
+    for online in [false, true] {
+        let wait = r
+            .sub
+            .until(|m| m.topic == status && m.json["online"] == online);
+        tokio::time::timeout(DEADLINE, wait).await.expect("status");
+    }
+    let res = r
+        .ask(
+            "axis-1",
+            "first",
+            "write",
+            json!({"values": {"speed_limit": 90}}),
+        )
+        .await;
+    assert_eq!(res["status"], "done", "{res}");
+    assert_eq!(writes(&mut r.sim, 1), (1, 1));
+    r.gw.stop();
+}

@@ -555,6 +555,8 @@ impl RunningForwarder {
 struct MqttFingerprint {
     mqtt: config::MqttConfig,
     files: Vec<Option<Vec<u8>>>,
+    /// Whether it subscribes to the command topics (some device takes commands).
+    commands: bool,
 }
 
 fn mqtt_fingerprint(cfg: &Config) -> MqttFingerprint {
@@ -566,7 +568,13 @@ fn mqtt_fingerprint(cfg: &Config) -> MqttFingerprint {
     MqttFingerprint {
         mqtt: m.clone(),
         files,
+        commands: takes_commands(cfg),
     }
+}
+
+/// True when some device has a command policy: only then are the cmd topics subscribed.
+fn takes_commands(cfg: &Config) -> bool {
+    cfg.devices.iter().any(|d| d.commands.is_some())
 }
 
 fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
@@ -581,7 +589,7 @@ fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
         .with_stats(shared.mqtt_stats.clone())
         .with_meta_updates(shared.meta.subscribe());
     // Commands are subscribed to only when some device takes them.
-    if cfg.devices.iter().any(|d| d.commands.is_some()) {
+    if takes_commands(cfg) {
         return Ok(forwarder.with_intake(servogate_mqtt::Intake {
             filters: commands::filters(&cfg.mqtt.topic_prefix),
             tx: shared.intake.clone(),
