@@ -1186,8 +1186,9 @@ async fn a_reload_that_gives_the_first_device_a_policy_subscribes_to_commands() 
     let metrics = format!("# tail\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     let mut r = rig(&metrics).await;
     // The same file with a policy on every device.
-    let with_policy =
-        with_policy.replace("poll = \"10ms\"\n", &format!("poll = \"10ms\"\n{POLICY}"));
+    let with_policy = r
+        .config
+        .replace("poll = \"10ms\"\n", &format!("poll = \"10ms\"\n{POLICY}"));
     assert_ne!(with_policy, r.config);
     r.gw.reload(&with_policy);
     scrape_until(port, "the reload", |t| {
