@@ -351,6 +351,15 @@ impl Master {
         Ok(())
     }
 
+    /// Queues an NMT start for every configured node again: the bus task calls it when
+    /// an NMT start it was given could not be sent (the interface was down or missing),
+    /// since a drive that never heard it stays pre-operational and sends no TPDO. A
+    /// start to a node already operational changes nothing (CiA 301 v4.2, 7.3.2.2.1).
+    pub fn start_all_again(&mut self) {
+        self.nmt.start_all();
+        self.drain_nmt();
+    }
+
     /// True when no more commands can be taken now.
     pub fn is_command_queue_full(&self) -> bool {
         self.commands.is_full()

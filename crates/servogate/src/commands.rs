@@ -32,6 +32,7 @@ use servogate_core::{
 };
 use servogate_modbus::bus::BusOrder;
 use servogate_mqtt::Incoming;
+use servogate_socketcan::CanOrder;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -129,9 +130,39 @@ pub struct DeskConfig {
     pub prefix: String,
     pub devices: HashMap<String, DeskDevice>,
     /// Bus name -> its command inbox.
-    pub routes: HashMap<String, mpsc::Sender<BusOrder>>,
+    pub routes: HashMap<String, Route>,
     pub rules: Rules,
     pub key: Option<SigningKey>,
+}
+
+/// A bus task's command inbox, by protocol (the two bus crates share no tokio types).
+#[derive(Debug, Clone)]
+pub enum Route {
+    Rtu(mpsc::Sender<BusOrder>),
+    Can(mpsc::Sender<CanOrder>),
+}
+
+impl Route {
+    /// Hands `order` to the bus without waiting; on a full or closed inbox the order is
+    /// dropped with its reply (the caller answers).
+    fn try_send(
+        &self,
+        order: Order,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), mpsc::error::TrySendError<()>> {
+        match self {
+            Route::Rtu(tx) => tx.try_send(BusOrder { order, reply }).map_err(erase),
+            Route::Can(tx) => tx.try_send(CanOrder { order, reply }).map_err(erase),
+        }
+    }
+}
+
+/// The error without the order it hands back (dropping it drops the reply).
+fn erase<T>(e: mpsc::error::TrySendError<T>) -> mpsc::error::TrySendError<()> {
+    match e {
+        mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+        mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+    }
 }
 
 /// The topic filter of every device's `cmd` topic.
@@ -377,7 +408,7 @@ impl Desk {
             action: cmd.action,
             deadline: msg.at + left,
         };
-        match route.try_send(BusOrder { order, reply }) {
+        match route.try_send(order, reply) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Outcome::rejected(
                 CommandReason::RateLimited,
