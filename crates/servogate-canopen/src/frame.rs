@@ -224,7 +224,7 @@ mod tests {
         let f = Frame::from_candump("(1700000000.000100) vcan0 581#4B41600037020000").unwrap();
         assert_eq!(f.id(), 0x581);
         assert_eq!(f.data(), [0x4B, 0x41, 0x60, 0x00, 0x37, 0x02, 0x00, 0x00]);
-        assert_eq!(Frame::from_candump("080#").unwrap().data(), []);
+        assert!(Frame::from_candump("080#").unwrap().data().is_empty());
         for bad in [
             "",
             "701",

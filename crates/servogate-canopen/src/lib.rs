@@ -18,10 +18,13 @@
 //! - [`pdo`]: TPDO mappings (from config or the 0x1A00.. objects) and decoding of each
 //!   transmission cycle into one [`servogate_core::Telemetry`].
 //! - [`sync`]: the SYNC frame and an optional SYNC producer.
+//! - [`command`]: commands (`servogate_command::Order`) as jobs of SDO downloads confirmed
+//!   on the statusword; the master runs them ahead of its own SDO jobs.
 //! - [`master`]: all of the above for one bus, producing typed events into a
 //!   [`servogate_core::EventSink`].
 #![forbid(unsafe_code)]
 
+pub mod command;
 pub mod emcy;
 pub mod frame;
 pub mod heartbeat;

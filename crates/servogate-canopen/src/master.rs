@@ -24,16 +24,24 @@
 //! config does not give them; after that the polled objects are read on their schedule.
 //! Boot-up messages queue an NMT start for the node. Transfers started with
 //! [`Master::sdo_upload`] / [`Master::sdo_download`] share the same client.
+//!
+//! Commands ([`Master::command`]) run on the same client, ahead of everything else: while
+//! a node has a command job, the client is the job's (its downloads, its statusword
+//! uploads), and its start-up jobs and polls wait. Each order's outcome comes back once
+//! through [`Master::poll_outcome`] ([`crate::command`] has the rules).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use servogate_core::{
-    Availability, AvailabilityState, DeviceEvents, DriveState, EventBody, EventKind, EventSink,
-    SeqBook, Telemetry,
+    Availability, AvailabilityState, CommandReason, DeviceEvents, DriveState, EventBody, EventKind,
+    EventSink, SeqBook, Telemetry,
 };
 
+use servogate_command::{Order, Outcome};
+
+use crate::command::{self, Executor, Reply, Request};
 use crate::emcy::{EmcyConsumer, FaultChange};
 use crate::frame::{CobKind, Frame, NodeId};
 use crate::heartbeat::{consumer_time, AvailabilityChange, HeartbeatConsumer};
@@ -133,6 +141,8 @@ enum Job {
     WriteHeartbeat,
     ReadMapping(MappingReader),
     Poll(usize),
+    /// A transfer of the node's command job.
+    Command,
 }
 
 #[derive(Debug)]
@@ -226,6 +236,10 @@ pub struct Master {
     transmit: VecDeque<Frame>,
     /// Numbers the events of nodes added later (a reload).
     book: SeqBook,
+    /// The command jobs of every node.
+    commands: Executor,
+    /// Orders that ended, for [`Master::poll_outcome`] (at most one per job held).
+    outcomes: VecDeque<(Order, Outcome)>,
 }
 
 impl Master {
@@ -256,6 +270,10 @@ impl Master {
                 self.heartbeat.remove(node);
                 self.nmt.remove(node);
             }
+        }
+        let names: Vec<Arc<str>> = self.nodes.iter().map(|n| n.settings.name.clone()).collect();
+        for (job, outcome) in self.commands.retain(|d| names.iter().any(|n| &**n == d)) {
+            self.outcomes.push_back((job.into_order(), outcome));
         }
         self.drain_nmt();
         self.service_jobs(now);
@@ -295,6 +313,8 @@ impl Master {
             sync,
             transmit: VecDeque::new(),
             book: book.clone(),
+            commands: Executor::default(),
+            outcomes: VecDeque::new(),
         };
         master.drain_nmt();
         master.service_jobs(now);
@@ -304,6 +324,58 @@ impl Master {
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.transmit.pop_front()
+    }
+
+    /// Takes a command for one of the bus's drives. Its first frame is queued at once
+    /// when the node's SDO client is free (else as soon as its transfer ends, ahead of
+    /// the master's own jobs). `Err`: refused before anything was sent (a device not on
+    /// this bus, a full queue, an order the drive's objects cannot carry).
+    pub fn command(&mut self, order: Order, now: Instant) -> Result<(), Outcome> {
+        let Some(n) = self.nodes.iter().find(|n| n.settings.name == order.device) else {
+            return Err(Outcome::rejected(
+                CommandReason::BusDown,
+                "the device is not on this bus (removed by a reload?)",
+            ));
+        };
+        if self.commands.is_full() {
+            return Err(Outcome::rejected(
+                CommandReason::RateLimited,
+                "the bus's command queue is full",
+            ));
+        }
+        let job = command::Job::plan(order, &n.settings.objects, now)?;
+        for (job, outcome) in self.commands.push(job) {
+            self.outcomes.push_back((job.into_order(), outcome));
+        }
+        self.service_jobs(now);
+        Ok(())
+    }
+
+    /// Queues an NMT start for every configured node again: the bus task calls it when
+    /// an NMT start it was given could not be sent (the interface was down or missing),
+    /// since a drive that never heard it stays pre-operational and sends no TPDO. A
+    /// start to a node already operational changes nothing (CiA 301 v4.2, 7.3.2.2.1).
+    pub fn start_all_again(&mut self) {
+        self.nmt.start_all();
+        self.drain_nmt();
+    }
+
+    /// True when no more commands can be taken now.
+    pub fn is_command_queue_full(&self) -> bool {
+        self.commands.is_full()
+    }
+
+    /// An order that ended, with its outcome (each order exactly once).
+    pub fn poll_outcome(&mut self) -> Option<(Order, Outcome)> {
+        self.outcomes.pop_front()
+    }
+
+    /// Ends every command job (the bus stops): never started `rejected` (`bus_down`),
+    /// started `unknown`; they come out of [`Master::poll_outcome`].
+    pub fn drain_commands(&mut self) {
+        for (job, outcome) in self.commands.drain() {
+            self.outcomes.push_back((job.into_order(), outcome));
+        }
     }
 
     /// The earliest time `handle_timeout` has something to do.
@@ -323,7 +395,17 @@ impl Master {
                 (Some(after), Some(last)) if !n.late_raised => Some(last + after),
                 _ => None,
             };
-            [sdo, poll, late].into_iter().flatten().min()
+            // A command job holds the client: its times replace the polls'.
+            let (poll, cmd) = if self.commands.has_job(&n.settings.name) {
+                let cmd = n.sdo.is_idle().then(|| {
+                    self.commands
+                        .next_due(&n.settings.name, statusword_mapped(&n.decoder))
+                });
+                (None, cmd.flatten())
+            } else {
+                (poll, None)
+            };
+            [sdo, poll, late, cmd].into_iter().flatten().min()
         });
         let sync = self.sync.as_ref().and_then(SyncProducer::poll_timeout);
         per_node
@@ -533,7 +615,16 @@ impl Master {
             // Cheap checks first: this runs after every frame, and for most nodes there is
             // nothing to start (the reachability look-up walks the heartbeat table).
             let n = &self.nodes[i];
-            if !n.sdo.is_idle() || (n.jobs.is_empty() && !n.poll_due.iter().any(|d| *d <= now)) {
+            if !n.sdo.is_idle() {
+                continue;
+            }
+            if !self.commands.is_empty() && self.commands.has_job(&n.settings.name) {
+                // Commands first: the client is the job's until it ends. No reachability
+                // check: a stop is sent even to a drive whose heartbeat is late.
+                self.service_command(i, now);
+                continue;
+            }
+            if n.jobs.is_empty() && !n.poll_due.iter().any(|d| *d <= now) {
                 continue;
             }
             if !self.node_reachable(i) {
@@ -584,6 +675,8 @@ impl Master {
                     let o = &n.settings.polls[k].object;
                     n.sdo.start_upload(o.index, o.sub, timeout, now)
                 }
+                // Command transfers start in `service_command`, never from the queue.
+                Job::Command => continue,
             };
             // The client was checked idle and no request carries more than 2 bytes, so
             // starting cannot fail; if it did, the job is dropped, not retried forever.
@@ -591,6 +684,39 @@ impl Master {
                 self.transmit.push_back(frame);
                 self.nodes[i].current = Some(job);
             }
+        }
+    }
+
+    /// Starts the next transfer of node `i`'s command job (its client is idle); jobs that
+    /// end without one (expired, done, out of time) are answered, and the node's next job
+    /// is asked in turn.
+    fn service_command(&mut self, i: usize, now: Instant) {
+        let n = &self.nodes[i];
+        let name = n.settings.name.clone();
+        let by_tpdo = statusword_mapped(&n.decoder);
+        let mut ended = Vec::new();
+        let request = self.commands.poll(&name, now, by_tpdo, &mut ended);
+        for (job, outcome) in ended {
+            self.outcomes.push_back((job.into_order(), outcome));
+        }
+        let Some(request) = request else { return };
+        let n = &mut self.nodes[i];
+        let timeout = n.settings.sdo_timeout;
+        let frame = match &request {
+            Request::Download { index, sub, data } => {
+                n.sdo.start_download(*index, *sub, data, timeout, now)
+            }
+            Request::Upload { index, sub } => n.sdo.start_upload(*index, *sub, timeout, now),
+        };
+        match frame {
+            Ok(frame) => {
+                self.transmit.push_back(frame);
+                n.current = Some(Job::Command);
+                self.commands.sent(&name);
+            }
+            // The client was checked idle and no request is longer than 4 bytes; should
+            // it refuse anyway, the job tries again shortly (and can still expire).
+            Err(_) => self.commands.not_sent(&name, now),
         }
     }
 
@@ -715,7 +841,14 @@ impl Master {
             }
             n.last_telemetry = Some(now);
             n.late_raised = false;
+            let statusword = telemetry.statusword;
             sink.push(n.events.event(wall, EventBody::Telemetry(telemetry)));
+            if let Some(sw) = statusword {
+                if let Some((job, outcome)) = self.commands.on_statusword(&n.settings.name, sw, now)
+                {
+                    self.outcomes.push_back((job.into_order(), outcome));
+                }
+            }
             return;
         }
     }
@@ -793,6 +926,24 @@ impl Master {
         let Some(job) = n.current.take() else {
             return;
         };
+        if let Job::Command = job {
+            let reply = match result {
+                SdoResult::Downloaded { .. } => Reply::Downloaded,
+                SdoResult::Uploaded { data, .. } => Reply::Uploaded(data.clone()),
+                SdoResult::Aborted {
+                    code,
+                    by_server: true,
+                    ..
+                } => Reply::Aborted(*code),
+                // The gateway gave up (timeout, a garbled answer): the drive may or may
+                // not have taken it.
+                SdoResult::Aborted { .. } => Reply::Timeout,
+            };
+            if let Some((job, outcome)) = self.commands.on_reply(&n.settings.name, now, reply) {
+                self.outcomes.push_back((job.into_order(), outcome));
+            }
+            return;
+        }
         match (job, result) {
             (Job::ReadMapping(mut reader), SdoResult::Uploaded { data, .. }) => {
                 if let Err(e) = reader.on_uploaded(data) {
@@ -880,6 +1031,16 @@ impl Master {
             _ => {}
         }
     }
+}
+
+/// True when a TPDO of the node carries the statusword (0x6041): command jobs then wait
+/// for it instead of reading it over SDO.
+fn statusword_mapped(decoder: &TpdoDecoder) -> bool {
+    decoder.mappings().iter().any(|m| {
+        m.entries()
+            .iter()
+            .any(|e| e.index == crate::pdo::objects::STATUSWORD && e.sub == 0)
+    })
 }
 
 /// The `late` notice of a TPDO gap of `elapsed` against `late_after`.

@@ -18,8 +18,14 @@
 //!   silent drives offline;
 //! - the interface disappears (`ENODEV`) or cannot be opened: the socket is reopened with
 //!   a capped back-off, and the master's timers keep running in between.
+//!
+//! Commands come through a bounded inbox ([`CanOrders`]) and go to the master at once: a
+//! command's first frame is sent in the same turn (CAN has no half-duplex wait). Every
+//! order is answered exactly once: by the master's outcome, or `rejected` (`bus_down`)
+//! while the interface is down or missing and when the bus stops; jobs running when the
+//! link goes down end then (`unknown` if something was sent).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,10 +34,11 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{send, setsockopt, sockopt, MsgFlags};
 use servogate_canopen::{Frame, Master, NodeSettings};
-use servogate_core::{EventKind, EventSink};
+use servogate_command::{CommandId, Order, Outcome as CmdOutcome};
+use servogate_core::{CommandReason, EventKind, EventSink};
 use socketcan::{CanSocket, Socket, SocketOptions};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -106,10 +113,99 @@ pub fn fixed_nodes(nodes: Vec<NodeSettings>) -> NodeList {
     watch::channel(nodes).1
 }
 
+/// A command for a drive of the bus, and where its one outcome goes (the CAN twin of
+/// `servogate_modbus::bus::BusOrder`).
+#[derive(Debug)]
+pub struct CanOrder {
+    pub order: Order,
+    pub reply: oneshot::Sender<CmdOutcome>,
+}
+
+/// The bus's command inbox: bounded, filled by the daemon with `try_send`.
+pub type CanOrders = mpsc::Receiver<CanOrder>;
+
+/// An inbox that never receives (tests, benchmarks).
+pub fn no_can_orders() -> CanOrders {
+    mpsc::channel(1).1
+}
+
 /// What the daemon steers a running bus with.
 struct Control {
     stop: CancellationToken,
     nodes: NodeList,
+    orders: CanOrders,
+    /// False once the daemon dropped its sender.
+    orders_open: bool,
+    waiting: Waiting,
+}
+
+/// The next order; pending forever once the inbox is closed.
+async fn next_order(orders: &mut CanOrders, open: &mut bool) -> CanOrder {
+    if *open {
+        if let Some(o) = orders.recv().await {
+            return o;
+        }
+        *open = false;
+    }
+    std::future::pending().await
+}
+
+/// Where each order the master holds is answered, by (device, id).
+#[derive(Default)]
+struct Waiting(HashMap<(Arc<str>, CommandId), oneshot::Sender<CmdOutcome>>);
+
+impl Waiting {
+    /// Hands `order` to the master, or answers it at once (`up`: the link can carry it).
+    fn take(&mut self, CanOrder { order, reply }: CanOrder, master: &mut Master, up: bool) {
+        if !up {
+            let _ = reply.send(CmdOutcome::rejected(
+                CommandReason::BusDown,
+                "the CAN interface is down: nothing was sent",
+            ));
+            return;
+        }
+        let key = (order.device.clone(), order.id.clone());
+        match master.command(order, std::time::Instant::now()) {
+            Ok(()) => {
+                self.0.insert(key, reply);
+            }
+            // The daemon may have stopped waiting (shutdown): nothing to tell then.
+            Err(outcome) => {
+                let _ = reply.send(outcome);
+            }
+        }
+        self.answer(master);
+    }
+
+    /// Answers every order the master has finished.
+    fn answer(&mut self, master: &mut Master) {
+        while let Some((order, outcome)) = master.poll_outcome() {
+            debug!(device = %order.device, id = order.id.as_str(), status = outcome.status.as_str(),
+                   "command ended on the bus");
+            if let Some(reply) = self.0.remove(&(order.device, order.id)) {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+impl Control {
+    /// The bus stops: every job and every order still in the inbox gets its outcome.
+    fn finish(&mut self, master: &mut Master) {
+        master.drain_commands();
+        self.waiting.answer(master);
+        // Orders whose job the master forgot without an outcome (none should be).
+        for (_, reply) in self.waiting.0.drain() {
+            let _ = reply.send(CmdOutcome::unknown("the bus stopped"));
+        }
+        self.orders.close();
+        while let Ok(o) = self.orders.try_recv() {
+            let _ = o.reply.send(CmdOutcome::rejected(
+                CommandReason::BusDown,
+                "the bus stopped before it was sent",
+            ));
+        }
+    }
 }
 
 /// The next drive list; pending forever once the daemon's sender is gone.
@@ -124,15 +220,23 @@ async fn next_nodes(nodes: &mut NodeList) -> Option<Vec<NodeSettings>> {
 /// a missing interface is waited for, reported and retried.
 pub async fn run_can_bus(
     settings: CanBusSettings,
-    master: Master,
+    mut master: Master,
     nodes: NodeList,
+    orders: CanOrders,
     sink: Arc<dyn EventSink>,
     stats: Arc<CanStats>,
     stop: CancellationToken,
 ) {
     let name = settings.name.clone();
-    let mut control = Control { stop, nodes };
-    run(settings, master, sink, stats.clone(), &mut control).await;
+    let mut control = Control {
+        stop,
+        nodes,
+        orders,
+        orders_open: true,
+        waiting: Waiting::default(),
+    };
+    run(settings, &mut master, sink, stats.clone(), &mut control).await;
+    control.finish(&mut master);
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     info!(
         bus = %name,
@@ -150,7 +254,7 @@ pub async fn run_can_bus(
 
 async fn run(
     settings: CanBusSettings,
-    mut master: Master,
+    master: &mut Master,
     sink: Arc<dyn EventSink>,
     stats: Arc<CanStats>,
     control: &mut Control,
@@ -164,11 +268,11 @@ async fn run(
             Ok(fd) => {
                 backoff = REOPEN_MIN;
                 info!(bus = %settings.name, interface = %settings.interface, "CAN interface open");
-                link.set_up(&mut master, sink.as_ref());
+                link.set_up(master, sink.as_ref());
                 match serve(
                     &fd,
                     &settings,
-                    &mut master,
+                    master,
                     sink.as_ref(),
                     &stats,
                     control,
@@ -181,7 +285,7 @@ async fn run(
                         warn!(bus = %settings.name, interface = %settings.interface, error = %e,
                               "CAN interface lost; reopening");
                         stats.reopens.fetch_add(1, Ordering::Relaxed);
-                        link.set_down(&mut master, sink.as_ref(), &format!("interface lost: {e}"));
+                        link.set_down(master, sink.as_ref(), &format!("interface lost: {e}"));
                     }
                 }
             }
@@ -190,7 +294,7 @@ async fn run(
                     warn!(bus = %settings.name, interface = %settings.interface, error = %e,
                           "cannot open the CAN interface; retrying with back-off");
                 }
-                link.set_down(&mut master, sink.as_ref(), &format!("cannot open: {e}"));
+                link.set_down(master, sink.as_ref(), &format!("cannot open: {e}"));
             }
         }
         // Wait before the next attempt, with the master's timers running: heartbeats stop
@@ -199,16 +303,24 @@ async fn run(
         loop {
             let next = master.poll_timeout().map(Instant::from_std);
             let wake = next.map_or(until, |t| t.min(until));
+            // Commands still held end now: nothing can reach the drives without a socket.
+            master.drain_commands();
+            control.waiting.answer(master);
             tokio::select! {
                 _ = control.stop.cancelled() => return,
                 Some(nodes) = next_nodes(&mut control.nodes) => master.update_nodes(nodes, std::time::Instant::now()),
+                // Cancel-safe: an order not taken stays in the channel.
+                order = next_order(&mut control.orders, &mut control.orders_open) => {
+                    control.waiting.take(order, master, false);
+                }
                 _ = sleep_until(wake) => {}
             }
             let now = Instant::now();
             master.handle_timeout(now.into_std(), SystemTime::now(), sink.as_ref());
+            control.waiting.answer(master);
             // Nothing can be sent without a socket.
-            while master.poll_transmit().is_some() {
-                stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            while let Some(frame) = master.poll_transmit() {
+                link.dropped(&frame, &stats);
             }
             if now >= until {
                 break;
@@ -276,6 +388,9 @@ struct Link {
     /// Sends refused with ENOBUFS since the last report.
     enobufs_unreported: u64,
     last_enobufs_report: Option<Instant>,
+    /// An NMT frame (COB-ID 0) was dropped unsent: the starts go again once the link is
+    /// up, or the drives that missed theirs would stay pre-operational.
+    nmt_dropped: bool,
 }
 
 impl Link {
@@ -289,6 +404,15 @@ impl Link {
             last_loss_report: None,
             enobufs_unreported: 0,
             last_enobufs_report: None,
+            nmt_dropped: false,
+        }
+    }
+
+    /// A frame given up unsent (the interface down or missing, the queue full).
+    fn dropped(&mut self, frame: &Frame, stats: &CanStats) {
+        stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        if frame.id() == 0 {
+            self.nmt_dropped = true;
         }
     }
 
@@ -306,6 +430,10 @@ impl Link {
     }
 
     fn set_up(&mut self, master: &mut Master, sink: &dyn EventSink) {
+        if std::mem::take(&mut self.nmt_dropped) {
+            info!(bus = %self.bus, "NMT start commands were lost while the link was down: sending them again");
+            master.start_all_again();
+        }
         if self.down {
             self.down = false;
             info!(bus = %self.bus, "CAN bus up");
@@ -417,10 +545,16 @@ async fn serve(
     let mut down_check = tokio::time::interval(DOWN_CHECK);
     down_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if link.down {
+            // A down link carries nothing: jobs held end (started: unknown).
+            master.drain_commands();
+        }
+        control.waiting.answer(master);
         while let Some(frame) = master.poll_transmit() {
             if unsent.len() >= MAX_UNSENT {
-                unsent.pop_front();
-                stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(old) = unsent.pop_front() {
+                    link.dropped(&old, stats);
+                }
             }
             unsent.push_back(frame);
         }
@@ -452,10 +586,9 @@ async fn serve(
                     }
                     Err(nix::errno::Errno::ENETDOWN) => {
                         link.set_down(master, sink, "interface down (ENETDOWN on send)");
-                        stats
-                            .tx_dropped
-                            .fetch_add(unsent.len() as u64, Ordering::Relaxed);
-                        unsent.clear();
+                        for f in unsent.drain(..) {
+                            link.dropped(&f, stats);
+                        }
                     }
                     Err(e @ (nix::errno::Errno::ENODEV | nix::errno::Errno::ENXIO)) => {
                         return Outcome::Lost(e.into());
@@ -476,6 +609,11 @@ async fn serve(
             Some(nodes) = next_nodes(&mut control.nodes) => {
                 info!(bus = %settings.name, devices = nodes.len(), "drive list updated");
                 master.update_nodes(nodes, std::time::Instant::now());
+            }
+            // Cancel-safe: an order not taken stays in the channel. Ahead of the reads,
+            // so a command's first frame goes out on this turn even on a busy bus.
+            order = next_order(&mut control.orders, &mut control.orders_open) => {
+                control.waiting.take(order, master, !link.down);
             }
             // Cancel-safe: readiness is re-checked on the next turn; nothing is consumed
             // until try_io reads.
@@ -602,4 +740,48 @@ fn interface_is_up(interface: &str) -> Option<bool> {
     let text = std::fs::read_to_string(format!("/sys/class/net/{interface}/flags")).ok()?;
     let flags = u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()?;
     Some(flags & 0x1 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use servogate_canopen::NodeId;
+    use servogate_core::Event;
+
+    struct Null;
+    impl EventSink for Null {
+        fn push(&self, _: Event) {}
+    }
+
+    fn drain(m: &mut Master) -> Vec<Frame> {
+        std::iter::from_fn(|| m.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn nmt_starts_dropped_while_the_link_was_down_are_sent_again_when_it_comes_up() {
+        // Given a master whose first NMT starts were dropped: no socket yet
+        let t0 = std::time::Instant::now();
+        let nodes = [1, 2]
+            .map(|n| NodeSettings::new(&format!("d{n}"), NodeId::new(n).unwrap(), Duration::ZERO));
+        let mut master = Master::new(nodes.to_vec(), None, t0);
+        let stats = CanStats::default();
+        let mut link = Link::new(Arc::from("can-a"));
+        link.set_down(&mut master, &Null, "cannot open");
+        for f in drain(&mut master) {
+            link.dropped(&f, &stats);
+        }
+        // When the link comes up
+        link.set_up(&mut master, &Null);
+        // Then both starts are queued again, once
+        let nmt: Vec<Vec<u8>> = drain(&mut master)
+            .into_iter()
+            .filter(|f| f.id() == 0)
+            .map(|f| f.data().to_vec())
+            .collect();
+        assert_eq!(nmt, [vec![0x01, 1], vec![0x01, 2]]);
+        link.set_down(&mut master, &Null, "down");
+        link.set_up(&mut master, &Null);
+        assert!(drain(&mut master).iter().all(|f| f.id() != 0));
+        assert!(stats.tx_dropped.load(Ordering::Relaxed) >= 2);
+    }
 }

@@ -21,4 +21,7 @@ pub mod bus;
 pub mod rx;
 pub mod wire;
 
-pub use bus::{fixed_nodes, run_can_bus, CanBusSettings, CanStats, NodeList};
+pub use bus::{
+    fixed_nodes, no_can_orders, run_can_bus, CanBusSettings, CanOrder, CanOrders, CanStats,
+    NodeList,
+};

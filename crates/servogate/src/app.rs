@@ -288,8 +288,8 @@ struct RunningBus {
     bus: config::Bus,
     /// The channel that hands the task new device lists (a reload).
     devices: DeviceLists,
-    /// The bus task's command inbox (Modbus buses).
-    orders: Option<mpsc::Sender<servogate_modbus::bus::BusOrder>>,
+    /// The bus task's command inbox.
+    orders: Option<commands::Route>,
     stop: CancellationToken,
     finished: oneshot::Receiver<()>,
 }
@@ -374,7 +374,7 @@ impl Buses {
                 name,
                 bus,
                 DeviceLists::Rtu(settings, list),
-                Some(orders),
+                Some(commands::Route::Rtu(orders)),
                 move |stop| async move {
                     let sink: Arc<dyn EventSink> = sink;
                     let run = run_bus(task_settings, devices, inbox, sink, stats, book, stop);
@@ -409,9 +409,11 @@ impl Buses {
             let stats = self.metrics.can_stats(&name);
             let sink = self.sink.clone();
             let (list, nodes) = watch::channel(nodes);
-            self.launch(name, bus, DeviceLists::Can(list), None, move |stop| {
+            let (orders, inbox) = mpsc::channel(commands::BUS_QUEUE);
+            let route = Some(commands::Route::Can(orders));
+            self.launch(name, bus, DeviceLists::Can(list), route, move |stop| {
                 let sink: Arc<dyn EventSink> = sink;
-                run_can_bus(settings, master, nodes, sink, stats, stop)
+                run_can_bus(settings, master, nodes, inbox, sink, stats, stop)
             })?;
         }
         self.metrics
@@ -430,7 +432,7 @@ impl Buses {
         name: String,
         bus: config::Bus,
         devices: DeviceLists,
-        orders: Option<mpsc::Sender<servogate_modbus::bus::BusOrder>>,
+        orders: Option<commands::Route>,
         task: F,
     ) -> anyhow::Result<()>
     where
@@ -470,7 +472,7 @@ impl Buses {
     }
 
     /// Each running bus's command inbox, by bus name.
-    fn routes(&self) -> HashMap<String, mpsc::Sender<servogate_modbus::bus::BusOrder>> {
+    fn routes(&self) -> HashMap<String, commands::Route> {
         self.running
             .iter()
             .filter_map(|(name, r)| Some((name.clone(), r.orders.clone()?)))

@@ -32,6 +32,7 @@ use servogate_core::{
 };
 use servogate_modbus::bus::BusOrder;
 use servogate_mqtt::Incoming;
+use servogate_socketcan::CanOrder;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -129,9 +130,77 @@ pub struct DeskConfig {
     pub prefix: String,
     pub devices: HashMap<String, DeskDevice>,
     /// Bus name -> its command inbox.
-    pub routes: HashMap<String, mpsc::Sender<BusOrder>>,
+    pub routes: HashMap<String, Route>,
     pub rules: Rules,
     pub key: Option<SigningKey>,
+}
+
+/// A bus task's command inbox, by protocol (the two bus crates share no tokio types).
+#[derive(Debug, Clone)]
+pub enum Route {
+    Rtu(mpsc::Sender<BusOrder>),
+    Can(mpsc::Sender<CanOrder>),
+}
+
+impl Route {
+    /// Hands `order` to the bus without waiting; on a full or closed inbox the order is
+    /// dropped with its reply (the caller answers).
+    fn try_send(
+        &self,
+        order: Order,
+        reply: oneshot::Sender<Outcome>,
+    ) -> Result<(), mpsc::error::TrySendError<()>> {
+        match self {
+            Route::Rtu(tx) => tx.try_send(BusOrder { order, reply }).map_err(erase),
+            Route::Can(tx) => tx.try_send(CanOrder { order, reply }).map_err(erase),
+        }
+    }
+}
+
+impl Route {
+    /// Room for one order, reserved now (a group reserves every target's before it sends
+    /// the first).
+    fn try_reserve(&self) -> Result<RoutePermit, ()> {
+        match self {
+            Route::Rtu(tx) => tx
+                .clone()
+                .try_reserve_owned()
+                .map(RoutePermit::Rtu)
+                .map_err(|_| ()),
+            Route::Can(tx) => tx
+                .clone()
+                .try_reserve_owned()
+                .map(RoutePermit::Can)
+                .map_err(|_| ()),
+        }
+    }
+}
+
+/// Room reserved in a bus inbox.
+enum RoutePermit {
+    Rtu(mpsc::OwnedPermit<BusOrder>),
+    Can(mpsc::OwnedPermit<CanOrder>),
+}
+
+impl RoutePermit {
+    fn send(self, order: Order, reply: oneshot::Sender<Outcome>) {
+        match self {
+            RoutePermit::Rtu(p) => {
+                p.send(BusOrder { order, reply });
+            }
+            RoutePermit::Can(p) => {
+                p.send(CanOrder { order, reply });
+            }
+        }
+    }
+}
+
+/// The error without the order it hands back (dropping it drops the reply).
+fn erase<T>(e: mpsc::error::TrySendError<T>) -> mpsc::error::TrySendError<()> {
+    match e {
+        mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+        mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+    }
 }
 
 /// The topic filters of every device's `cmd` topic and of group commands.
@@ -513,7 +582,7 @@ impl Desk {
                         CommandReason::BusDown,
                         format!("bus {bus} is not running"),
                     )),
-                    Some(route) => route.clone().try_reserve_owned().map_err(|_| {
+                    Some(route) => route.try_reserve().map_err(|_| {
                         Outcome::rejected(
                             CommandReason::RateLimited,
                             format!("the command queue of bus {bus} is full"),
@@ -574,15 +643,13 @@ impl Desk {
             let left = deadline
                 .duration_since(msg.received)
                 .unwrap_or(Duration::ZERO);
-            permit.send(BusOrder {
-                order: Order {
-                    device: device.clone(),
-                    id: cmd.id.clone(),
-                    action: cmd.action,
-                    deadline: msg.at + left,
-                },
-                reply,
-            });
+            let order = Order {
+                device: device.clone(),
+                id: cmd.id.clone(),
+                action: cmd.action,
+                deadline: msg.at + left,
+            };
+            permit.send(order, reply);
             members.push((device.clone(), None));
             let flight = InFlight {
                 device,
@@ -656,7 +723,7 @@ impl Desk {
             action: cmd.action,
             deadline: msg.at + left,
         };
-        match route.try_send(BusOrder { order, reply }) {
+        match route.try_send(order, reply) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Outcome::rejected(
                 CommandReason::RateLimited,

@@ -3,13 +3,17 @@
 //! command. What a policy allows must be possible with the device's profile: a Modbus
 //! `move` needs `controlword`, `statusword` and `target_position` fields, a `write` field
 //! must be a holding register of the profile, and a limit must name a field the commands
-//! can set.
+//! can set. A CANopen drive has every CiA 402 action through its objects (0x6040, 0x6060,
+//! 0x607A, 0x6081, 0x60FF); its `writable` names objects the config adds to it (by
+//! index, as SDO-written values: not the built-in telemetry objects, nothing 64-bit, as
+//! commands write expedited SDO).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use servogate_canopen::{ObjType, ObjectTable};
 use servogate_command::{Action, Limit, Policy, Rules, SigningKey};
 use servogate_modbus::profile::{DataType, Field, RegisterKind};
 
@@ -59,6 +63,15 @@ pub struct Commands {
     /// Set: every command must be signed with this key.
     pub hmac_key_file: Option<PathBuf>,
     pub key: Option<SigningKey>,
+}
+
+/// What a device's commands are carried by.
+#[derive(Clone, Copy)]
+pub(super) enum Target<'a> {
+    /// A Modbus device's profile fields.
+    Modbus(&'a [Field]),
+    /// A CANopen drive's objects (the `cia402` profile plus the config's).
+    Canopen(&'a ObjectTable),
 }
 
 /// The fields a Modbus CiA 402 action needs in the profile, besides the statusword.
@@ -114,25 +127,27 @@ impl Source<'_> {
         })
     }
 
-    /// One device's `[devices.commands]`, against its profile's `fields` (`None` for a
-    /// CANopen device) and its poll period.
+    /// One device's `[devices.commands]`, against its profile's fields or its CANopen
+    /// objects, and its poll period.
     pub(super) fn command_policy(
         &self,
         raw: S<RawPolicy>,
         key: &dyn Fn(&str) -> String,
-        fields: Option<&[Field]>,
+        target: Option<Target<'_>>,
         poll: Duration,
     ) -> Result<Policy, ConfigError> {
-        let table = raw.span();
         let p = raw.into_inner();
-        let Some(fields) = fields else {
-            return Err(self.error(
-                table,
-                Some(key("commands")),
-                "commands to CANopen drives are not supported yet: only modbus-rtu devices take commands".into(),
-            ));
+        let no_fields: &[Field] = &[];
+        let fields = match target {
+            Some(Target::Modbus(f)) => f,
+            _ => no_fields,
+        };
+        let objects = match target {
+            Some(Target::Canopen(o)) => Some(o),
+            _ => None,
         };
         let field = |name: &str| fields.iter().find(|f| &*f.name == name);
+        let object = |name: &str| objects.and_then(|o| o.iter().find(|x| &*x.name == name));
         let mut allow = Vec::new();
         for a in p.allow.iter().flatten() {
             let name = a.get_ref();
@@ -146,7 +161,12 @@ impl Source<'_> {
                     ),
                 ));
             }
-            if let Some(missing) = needs(name).iter().find(|f| field(f).is_none()) {
+            let needed = if objects.is_some() {
+                &[][..]
+            } else {
+                needs(name)
+            };
+            if let Some(missing) = needed.iter().find(|f| field(f).is_none()) {
                 return Err(self.at(
                     a,
                     key("commands.allow"),
@@ -158,6 +178,25 @@ impl Source<'_> {
         let mut writable = Vec::new();
         for w in p.writable.iter().flatten() {
             let name = w.get_ref();
+            if objects.is_some() {
+                let Some(o) = object(name) else {
+                    return Err(self.at(
+                        w,
+                        key("commands.writable"),
+                        format!("\"{name}\" is not an object of the drive"),
+                    ));
+                };
+                let builtin = ObjectTable::builtin(name).is_some_and(|b| b.index == o.index);
+                if builtin || matches!(o.ty, ObjType::I64 | ObjType::U64) {
+                    return Err(self.at(
+                        w,
+                        key("commands.writable"),
+                        format!("\"{name}\" cannot be written (a built-in telemetry object, or a 64-bit one: commands write expedited SDO)"),
+                    ));
+                }
+                writable.push(name.clone());
+                continue;
+            }
             let Some(f) = field(name) else {
                 return Err(self.at(
                     w,
@@ -197,7 +236,9 @@ impl Source<'_> {
         )?;
         let mut limits = BTreeMap::new();
         for (name, l) in p.limits.unwrap_or_default() {
-            let known = ["position", "velocity"].contains(&name.as_str()) || field(&name).is_some();
+            let known = ["position", "velocity"].contains(&name.as_str())
+                || field(&name).is_some()
+                || object(&name).is_some();
             if !known {
                 return Err(self.at(
                     &l,
@@ -241,7 +282,10 @@ impl Source<'_> {
             require_fresh: p.require_fresh.map(|v| *v.get_ref()).unwrap_or(false),
             stale_after,
             limits,
-            fields: fields.iter().map(|f| f.name.to_string()).collect(),
+            fields: match objects {
+                Some(o) => o.iter().map(|x| x.name.to_string()).collect(),
+                None => fields.iter().map(|f| f.name.to_string()).collect(),
+            },
         })
     }
 }
@@ -287,6 +331,28 @@ mod tests {
         );
         let e = err(&with(CW, "allow = [\"fly\"]"));
         assert!(e.contains("unknown action \"fly\""), "{e}");
+    }
+
+    #[test]
+    fn a_canopen_drive_takes_the_cia402_actions_and_writes_its_own_objects_only() {
+        let can = |policy: &str| {
+            format!(
+                "{GOOD}\n[[buses]]\nname = \"can0\"\nprotocol = \"canopen\"\ninterface = \"can0\"\n\n\
+                 [[devices]]\nname = \"axis-5\"\nbus = \"can0\"\nnode = 5\nprofile = \"cia402\"\n\
+                 objects = [{{ name = \"speed_limit\", index = 0x2100, type = \"u16\" }}, \
+                 {{ name = \"position\", scale = 0.001 }}]\n\
+                 [devices.commands]\n{policy}\n"
+            )
+        };
+        let text = can("allow = [\"enable\", \"move\", \"velocity\", \"write\"]\nwritable = [\"speed_limit\"]\nlimits.position = { min = 0, max = 100 }");
+        let cfg = parse(&text, std::path::Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let p = cfg.devices[1].commands.as_ref().expect("a policy");
+        assert_eq!(p.allow, ["enable", "move", "velocity", "write"]);
+        assert_eq!(p.writable, ["speed_limit"]);
+        let e = err(&can("writable = [\"position\"]"));
+        assert!(e.contains("\"position\" cannot be written"), "{e}");
+        let e = err(&can("writable = [\"nope\"]"));
+        assert!(e.contains("\"nope\" is not an object of the drive"), "{e}");
     }
 
     #[test]

@@ -242,9 +242,13 @@ impl Source<'_> {
         let commands = match d.commands {
             None => None,
             Some(raw) => {
-                let fields = profiles.get(&profile).map(|f| &f[..]);
-                let fields = if canopen.is_some() { None } else { fields };
-                Some(self.command_policy(raw, &key, fields, poll)?)
+                let target = match &canopen {
+                    Some(c) => Some(super::commands::Target::Canopen(&c.objects)),
+                    None => profiles
+                        .get(&profile)
+                        .map(|f| super::commands::Target::Modbus(&f[..])),
+                };
+                Some(self.command_policy(raw, &key, target, poll)?)
             }
         };
         Ok(Device {

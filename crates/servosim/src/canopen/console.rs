@@ -8,7 +8,7 @@ use super::{CanSim, MAX_FLOOD_RATE};
 use crate::console::{parse_duration, parse_fault_code};
 
 /// The commands, for `help` and error messages.
-pub const HELP: &str = "silent N | alive N | fault N CODE | clear N | reboot N | flood RATE DURATION | stats | truth N | help";
+pub const HELP: &str = "silent N | alive N | fault N CODE | clear N | abort N CODE | noabort N | reboot N | flood RATE DURATION | stats | truth N | help";
 
 /// Runs one command line at `now`; `None` for a blank line (nothing to answer). Frames a
 /// command causes (EMCY, boot-up) go out with the simulator's next poll.
@@ -49,6 +49,19 @@ fn run(sim: &mut CanSim, command: &str, args: &[&str], now: Instant) -> Result<S
             let code = parse_fault_code(args[1])?;
             sim.inject_fault(n, code, now).map_err(|e| e.to_string())?;
             Ok(format!("fault {n} {code:#06x}"))
+        }
+        "abort" => {
+            expect_args(2)?;
+            let n = node()?;
+            let code = parse_abort_code(args[1])?;
+            sim.set_abort(n, Some(code)).map_err(|e| e.to_string())?;
+            Ok(format!("abort {n} {code:#010x}"))
+        }
+        "noabort" => {
+            expect_args(1)?;
+            let n = node()?;
+            sim.set_abort(n, None).map_err(|e| e.to_string())?;
+            Ok(format!("noabort {n}"))
         }
         "clear" => {
             expect_args(1)?;
@@ -122,18 +135,35 @@ fn run(sim: &mut CanSim, command: &str, args: &[&str], now: Instant) -> Result<S
     }
 }
 
-/// `stats rx=N tx=N enobufs=N sdo=N aborts=N tpdo=1:N,2:N`.
+/// An SDO abort code: `0x06090030` (hex with 0x) or decimal, 32 bits.
+fn parse_abort_code(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not an SDO abort code (e.g. 0x06090030)"))
+}
+
+/// `stats rx=N tx=N enobufs=N sdo=N aborts=N tpdo=1:N,2:N downloads=1:N,2:N
+/// applied=1:N,2:N`.
 fn format_stats(sim: &CanSim) -> String {
     let s = sim.stats();
     let mut out = format!(
         "stats rx={} tx={} enobufs={} sdo={} aborts={} tpdo=",
         s.rx, s.tx, s.enobufs, s.sdo, s.aborts
     );
-    for (i, (node, n)) in s.tpdo.iter().enumerate() {
-        let sep = if i == 0 { "" } else { "," };
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{sep}{node}:{n}");
-    }
+    let per_node = |out: &mut String, map: &std::collections::BTreeMap<u8, u64>| {
+        for (i, (node, n)) in map.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{sep}{node}:{n}");
+        }
+    };
+    per_node(&mut out, &s.tpdo);
+    out.push_str(" downloads=");
+    per_node(&mut out, &s.downloads);
+    out.push_str(" applied=");
+    per_node(&mut out, &s.applied);
     out
 }
 
@@ -180,7 +210,8 @@ mod tests {
         assert!(s.is_flooding());
         assert_eq!(
             execute(&mut s, "stats", t0).unwrap(),
-            "ok stats rx=0 tx=0 enobufs=0 sdo=0 aborts=0 tpdo=1:0,2:0,3:0"
+            "ok stats rx=0 tx=0 enobufs=0 sdo=0 aborts=0 tpdo=1:0,2:0,3:0 \
+             downloads=1:0,2:0,3:0 applied=1:0,2:0,3:0"
         );
         let truth = execute(&mut s, "truth 1", t0).unwrap();
         assert!(truth.starts_with("ok {\"unit\":1,\"t_ms\":0,"), "{truth}");

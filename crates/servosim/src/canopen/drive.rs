@@ -4,6 +4,20 @@
 //!
 //! Sans-IO: every method takes the current [`Instant`] (for schedules) and the model time
 //! `t_ms` (for values), and pushes the frames to send into `out`.
+//!
+//! A node starts in mode 8 (cyclic synchronous position) and its axis follows the
+//! repeating move of [`crate::model`], as if a PLC streamed the set-points; it stands
+//! outside operation enabled (the motion clock stops) and resumes where it stopped. Writing
+//! mode 1 (profile position) or 3 (profile velocity) to 0x6060 hands the axis to the
+//! commands: it stops where it is at that instant and from then on does what the
+//! controlword and the set-points say, as the Modbus units do once commanded
+//! ([`crate::drive`]): a rising edge of controlword bit 4 in operation enabled and profile
+//! position latches 0x607A (relative to the present position with bit 6) and 0x6081 (0:
+//! [`DEFAULT_PROFILE_VELOCITY_UM_S`]), sets set-point acknowledge (statusword bit 12)
+//! until bit 4 falls, and the axis runs to the target, where target reached (bit 10) comes
+//! on; in profile velocity it runs at 0x60FF. Halt (bit 8) holds the axis (a profile
+//! position move goes on when it is cleared); leaving operation enabled, a fault or a mode
+//! change ends a move. A node never put in a profile mode behaves exactly as before.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +26,9 @@ use super::sdo::{self, Dictionary, SdoServer};
 use super::{cob, Frame};
 pub use crate::cia402::Cia402State;
 use crate::cia402::{self, cw};
-use crate::model::{self, Sample};
+use crate::drive::{DEFAULT_PROFILE_VELOCITY_UM_S, SW_SET_POINT_ACKNOWLEDGE, SW_TARGET_REACHED};
+use crate::model::{self, Commanded, Sample};
+use crate::motion::Segment;
 
 /// How the TPDOs are triggered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -147,6 +163,24 @@ pub struct NodeTruth {
     pub silent: bool,
 }
 
+/// A latched profile position set-point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SetPoint {
+    target_um: i32,
+    speed_um_s: u32,
+}
+
+/// The axis of a node in the commands' hands (a profile mode was written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Axis {
+    segment: Segment,
+    set_point: Option<SetPoint>,
+    /// The profile position move to `set_point` goes on (halt only pauses it).
+    in_progress: bool,
+    /// Statusword bit 12 in profile position mode.
+    acknowledged: bool,
+}
+
 /// One simulated node.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -161,6 +195,17 @@ pub struct Node {
     controlword: u16,
     mode: i8,
     target_position: i32,
+    /// 0x6081, 0.001 mm/s.
+    profile_velocity: u32,
+    /// 0x60FF, 0.001 mm/s.
+    target_velocity: i32,
+    /// `None` until a profile mode is written: the repeating move.
+    axis: Option<Axis>,
+    /// SDO downloads begun (initiate download requests answered) and applied (written).
+    downloads: u64,
+    applied: u64,
+    /// Every download is answered with this abort code (the console's `abort N CODE`).
+    abort: Option<u32>,
     error_code: u16,
     /// Model time spent outside Operation enabled in stretches already over.
     stopped_ms: u32,
@@ -186,6 +231,12 @@ impl Node {
             controlword: 0,
             mode: model::MODE_CYCLIC_SYNC_POSITION as i8,
             target_position: 0,
+            profile_velocity: 0,
+            target_velocity: 0,
+            axis: None,
+            downloads: 0,
+            applied: 0,
+            abort: None,
             error_code: 0,
             stopped_ms: 0,
             // Not moving since model time 0 until the state says otherwise.
@@ -220,6 +271,27 @@ impl Node {
     /// TPDO frames this node has sent.
     pub fn tpdo_sent(&self) -> u64 {
         self.tpdo_sent
+    }
+
+    /// SDO downloads begun (each initiate download request answered, an abort included).
+    pub fn downloads(&self) -> u64 {
+        self.downloads
+    }
+
+    /// SDO downloads whose value was written into the dictionary.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// True once a profile mode was written: the axis follows the commands.
+    pub fn is_commanded(&self) -> bool {
+        self.axis.is_some()
+    }
+
+    /// `Some(code)`: every SDO download from now on is answered with that abort code and
+    /// changes nothing; `None` answers them normally again.
+    pub fn set_abort(&mut self, code: Option<u32>) {
+        self.abort = code;
     }
 
     /// Finishes initialisation: boot-up message, pre-operational, and the EMCY of a fault
@@ -265,6 +337,10 @@ impl Node {
         self.controlword = controlword;
         self.mode = model::MODE_CYCLIC_SYNC_POSITION as i8;
         self.target_position = 0;
+        self.profile_velocity = 0;
+        self.target_velocity = 0;
+        // Back in mode 8: the axis follows the repeating move again.
+        self.axis = None;
     }
 
     /// NMT reset node, from the bus or the console's `reboot`.
@@ -314,6 +390,21 @@ impl Node {
         // Not in STOPPED (CiA 301 v4.2, 7.3.2.2.2: only NMT and heartbeat there).
         if self.silent || self.nmt == NmtState::Stopped {
             return None;
+        }
+        // Initiate download (ccs 1, CiA 301 v4.2, 7.2.4.3.3): one more download begun.
+        let initiates_download = request.first().is_some_and(|b| b >> 5 == 1);
+        if initiates_download {
+            self.downloads += 1;
+            if let Some(code) = self.abort {
+                // Injected: refused before the dictionary sees it, nothing applied.
+                let mux = match request {
+                    [_, lo, hi, sub, ..] => (u16::from_le_bytes([*lo, *hi]), *sub),
+                    _ => (0, 0),
+                };
+                self.sdo.reset();
+                self.send(out, cob::SDO_TX, &sdo::abort_frame(mux, AbortCode(code)));
+                return Some(true);
+            }
         }
         // The server is taken out for the call so that the dictionary can borrow the
         // rest of the node mutably.
@@ -411,6 +502,7 @@ impl Node {
         }
         self.error_code = code;
         self.set_state(Cia402State::Fault, t_ms);
+        self.replan(t_ms);
         self.emcy(code, out);
     }
 
@@ -421,12 +513,14 @@ impl Node {
             return;
         }
         self.error_code = 0;
-        let state = if self.defaults.start_enabled {
+        // A commanded axis never starts moving on its own: it must be enabled again.
+        let state = if self.defaults.start_enabled && !self.is_commanded() {
             Cia402State::OperationEnabled
         } else {
             Cia402State::SwitchOnDisabled
         };
         self.set_state(state, t_ms);
+        self.replan(t_ms);
         self.emcy(0, out);
     }
 
@@ -438,11 +532,116 @@ impl Node {
     }
 
     fn model_drive(&self, t_ms: u32) -> model::DriveState {
-        od::model_drive(
+        let repeating = od::model_drive(
             self.motion_ms(t_ms),
             self.state == Cia402State::OperationEnabled,
             self.error_code,
-        )
+        );
+        match self.axis {
+            None => repeating,
+            Some(axis) => model::DriveState {
+                error_code: self.error_code,
+                commanded: Some(Commanded {
+                    state: self.state,
+                    segment: axis.segment,
+                    set_point: axis.set_point.map(|s| s.target_um),
+                    mode_bits: self.mode_bits(&axis, t_ms),
+                }),
+                ..repeating
+            },
+        }
+    }
+
+    /// The statusword at `t_ms`: the state coding, plus bits 10 and 12 in operation
+    /// enabled once commanded.
+    pub fn statusword(&self, t_ms: u32) -> u16 {
+        let bits = match self.axis {
+            Some(axis) if self.state == Cia402State::OperationEnabled => {
+                self.mode_bits(&axis, t_ms)
+            }
+            _ => 0,
+        };
+        self.state.statusword() | bits
+    }
+
+    /// Statusword bits 10 and 12 of a commanded axis (as the Modbus units show them).
+    fn mode_bits(&self, axis: &Axis, t_ms: u32) -> u16 {
+        if self.mode == cia402::MODE_PROFILE_POSITION {
+            let reached = axis
+                .set_point
+                .is_none_or(|s| axis.segment.position_um(t_ms) == s.target_um);
+            let mut bits = 0;
+            if reached {
+                bits |= SW_TARGET_REACHED;
+            }
+            if axis.acknowledged {
+                bits |= SW_SET_POINT_ACKNOWLEDGE;
+            }
+            bits
+        } else if self.mode == cia402::MODE_PROFILE_VELOCITY {
+            // No ramps: the target velocity is reached at once; bit 12 is speed zero.
+            let mut bits = SW_TARGET_REACHED;
+            if axis.segment.is_standing(t_ms) {
+                bits |= SW_SET_POINT_ACKNOWLEDGE;
+            }
+            bits
+        } else {
+            SW_TARGET_REACHED
+        }
+    }
+
+    /// A mode of operation written: a profile mode hands the axis to the commands (it
+    /// stops where the repeating move had it, rounded as 0x6064 shows it).
+    fn set_mode(&mut self, mode: i8, t_ms: u32) {
+        let changed = mode != self.mode;
+        if self.axis.is_none()
+            && (mode == cia402::MODE_PROFILE_POSITION || mode == cia402::MODE_PROFILE_VELOCITY)
+        {
+            let at = self.process_values(t_ms).position;
+            self.axis = Some(Axis {
+                segment: Segment::hold(at, t_ms),
+                set_point: None,
+                in_progress: false,
+                acknowledged: false,
+            });
+        }
+        self.mode = mode;
+        if let Some(mut axis) = self.axis {
+            if changed {
+                // A move does not carry over into another mode, nor back.
+                axis.in_progress = false;
+            }
+            let at = axis.segment.position_um(t_ms);
+            self.axis = Some(self.plan(axis, at, t_ms));
+        }
+    }
+
+    /// A new segment after an event (state, fault, target velocity).
+    fn replan(&mut self, t_ms: u32) {
+        if let Some(axis) = self.axis {
+            let at = axis.segment.position_um(t_ms);
+            self.axis = Some(self.plan(axis, at, t_ms));
+        }
+    }
+
+    /// The segment from `at_um` at `t_ms` that the state, the mode and the set-point ask
+    /// for (the same rules as the Modbus units').
+    fn plan(&self, mut axis: Axis, at_um: i32, t_ms: u32) -> Axis {
+        if self.state != Cia402State::OperationEnabled {
+            axis.in_progress = false;
+        }
+        let halted = self.controlword & cw::HALT != 0;
+        let runs = self.state == Cia402State::OperationEnabled && !halted;
+        axis.segment = match (axis.set_point, runs) {
+            (Some(s), true) if self.mode == cia402::MODE_PROFILE_POSITION && axis.in_progress => {
+                Segment::toward(at_um, t_ms, s.target_um, s.speed_um_s)
+            }
+            (_, true) if self.mode == cia402::MODE_PROFILE_VELOCITY => {
+                Segment::run(at_um, t_ms, i64::from(self.target_velocity))
+            }
+            _ => Segment::hold(at_um, t_ms),
+        };
+        axis
     }
 
     /// The process objects at `t_ms`, from one model sample.
@@ -456,7 +655,7 @@ impl Node {
             t_ms,
             motion_ms: self.motion_ms(t_ms),
             sample: model::drive_sample(self.id, t_ms, &self.model_drive(t_ms)),
-            statusword: self.state.statusword(),
+            statusword: self.statusword(t_ms),
             error_code: self.error_code,
             nmt: self.nmt,
             state: self.state,
@@ -481,7 +680,8 @@ impl Node {
 
     /// A controlword written over SDO: the CiA 402 state machine.
     fn write_controlword(&mut self, value: u16, t_ms: u32, out: &mut Vec<Frame>) {
-        let state = cia402::on_controlword(self.state, self.controlword, value);
+        let before = self.controlword;
+        let state = cia402::on_controlword(self.state, before, value);
         self.controlword = value;
         if self.state == Cia402State::Fault && state != Cia402State::Fault {
             // Transition 15: the fault is gone; the drive must be enabled again.
@@ -489,6 +689,38 @@ impl Node {
             self.emcy(0, out);
         }
         self.set_state(state, t_ms);
+        let Some(mut axis) = self.axis else {
+            return;
+        };
+        let at = axis.segment.position_um(t_ms);
+        if value & cw::NEW_SET_POINT == 0 {
+            // The handshake's second half: bit 12 follows bit 4 down.
+            axis.acknowledged = false;
+        }
+        let rising = value & cw::NEW_SET_POINT != 0 && before & cw::NEW_SET_POINT == 0;
+        if rising
+            && self.state == Cia402State::OperationEnabled
+            && self.mode == cia402::MODE_PROFILE_POSITION
+        {
+            let target = if value & cw::RELATIVE != 0 {
+                let sum = i64::from(at) + i64::from(self.target_position);
+                // Beyond the end of travel the target is the end of travel.
+                sum.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+            } else {
+                self.target_position
+            };
+            let speed = match self.profile_velocity {
+                0 => DEFAULT_PROFILE_VELOCITY_UM_S,
+                v => v,
+            };
+            axis.set_point = Some(SetPoint {
+                target_um: target,
+                speed_um_s: speed,
+            });
+            axis.in_progress = true;
+            axis.acknowledged = true;
+        }
+        self.axis = Some(self.plan(axis, at, t_ms));
     }
 
     fn arm_tpdo(&mut self, k: usize, now: Instant) {
@@ -594,13 +826,15 @@ impl Node {
             DcBusVoltage => v.dc_bus_mv.to_le_bytes().to_vec(),
             ErrorCode => self.error_code.to_le_bytes().to_vec(),
             Controlword => self.controlword.to_le_bytes().to_vec(),
-            Statusword => self.state.statusword().to_le_bytes().to_vec(),
+            Statusword => self.statusword(v.t_ms).to_le_bytes().to_vec(),
             ModesOfOperation | ModeDisplay => self.mode.to_le_bytes().to_vec(),
             PositionActual => v.position.to_le_bytes().to_vec(),
             VelocityActual => v.velocity.to_le_bytes().to_vec(),
             TorqueActual => v.torque.to_le_bytes().to_vec(),
             CurrentActual => v.current.to_le_bytes().to_vec(),
             TargetPosition => self.target_position.to_le_bytes().to_vec(),
+            ProfileVelocity => self.profile_velocity.to_le_bytes().to_vec(),
+            TargetVelocity => self.target_velocity.to_le_bytes().to_vec(),
         }
     }
 }
@@ -687,12 +921,19 @@ impl Dictionary for NodeDictionary<'_> {
                 if !od::SUPPORTED_MODES.contains(&mode) {
                     return Err(AbortCode::INVALID_VALUE);
                 }
-                node.mode = mode;
+                node.set_mode(mode, self.t_ms);
             }
             TargetPosition => node.target_position = u32_le() as i32,
+            ProfileVelocity => node.profile_velocity = u32_le(),
+            TargetVelocity => {
+                node.target_velocity = u32_le() as i32;
+                // Profile velocity follows a new target at once.
+                node.replan(self.t_ms);
+            }
             // Every other object is read-only; the server checked that already.
             _ => return Err(AbortCode::READ_ONLY),
         }
+        node.applied += 1;
         Ok(())
     }
 }
@@ -742,6 +983,98 @@ mod tests {
 
     fn controlword(n: &mut Node, value: u16, t_ms: u32) -> Vec<Frame> {
         sdo_write(n, 0x6040, 0, &value.to_le_bytes(), Instant::now(), t_ms)
+    }
+
+    fn statusword(n: &mut Node, t_ms: u32) -> u16 {
+        u16::from_le_bytes(sdo_read(n, 0x6041, 0, t_ms)[4..6].try_into().unwrap())
+    }
+
+    fn position(n: &Node, t_ms: u32) -> i32 {
+        n.process_values(t_ms).position
+    }
+
+    #[test]
+    fn a_profile_position_move_acknowledges_runs_and_reaches_its_target() {
+        // Given an enabled node handed to the commands at 1 s
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        let at = position(&n, 1_000);
+        sdo_write(&mut n, 0x6060, 0, &[1], t0, 1_000);
+        assert!(n.is_commanded());
+        assert_eq!(position(&n, 1_500), at, "the axis stands where it was");
+        // When a target 10 mm on at 20 mm/s is latched by a rising bit 4
+        let target = at + 10_000;
+        sdo_write(&mut n, 0x607A, 0, &target.to_le_bytes(), t0, 2_000);
+        sdo_write(&mut n, 0x6081, 0, &20_000u32.to_le_bytes(), t0, 2_000);
+        controlword(&mut n, 0x0F, 2_000);
+        controlword(&mut n, 0x1F, 2_000);
+        // Then set-point acknowledge shows until bit 4 falls, and the axis runs there
+        assert_eq!(statusword(&mut n, 2_000), 0x1237);
+        controlword(&mut n, 0x0F, 2_001);
+        assert_eq!(statusword(&mut n, 2_001), 0x0237);
+        assert_eq!(position(&n, 2_250), at + 5_000);
+        assert_eq!(n.process_values(2_250).velocity, 20_000);
+        assert_eq!(position(&n, 2_500), target);
+        assert_eq!(statusword(&mut n, 2_500), 0x0637);
+        assert_eq!(n.truth(2_500).statusword, 0x0637);
+        assert_eq!((n.downloads(), n.applied()), (6, 6));
+    }
+
+    #[test]
+    fn a_relative_move_halt_and_quick_stop_act_on_the_commanded_axis() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        sdo_write(&mut n, 0x6060, 0, &[1], t0, 0);
+        let at = position(&n, 0);
+        sdo_write(&mut n, 0x607A, 0, &(-4_000i32).to_le_bytes(), t0, 0);
+        controlword(&mut n, 0x0F | 0x40, 0);
+        controlword(&mut n, 0x1F | 0x40, 0);
+        // 50 mm/s by default: halfway after 40 ms; halt holds it there
+        assert_eq!(position(&n, 40), at - 2_000);
+        controlword(&mut n, 0x10F, 40);
+        assert_eq!(position(&n, 100), at - 2_000);
+        assert_eq!(statusword(&mut n, 100) & 0x0400, 0, "not at its target");
+        // Halt cleared: the move goes on
+        controlword(&mut n, 0x0F, 100);
+        assert_eq!(position(&n, 140), at - 4_000);
+        // Quick stop in profile velocity: the axis stands at once
+        sdo_write(&mut n, 0x6060, 0, &[3], t0, 200);
+        sdo_write(&mut n, 0x60FF, 0, &10_000i32.to_le_bytes(), t0, 200);
+        assert_eq!(position(&n, 300), at - 3_000);
+        controlword(&mut n, 0x02, 300);
+        assert_eq!(n.state(), Cia402State::QuickStopActive);
+        assert_eq!(position(&n, 900), at - 3_000);
+    }
+
+    #[test]
+    fn a_fault_stops_a_commanded_axis_and_clear_leaves_it_disabled() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        sdo_write(&mut n, 0x6060, 0, &[3], t0, 0);
+        sdo_write(&mut n, 0x60FF, 0, &1_000i32.to_le_bytes(), t0, 0);
+        let at = position(&n, 0);
+        let mut out = Vec::new();
+        n.inject_fault(0x2310, 1_000, &mut out);
+        assert_eq!(position(&n, 5_000), at + 1_000);
+        n.clear_fault(5_000, &mut out);
+        assert_eq!(n.state(), Cia402State::SwitchOnDisabled);
+        // A reset node gives the axis back to the repeating move
+        n.reset_node(t0, 6_000, &mut out);
+        assert!(!n.is_commanded());
+    }
+
+    #[test]
+    fn an_injected_abort_answers_every_download_and_applies_nothing() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.set_abort(Some(0x0800_0022));
+        let out = controlword(&mut n, 0x02, 10);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].data(), [0x80, 0x40, 0x60, 0, 0x22, 0, 0, 0x08]);
+        assert_eq!(n.state(), Cia402State::OperationEnabled);
+        assert_eq!((n.downloads(), n.applied()), (1, 0));
+        // Uploads still answer; noabort writes again
+        assert_eq!(sdo_read(&mut n, 0x6041, 0, 10)[0], 0x4B);
+        n.set_abort(None);
+        sdo_write(&mut n, 0x6040, 0, &[0x02, 0], t0, 20);
+        assert_eq!(n.state(), Cia402State::QuickStopActive);
+        assert_eq!((n.downloads(), n.applied()), (2, 1));
     }
 
     #[test]

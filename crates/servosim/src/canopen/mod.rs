@@ -162,6 +162,10 @@ pub struct CanStats {
     pub dropped: u64,
     /// TPDO frames sent, per node.
     pub tpdo: BTreeMap<u8, u64>,
+    /// SDO downloads begun, per node (each initiate download request, an abort included).
+    pub downloads: BTreeMap<u8, u64>,
+    /// SDO downloads whose value was written into the node's dictionary, per node.
+    pub applied: BTreeMap<u8, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -364,6 +368,13 @@ impl CanSim {
         self.inject_fault(id, 0, now)
     }
 
+    /// `abort N CODE` (`Some`) / `noabort N` (`None`): every SDO download to node `id` is
+    /// answered with abort `code` and applies nothing.
+    pub fn set_abort(&mut self, id: u8, code: Option<u32>) -> Result<(), SimError> {
+        self.node(id)?.set_abort(code);
+        Ok(())
+    }
+
     /// `reboot N`: as NMT reset node.
     pub fn reboot(&mut self, id: u8, now: Instant) -> Result<(), SimError> {
         let t_ms = self.t_ms_at(now);
@@ -407,6 +418,16 @@ impl CanSim {
                 .nodes
                 .iter()
                 .map(|(&id, n)| (id, n.tpdo_sent()))
+                .collect(),
+            downloads: self
+                .nodes
+                .iter()
+                .map(|(&id, n)| (id, n.downloads()))
+                .collect(),
+            applied: self
+                .nodes
+                .iter()
+                .map(|(&id, n)| (id, n.applied()))
                 .collect(),
             ..self.stats.clone()
         }

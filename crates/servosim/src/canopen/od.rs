@@ -1,6 +1,6 @@
 //! The object dictionary of one simulated node: which `index:sub` exist, their type,
 //! access and size (CiA 301 v4.2 communication area 0x1000-0x1FFF, manufacturer objects
-//! 0x2000-0x2011, CiA 402-2 drive objects 0x603F-0x607A), the SDO abort codes, and the
+//! 0x2000-0x2011, CiA 402-2 drive objects 0x603F-0x60FF), the SDO abort codes, and the
 //! process values every node shows at one model instant.
 //!
 //! The values of the objects live in the node ([`super::drive`]); this module only says
@@ -122,6 +122,10 @@ pub enum Object {
     CurrentActual,
     /// 607A:00 target position, 0.001 mm.
     TargetPosition,
+    /// 6081:00 profile velocity, 0.001 mm/s (0: the default move speed).
+    ProfileVelocity,
+    /// 60FF:00 target velocity, 0.001 mm/s.
+    TargetVelocity,
 }
 
 /// One existing `index:sub`: what it is, who may access it, and its size in bytes
@@ -247,6 +251,8 @@ pub fn lookup(index: u16, sub: u8) -> Result<Entry, AbortCode> {
         0x6077 => var(TorqueActual, ReadOnly, 2),
         0x6078 => var(CurrentActual, ReadOnly, 2),
         0x607A => var(TargetPosition, ReadWrite, 4),
+        0x6081 => var(ProfileVelocity, ReadWrite, 4),
+        0x60FF => var(TargetVelocity, ReadWrite, 4),
         _ => Err(AbortCode::NO_OBJECT),
     }
 }
@@ -353,6 +359,8 @@ mod tests {
             (0x6077, 0, Access::ReadOnly, Some(2)),
             (0x6078, 0, Access::ReadOnly, Some(2)),
             (0x607A, 0, Access::ReadWrite, Some(4)),
+            (0x6081, 0, Access::ReadWrite, Some(4)),
+            (0x60FF, 0, Access::ReadWrite, Some(4)),
         ] {
             let e = lookup(index, sub).unwrap();
             assert_eq!((e.access, e.len), (access, len), "{index:04X}:{sub:02X}");
