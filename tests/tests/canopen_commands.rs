@@ -1,0 +1,232 @@
+//! Commands to CANopen drives end to end (DESIGN.md section 7): real mosquitto, servosim
+//! canopen on vcan0, the servogate binary. Each step checks the result published on MQTT
+//! and what reached the drive, with servosim's per-node `downloads` and `applied`.
+//!
+//! Needs vcan0: where there is none each test says so and returns; `scripts/vm/can-tests.sh`
+//! runs them in the qemu VM with `SERVOGATE_REQUIRE_VCAN=1`.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{json, Value};
+use servogate_e2e::*;
+
+const ID: &str = "e2e-cancmd";
+
+/// Every action allowed; commands carry no deadline, so each gets receipt + `max_age`.
+const POLICY: &str = r#"
+[devices.commands]
+allow = ["enable", "disable", "quick_stop", "halt", "fault_reset", "move", "velocity"]
+max_age = "3s"
+max_rate = 50
+limits.position = { min = -1000.0, max = 1000.0 }
+limits.velocity = { min = 0.0, max = 500.0 }
+"#;
+
+struct Commander {
+    client: AsyncClient,
+}
+
+impl Commander {
+    async fn start(port: u16) -> Self {
+        let opts = MqttOptions::new(format!("e2e-cancmd-{}", free_port()), "127.0.0.1", port);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        Self { client }
+    }
+
+    /// Publishes `action` (with `extra` fields) as command `id` to `device`, and waits
+    /// for its result.
+    async fn run(
+        &self,
+        sub: &mut Subscriber,
+        device: &str,
+        id: &str,
+        action: &str,
+        extra: Value,
+    ) -> Value {
+        let mut v = json!({"id": id, "action": action});
+        if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+            o.extend(e);
+        }
+        let topic = format!("servogate/{ID}/devices/{device}/cmd");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, v.to_string().into_bytes())
+            .await
+            .expect("publish");
+        let result = format!("/devices/{device}/cmd/result");
+        let wait = sub.until(|m| m.topic.ends_with(&result) && m.json["id"] == id);
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no result for {id} on {device}"))
+            .json
+    }
+}
+
+/// `downloads` and `applied` of `node` from servosim's stats line.
+fn counters(sim: &mut Servosim, node: u8) -> (u64, u64) {
+    let line = sim.cmd("stats");
+    let field = |name: &str| -> u64 {
+        let list = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        list.split(',')
+            .find_map(|p| p.strip_prefix(&format!("{node}:")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no node {node} in {line}"))
+    };
+    (field("downloads"), field("applied"))
+}
+
+fn truth(sim: &mut Servosim, node: u8) -> Value {
+    let line = sim.cmd(&format!("truth {node}"));
+    serde_json::from_str(line.trim_start_matches("ok ")).expect("truth JSON")
+}
+
+fn assert_done(r: &Value) {
+    assert_eq!(r["status"], "done", "{r}");
+}
+
+/// Waits for `device`'s telemetry to satisfy `pred`.
+async fn telemetry_until(
+    sub: &mut Subscriber,
+    device: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let topic = format!("/devices/{device}/telemetry");
+    let wait = sub.until(|m| m.topic.ends_with(&topic) && pred(&m.json));
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{device}: the telemetry never got there"))
+        .json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_downloads_expected() {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    let mut sim = Servosim::start_can(can, "1-2", &["--period", "10ms"]);
+    let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
+    let _gw = Servogate::start(&format!(
+        "{}{}",
+        head(ID, &broker.url()),
+        can_config(can, &[1, 2], POLICY)
+    ));
+    let commander = Commander::start(broker.port).await;
+    // Both drives are up once their telemetry flows (the heartbeat time was written).
+    for d in ["drive-1", "drive-2"] {
+        telemetry_until(&mut sub, d, |j| j["state"] == "operation_enabled").await;
+    }
+    let mut latencies = Vec::new();
+    let mut check = |r: &Value| {
+        if let Some(l) = r["latency_ms"].as_f64() {
+            latencies.push(l);
+        }
+    };
+
+    // disable: shutdown, one download; enable: switch on, enable operation.
+    let before = counters(&mut sim, 1);
+    let r = commander
+        .run(&mut sub, "drive-1", "d-1", "disable", json!({}))
+        .await;
+    assert_done(&r);
+    check(&r);
+    assert_eq!(truth(&mut sim, 1)["state"], "ready_to_switch_on");
+    let r = commander
+        .run(&mut sub, "drive-1", "e-1", "enable", json!({}))
+        .await;
+    assert_done(&r);
+    check(&r);
+    assert_eq!(truth(&mut sim, 1)["state"], "operation_enabled");
+    let after = counters(&mut sim, 1);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (3, 3),
+        "{before:?} -> {after:?}"
+    );
+
+    // move to 10 mm beyond where the axis is, waiting for target reached: mode, target,
+    // profile velocity, bit 4 low, high (acknowledged), low again.
+    let at = truth(&mut sim, 1)["position_mm"].as_f64().unwrap();
+    let target = (at + 10.0).round();
+    let before = counters(&mut sim, 1);
+    let started = Instant::now();
+    let r = commander
+        .run(
+            &mut sub,
+            "drive-1",
+            "m-1",
+            "move",
+            json!({"position": target, "velocity": 100.0, "wait": "target_reached"}),
+        )
+        .await;
+    assert_done(&r);
+    check(&r);
+    // About 10 mm at 100 mm/s: not done before the axis could get there.
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    let after = counters(&mut sim, 1);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (6, 6));
+    let t = truth(&mut sim, 1);
+    assert_eq!(t["position_mm"].as_f64().unwrap(), target, "{t}");
+    // Target reached (bit 10) shows in the TPDO statusword, and the position with it.
+    let tel = telemetry_until(&mut sub, "drive-1", |j| {
+        j["statusword"].as_u64().is_some_and(|sw| sw & 0x0400 != 0)
+    })
+    .await;
+    assert_eq!(tel["position"].as_f64().unwrap(), target, "{tel}");
+
+    // quick stop: one download, and the drive shows quick_stop_active.
+    let before = counters(&mut sim, 1);
+    let r = commander
+        .run(&mut sub, "drive-1", "q-1", "quick_stop", json!({}))
+        .await;
+    assert_done(&r);
+    check(&r);
+    assert_eq!(counters(&mut sim, 1).1 - before.1, 1);
+    assert_eq!(truth(&mut sim, 1)["state"], "quick_stop_active");
+
+    // A drive fault, then fault_reset: bit 7 low then high, and the fault is gone.
+    sim.cmd("fault 1 0x2310");
+    telemetry_until(&mut sub, "drive-1", |j| j["state"] == "fault").await;
+    let r = commander
+        .run(&mut sub, "drive-1", "e-2", "enable", json!({}))
+        .await;
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("rejected"), Some("wrong_state")),
+        "{r}"
+    );
+    let before = counters(&mut sim, 1);
+    let r = commander
+        .run(&mut sub, "drive-1", "f-1", "fault_reset", json!({}))
+        .await;
+    assert_done(&r);
+    check(&r);
+    assert_eq!(counters(&mut sim, 1).1 - before.1, 2);
+    let t = truth(&mut sim, 1);
+    assert_eq!(
+        (t["state"].as_str(), t["error_code"].as_u64()),
+        (Some("switch_on_disabled"), Some(0))
+    );
+
+    // An SDO abort: failed / sdo_abort with the code, and nothing applied on drive-2.
+    sim.cmd("abort 2 0x08000022");
+    let before = counters(&mut sim, 2);
+    let r = commander
+        .run(&mut sub, "drive-2", "q-2", "quick_stop", json!({}))
+        .await;
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("failed"), Some("sdo_abort")),
+        "{r}"
+    );
+    assert!(r["message"].as_str().unwrap().contains("0x08000022"), "{r}");
+    let after = counters(&mut sim, 2);
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0));
+    assert_eq!(truth(&mut sim, 2)["state"], "operation_enabled");
+    sim.cmd("noabort 2");
+
+    latencies.sort_by(f64::total_cmp);
+    println!("command latency (receipt to result), ms: {latencies:?}");
+}
