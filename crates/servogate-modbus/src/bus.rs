@@ -834,10 +834,11 @@ async fn transact_write(
         fault = monitor.fault() => {
             return match fault {
                 LineFault::Crc => Outcome::Failed(Failure::Crc),
-                // The rest of a bad echo was withheld from tokio-modbus, whose codec may
-                // hold half a frame now: rebuild it.
-                LineFault::BadEcho => Outcome::Garbled,
-                LineFault::WrongUnit { .. } => Outcome::Failed(Failure::WrongReply),
+                // The rest was withheld from tokio-modbus; its half frame is cleared
+                // with its buffer at the next call.
+                LineFault::Mismatch | LineFault::WrongUnit { .. } => {
+                    Outcome::Failed(Failure::WrongReply)
+                }
             };
         }
         r = tokio::time::timeout(timeout, write) => r,
@@ -870,7 +871,7 @@ async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outco
         fault = monitor.fault() => {
             return Outcome::Failed(match fault {
                 LineFault::Crc => Failure::Crc,
-                LineFault::WrongUnit { .. } | LineFault::BadEcho => Failure::WrongReply,
+                LineFault::WrongUnit { .. } | LineFault::Mismatch => Failure::WrongReply,
             });
         }
         r = tokio::time::timeout(timeout, read) => r,

@@ -47,9 +47,11 @@ pub enum LineFault {
     Crc,
     /// The reply came from another unit than the one asked.
     WrongUnit { expected: u8, got: u8 },
-    /// A write's echo names another address, value or quantity than the request: the
-    /// rest of it is withheld (tokio-modbus asserts on a mismatched echo in debug builds).
-    BadEcho,
+    /// The reply does not answer the request: a write's echo names another address,
+    /// value or quantity, or a read's byte count is not twice the registers asked for.
+    /// The rest of it is withheld: tokio-modbus asserts on both in debug builds and
+    /// would return the wrong data in release builds.
+    Mismatch,
 }
 
 /// Shared between the [`RtuLine`] (inside tokio-modbus) and the bus task.
@@ -112,7 +114,7 @@ pub struct RtuLine<S> {
     reply_head: [u8; 2],
     /// The reply as it arrives, for the CRC check (a read reply is at most 255 bytes).
     reply: Vec<u8>,
-    /// A write's echo did not match: nothing more of this reply is handed on.
+    /// The reply does not answer the request: nothing more of it is handed on.
     withhold: bool,
     monitor: Arc<LineMonitor>,
 }
@@ -180,16 +182,33 @@ impl<S: AsyncRead + DiscardInput + Unpin> AsyncRead for RtuLine<S> {
 }
 
 impl<S> RtuLine<S> {
-    /// True when `byte`, the next of the reply, breaks the echo of a write request: the
-    /// address and the value (06) or quantity (16) must come back as sent.
-    fn echo_mismatch(&self, byte: u8) -> bool {
+    /// True when `byte`, the next of the reply, shows that the reply does not answer the
+    /// request: a write's echo must repeat the address and the value (06) or quantity
+    /// (16); a read's byte count must be twice the registers asked for. A straggler of
+    /// another length (a probe's late answer during the next read) would otherwise be a
+    /// complete frame with a good CRC to tokio-modbus, long before the line's CRC check
+    /// at the expected length.
+    fn mismatch(&self, byte: u8) -> bool {
         let req = self.request.as_slice();
         let (Some(&function), i) = (req.get(1), self.reply_len) else {
             return false;
         };
-        let is_write = matches!(function, 0x06 | 0x10);
+        // An exception reply (function | 0x80) has its own fixed length.
         let normal = i < 2 || self.reply_head[1] == function;
-        is_write && normal && (2..6).contains(&i) && req.get(i).is_some_and(|&b| b != byte)
+        if !normal {
+            return false;
+        }
+        match function {
+            0x06 | 0x10 => (2..6).contains(&i) && req.get(i).is_some_and(|&b| b != byte),
+            0x03 | 0x04 if i == 2 => match (req.get(4), req.get(5)) {
+                (Some(&hi), Some(&lo)) => {
+                    let n = usize::from(u16::from_be_bytes([hi, lo]));
+                    usize::from(byte) != 2 * n
+                }
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     /// Checks the bytes from `before` on, keeps those that belong to the reply and
@@ -213,10 +232,10 @@ impl<S> RtuLine<S> {
             if self.reply_len < 2 {
                 self.reply_head[self.reply_len] = byte;
             }
-            if self.echo_mismatch(byte) {
+            if self.mismatch(byte) {
                 self.withhold = true;
                 self.monitor.discarded_bytes.fetch_add(1, Ordering::Relaxed);
-                self.monitor.raise(LineFault::BadEcho);
+                self.monitor.raise(LineFault::Mismatch);
                 continue;
             }
             if self.reply_len == 0 {
@@ -391,8 +410,17 @@ mod tests {
         // Given a write of 0x000F, when the echo says 0x0007
         let (got, monitor) = write_exchange(&with_crc(&[1, 6, 0, 0x12, 0, 0x07])).await;
         // Then the fault is raised and the echo never reaches tokio-modbus whole
-        assert_eq!(monitor.take(), Some(LineFault::BadEcho));
+        assert_eq!(monitor.take(), Some(LineFault::Mismatch));
         assert_eq!(got, vec![1, 6, 0, 0x12, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_read_reply_with_another_byte_count_is_raised_and_withheld() {
+        // Given a read of 2 registers, when a late answer to a read of 1 arrives
+        let (got, monitor, _) = exchange(&with_crc(&[1, 3, 2, 0, 7])).await;
+        // Then it is refused at its byte count and tokio-modbus never sees a whole frame
+        assert_eq!(monitor.take(), Some(LineFault::Mismatch));
+        assert_eq!(got, vec![1, 3]);
     }
 
     #[tokio::test]
