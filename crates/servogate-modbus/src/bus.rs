@@ -191,11 +191,17 @@ fn take_orders(
     set: &Pollers,
     now: std::time::Instant,
 ) {
-    while !exec.is_full() {
-        let Some(BusOrder { order, reply }) = first.take().or_else(|| orders.try_recv().ok())
-        else {
-            return;
-        };
+    // Every order is taken at once, so the inbox never holds a stop behind others. When
+    // the executor is full, a command that is not a stop is refused (nothing sent): the
+    // jobs held are bounded, and a stop always gets in.
+    while let Some(BusOrder { order, reply }) = first.take().or_else(|| orders.try_recv().ok()) {
+        if exec.is_full() && !order.action.is_safety() {
+            let _ = reply.send(CmdOutcome::rejected(
+                CommandReason::RateLimited,
+                format!("the bus holds {} commands already", Executor::CAPACITY),
+            ));
+            continue;
+        }
         let Some(poller) = set
             .pollers
             .iter()

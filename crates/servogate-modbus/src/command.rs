@@ -587,7 +587,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Jobs held at once; the order channel in front of the bus holds the rest.
+    /// Jobs held at once; beyond it the bus refuses commands other than stops.
     pub const CAPACITY: usize = 64;
 
     pub fn is_full(&self) -> bool {

@@ -176,6 +176,25 @@ impl Route {
     }
 }
 
+impl Route {
+    /// Room for one order, waited for (a stop waits for room rather than being refused;
+    /// the bus takes its inbox every turn).
+    async fn reserve(self) -> Result<RoutePermit, ()> {
+        match self {
+            Route::Rtu(tx) => tx
+                .reserve_owned()
+                .await
+                .map(RoutePermit::Rtu)
+                .map_err(|_| ()),
+            Route::Can(tx) => tx
+                .reserve_owned()
+                .await
+                .map(RoutePermit::Can)
+                .map_err(|_| ()),
+        }
+    }
+}
+
 /// Room reserved in a bus inbox.
 enum RoutePermit {
     Rtu(mpsc::OwnedPermit<BusOrder>),
@@ -723,6 +742,30 @@ impl Desk {
             action: cmd.action,
             deadline: msg.at + left,
         };
+        if order.action.is_safety() {
+            // Only `allow` may hold a stop back: never a full queue. It waits for room,
+            // in a task of its own (the desk never waits), until its deadline.
+            let route = route.clone();
+            let bus = bus.to_owned();
+            tokio::spawn(async move {
+                let until = tokio::time::Instant::from_std(order.deadline);
+                match tokio::time::timeout_at(until, route.reserve()).await {
+                    Ok(Ok(permit)) => permit.send(order, reply),
+                    Ok(Err(())) => {
+                        let _ = reply.send(Outcome::rejected(
+                            CommandReason::BusDown,
+                            format!("bus {bus} is not running"),
+                        ));
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Outcome::expired(format!(
+                            "the command queue of bus {bus} stayed full until its deadline"
+                        )));
+                    }
+                }
+            });
+            return Ok(rx);
+        }
         match route.try_send(order, reply) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Outcome::rejected(
