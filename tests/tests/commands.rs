@@ -1215,3 +1215,51 @@ async fn a_reload_that_gives_the_first_device_a_policy_subscribes_to_commands() 
     assert_eq!(writes(&mut r.sim, 1), (1, 1));
     r.gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_behind_a_flood_of_commands_is_never_refused() {
+    let mut r = rig(&POLICY.replace("max_rate = 50\n", "")).await;
+    for i in 0..300 {
+        let payload = cmd(
+            &format!("f-{i}"),
+            "write",
+            json!({"values": {"speed_limit": i % 250}}),
+        );
+        r.cmd.send("axis-1", &payload, false).await;
+    }
+    r.cmd
+        .send("axis-1", &cmd("stop", "quick_stop", json!({})), false)
+        .await;
+    let (mut done, mut limited) = (0u64, 0u64);
+    let mut stop = None;
+    while stop.is_none() || done + limited < 300 {
+        let m = tokio::time::timeout(
+            DEADLINE,
+            r.sub.until(|m| m.topic.ends_with("/axis-1/cmd/result")),
+        )
+        .await
+        .expect("results");
+        match (m.json["id"].as_str(), m.json["status"].as_str()) {
+            (Some("stop"), _) => stop = Some(m.json.clone()),
+            (_, Some("done")) => done += 1,
+            // Refused for a full queue, or cancelled by the stop before they were sent.
+            (_, Some("rejected")) => {
+                let reason = m.json["reason"].as_str().unwrap_or("");
+                assert!(
+                    ["rate_limited", "wrong_state"].contains(&reason),
+                    "{}",
+                    m.json
+                );
+                limited += 1;
+            }
+            other => panic!("{other:?}: {}", m.json),
+        }
+    }
+    let stop = stop.unwrap();
+    println!("{done} writes done, {limited} refused or cancelled; the stop: {stop}");
+    assert_eq!(stop["status"], "done", "{stop}");
+    // Every write the gateway called done reached the drive, the refused ones did not,
+    // and the stop's controlword write is the one more.
+    assert_eq!(writes(&mut r.sim, 1), (done + 1, done + 1));
+    r.gw.stop();
+}

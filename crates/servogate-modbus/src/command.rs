@@ -610,7 +610,10 @@ impl Executor {
             while i < self.jobs.len() {
                 if *self.jobs[i].device() == device && !self.jobs[i].is_safety() {
                     let old = self.jobs.remove(i);
-                    let outcome = if old.started {
+                    let outcome = if old.steps.is_empty() {
+                        // Every frame of it was confirmed: it is done, not interrupted.
+                        old.finished()
+                    } else if old.started {
                         Outcome::failed(
                             CommandReason::WrongState,
                             format!("interrupted by {action} {id}"),

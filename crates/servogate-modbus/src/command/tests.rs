@@ -269,3 +269,20 @@ fn a_quick_stop_cancels_the_devices_queued_move_and_runs_first() {
     );
     assert!(ex.jobs[i].is_safety());
 }
+
+#[test]
+fn a_job_whose_frames_were_all_confirmed_is_done_when_a_stop_ends_it() {
+    let now = Instant::now();
+    let mut ex = Executor::default();
+    let w = Action::Write {
+        values: vec![("speed_limit".into(), 150.0)],
+    };
+    ex.push(job(w, now));
+    let mut ended = Vec::new();
+    let (i, _) = ex.poll(now, &mut ended).unwrap();
+    // The echo came; the job has nothing left but has not been polled to its end yet.
+    assert!(ex.on_result(i, now, TxResult::Ok(vec![150])).is_none());
+    let ended = ex.push(job(Action::QuickStop, now));
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].1.status, CommandStatus::Done);
+}
