@@ -5,16 +5,25 @@
 //! publishes to an embedded MQTT broker (rumqttd) unless `--broker` names another one,
 //! and the terminal shows what arrives back from the broker, so every value on screen has
 //! been through the whole pipeline.
+//!
+//! The axes also take commands: once every axis is online the demo enables them and then,
+//! every [`MOVE_EVERY`], sends each a `move` to the next point of a repeating pattern, as
+//! real MQTT commands on `{prefix}/devices/{axis}/cmd` that the gateway's command desk
+//! checks against the axis's policy and the bus task executes. The table shows each
+//! axis's CiA 402 state and its last command result. The config the demo runs is written
+//! to a temporary file, so `servogate cmd --config FILE` can command an axis from another
+//! terminal; the demo prints that line and a `mosquitto_pub` one at start.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
-use serde_json::Value;
+use serde_json::{json, Value};
 use servosim::{SimOptions, Simulator, UnitList};
 use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +32,15 @@ use crate::{app, config};
 
 /// The demo's config: six axes on one bus, as in configs/demo.toml.
 const DEMO_CONFIG: &str = include_str!("../../../configs/demo.toml");
+
+/// How often the axes get their next move.
+const MOVE_EVERY: Duration = Duration::from_secs(2);
+/// The moves' speed (mm/s): a pattern step (at most 31 mm) takes a third of a second.
+const MOVE_VELOCITY: f64 = 100.0;
+/// The time to live of the demo's commands.
+const COMMAND_TTL_MS: u64 = 500;
+/// Points of the pattern per cycle; each axis is a phase of it.
+const PATTERN_POINTS: u64 = 8;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -61,13 +79,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
 
-    let mut cfg = config::parse(DEMO_CONFIG, "configs/demo.toml".as_ref())
+    // The config the gateway runs, on disk so that `servogate cmd --config` can use it.
+    let text = demo_config(&path, &url, args.axes);
+    let file = ConfigFile::write(&text)?;
+    let cfg = config::parse(&text, &file.0)
         .map_err(|e| anyhow::anyhow!("the built-in demo config is invalid: {e}"))?;
-    demo_overrides(&mut cfg, &path, &url, args.axes);
     let prefix = cfg.mqtt.topic_prefix.clone();
 
     // The header stays on top of every redraw of the table: the broker's address is what
-    // a user needs to watch the raw messages.
+    // a user needs to watch the raw messages, and the two lines that move an axis.
     let mut header = format!(
         "servogate demo: {} simulated axes on {path}\nMQTT broker: {url}   topics: {prefix}/#\n",
         args.axes
@@ -77,6 +97,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "watch it:    mosquitto_sub -h 127.0.0.1 -p {port} -v -t '{prefix}/#'\n"
         ));
     }
+    header.push_str(&format!(
+        "move axis-1: {} cmd --config {} axis-1 move position=40 --ttl {COMMAND_TTL_MS}ms\n",
+        own_name(),
+        file.0.display()
+    ));
+    if let Some(hostport) = url.strip_prefix("mqtt://") {
+        let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "1883"));
+        // A fresh id and `ts` at every paste (the shell fills them in).
+        header.push_str(&format!(
+            "        or:  mosquitto_pub -h {host} -p {port} -q 1 -t '{prefix}/devices/axis-1/cmd' \
+             -m '{{\"id\":\"me-'$(date +%s%N)'\",\"action\":\"move\",\"position\":-20,\
+             \"ts\":\"'$(date -u +%FT%T.%3NZ)'\",\"ttl_ms\":{COMMAND_TTL_MS}}}'\n"
+        ));
+    }
     println!("{header}");
 
     let shutdown = CancellationToken::new();
@@ -84,6 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         url.clone(),
         prefix,
         header,
+        args.axes,
         shutdown.clone(),
     ));
     let stop = shutdown.clone();
@@ -102,6 +137,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     let shown = table.await.unwrap_or(0);
     drop(slave);
+    drop(file);
     result?;
     if shown == 0 {
         bail!("no telemetry came back from the broker");
@@ -109,26 +145,65 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Points the demo config at the in-process pty and the chosen broker.
-fn demo_overrides(cfg: &mut config::Config, port: &str, url: &str, axes: u8) {
-    cfg.mqtt.url = url.to_owned();
-    for bus in &mut cfg.buses {
-        if let config::BusKind::ModbusRtu(rtu) = &mut bus.kind {
-            rtu.port = port.into();
-            // A pty has no baud rate: no inter-frame silence to keep.
-            rtu.t35 = Some(Duration::ZERO);
-        }
+/// The demo config's text for `axes` axes on the in-process pty and the chosen broker:
+/// configs/demo.toml with its broker URL and port replaced, and its first device (with its
+/// command policy) repeated for each axis.
+fn demo_config(port: &str, url: &str, axes: u8) -> String {
+    let text = DEMO_CONFIG
+        .replace("url = \"mqtt://127.0.0.1:1883\"", &format!("url = {url:?}"))
+        .replace(
+            "port = \"/tmp/servogate-demo.pty\"",
+            &format!("port = {port:?}"),
+        );
+    let Some(first) = text.find("[[devices]]") else {
+        return text;
+    };
+    let (head, devices) = text.split_at(first);
+    // The first device's block: up to the next `[[devices]]`.
+    let block = devices[1..]
+        .find("[[devices]]")
+        .map_or(devices, |end| &devices[..end + 1]);
+    let mut out = head.to_owned();
+    for unit in 1..=axes {
+        out.push_str(
+            &block
+                .replace("name = \"axis-1\"", &format!("name = \"axis-{unit}\""))
+                .replace("unit = 1\n", &format!("unit = {unit}\n")),
+        );
     }
-    let template = cfg.devices.first().cloned();
-    if let Some(template) = template {
-        cfg.devices = (1..=axes)
-            .map(|unit| {
-                let mut d = template.clone();
-                d.name = format!("axis-{unit}");
-                d.address = config::DeviceAddress::Unit(unit);
-                d
-            })
-            .collect();
+    out
+}
+
+/// The demo's config on disk for as long as the demo runs.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn write(text: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("servogate-demo-{}.toml", std::process::id()));
+        std::fs::write(&path, text)
+            .with_context(|| format!("cannot write the demo config to {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// How a user runs this binary: `servogate` when that is what the PATH finds, else its
+/// full path (`target/release/servogate` after `cargo run`).
+fn own_name() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "servogate".into();
+    };
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("servogate") == exe));
+    if on_path {
+        "servogate".into()
+    } else {
+        exe.display().to_string()
     }
 }
 
@@ -189,14 +264,93 @@ struct Row {
     availability: String,
     telemetry: Option<Value>,
     samples: u64,
+    /// The target of the last move sent to this axis.
+    target: Option<f64>,
+    /// The last command result that came back for this axis.
+    result: Option<Value>,
 }
 
-/// Subscribes to the gateway's topics and redraws a table twice a second.
-/// Returns the number of telemetry messages received.
+/// Where the demo's command sequence is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Waiting for every axis to be online with telemetry.
+    Online,
+    /// `enable` sent to every axis; waiting for their results.
+    Enabling,
+    /// Moving: the next step of the pattern every [`MOVE_EVERY`].
+    Moving,
+}
+
+/// The demo's commands: enable every axis, then move them all in step.
+struct Sequence {
+    axes: u8,
+    prefix: String,
+    phase: Phase,
+    step: u64,
+    sent: u64,
+    done: u64,
+}
+
+impl Sequence {
+    /// Axis `unit`'s target at `step`: one sine of 40 mm around 40 mm every
+    /// [`PATTERN_POINTS`] steps, each axis a phase behind the one before, so the six
+    /// axes make a travelling wave. Within every simulated stroke's reach (the policy's
+    /// limits: -100..200 mm, at most 200 mm from where the axis stands).
+    fn target(&self, unit: u8, step: u64) -> f64 {
+        let phase = (step % PATTERN_POINTS) as f64 / PATTERN_POINTS as f64
+            + f64::from(unit - 1) / f64::from(self.axes);
+        let mm = 40.0 + 40.0 * (std::f64::consts::TAU * phase).sin();
+        (mm * 10.0).round() / 10.0
+    }
+
+    fn send(&mut self, client: &AsyncClient, unit: u8, command: Value) {
+        let topic = format!("{}/devices/axis-{unit}/cmd", self.prefix);
+        // The client's request queue holds a whole step (16 > 6 axes); a command that
+        // does not fit is left out, and its axis waits for the next step.
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, false, command.to_string())
+            .is_ok()
+        {
+            self.sent += 1;
+        }
+    }
+
+    /// Sends `enable` to every axis.
+    fn enable(&mut self, client: &AsyncClient) {
+        for unit in 1..=self.axes {
+            let cmd = json!({"id": "demo-enable", "action": "enable",
+                             "ts": now(), "ttl_ms": COMMAND_TTL_MS});
+            self.send(client, unit, cmd);
+        }
+        self.phase = Phase::Enabling;
+    }
+
+    /// Sends every axis its move of the next step; notes the targets in `rows`.
+    fn next_move(&mut self, client: &AsyncClient, rows: &mut BTreeMap<String, Row>) {
+        let step = self.step;
+        self.step += 1;
+        for unit in 1..=self.axes {
+            let target = self.target(unit, step);
+            let cmd = json!({"id": format!("demo-move-{step}"), "action": "move",
+                             "position": target, "velocity": MOVE_VELOCITY,
+                             "ts": now(), "ttl_ms": COMMAND_TTL_MS});
+            self.send(client, unit, cmd);
+            rows.entry(format!("axis-{unit}")).or_default().target = Some(target);
+        }
+    }
+}
+
+fn now() -> String {
+    servogate_mqtt::payload::rfc3339_millis(SystemTime::now())
+}
+
+/// Subscribes to the gateway's topics, sends the command sequence and redraws a table
+/// twice a second. Returns the number of telemetry messages received.
 async fn show_live_values(
     url: String,
     prefix: String,
     header: String,
+    axes: u8,
     shutdown: CancellationToken,
 ) -> u64 {
     let Some(hostport) = url.strip_prefix("mqtt://") else {
@@ -212,28 +366,43 @@ async fn show_live_values(
         port,
     );
     opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let mut seq = Sequence {
+        axes,
+        prefix: prefix.clone(),
+        phase: Phase::Online,
+        step: 0,
+        sent: 0,
+        done: 0,
+    };
     let mut total = 0u64;
     let tty = std::io::stdout().is_terminal();
     let mut redraw = tokio::time::interval(Duration::from_millis(500));
+    let mut moves = tokio::time::interval(MOVE_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = redraw.tick() => {
                 // Off a terminal, print the table only once there is something in it.
                 if tty || !rows.is_empty() {
-                    draw(&rows, tty, &header);
+                    draw(&rows, tty, &header, &seq);
+                }
+            }
+            _ = moves.tick() => {
+                if seq.phase == Phase::Moving {
+                    seq.next_move(&client, &mut rows);
                 }
             }
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     let _ = client.try_subscribe(format!("{prefix}/devices/+/telemetry"), QoS::AtMostOnce);
                     let _ = client.try_subscribe(format!("{prefix}/devices/+/availability"), QoS::AtMostOnce);
+                    let _ = client.try_subscribe(format!("{prefix}/devices/+/cmd/result"), QoS::AtLeastOnce);
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    let mut parts = p.topic.rsplitn(3, '/');
-                    let (Some(stream), Some(device)) = (parts.next(), parts.next()) else { continue };
+                    let Some(rest) = p.topic.strip_prefix(&prefix).and_then(|r| r.strip_prefix("/devices/")) else { continue };
+                    let Some((device, stream)) = rest.split_once('/') else { continue };
                     let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else { continue };
                     let row = rows.entry(device.to_owned()).or_default();
                     match stream {
@@ -245,6 +414,25 @@ async fn show_live_values(
                         "availability" => {
                             row.availability = v["state"].as_str().unwrap_or("?").to_owned();
                         }
+                        "cmd/result" => {
+                            if v["status"] == "done" {
+                                seq.done += 1;
+                            }
+                            row.result = Some(v);
+                        }
+                        _ => {}
+                    }
+                    match seq.phase {
+                        Phase::Online if all_axes(&rows, axes, |r| {
+                            r.availability == "online" && r.telemetry.is_some()
+                        }) => seq.enable(&client),
+                        Phase::Enabling if all_axes(&rows, axes, |r| {
+                            r.result.as_ref().is_some_and(|v| v["action"] == "enable")
+                        }) => {
+                            seq.phase = Phase::Moving;
+                            seq.next_move(&client, &mut rows);
+                            moves.reset();
+                        }
                         _ => {}
                     }
                 }
@@ -253,30 +441,61 @@ async fn show_live_values(
             }
         }
     }
-    if tty {
-        draw(&rows, tty, &header);
+    if tty || !rows.is_empty() {
+        draw(&rows, tty, &header, &seq);
     }
     total
 }
 
-fn draw(rows: &BTreeMap<String, Row>, tty: bool, header: &str) {
+/// Whether axis-1 to axis-`axes` all have a row for which `pred` holds.
+fn all_axes(rows: &BTreeMap<String, Row>, axes: u8, pred: impl Fn(&Row) -> bool) -> bool {
+    (1..=axes).all(|u| rows.get(&format!("axis-{u}")).is_some_and(&pred))
+}
+
+/// A command result in a few words: `move done 2.1ms`, `move rejected step_too_large`.
+fn result_summary(v: &Value) -> String {
+    let action = v["action"].as_str().unwrap_or("?");
+    let status = v["status"].as_str().unwrap_or("?");
+    match (v["reason"].as_str(), v["latency_ms"].as_f64()) {
+        (Some(reason), _) => format!("{action} {status} {reason}"),
+        (None, Some(ms)) => format!("{action} {status} {ms:.1}ms"),
+        (None, None) => format!("{action} {status}"),
+    }
+}
+
+fn draw(rows: &BTreeMap<String, Row>, tty: bool, header: &str, seq: &Sequence) {
     let mut out = String::new();
     if tty {
         out.push_str("\x1b[H\x1b[J"); // home, clear screen
         out.push_str(header);
         out.push('\n');
     }
+    let commands = match seq.phase {
+        Phase::Online => "waiting for every axis to be online".to_owned(),
+        Phase::Enabling => "enabling the axes".to_owned(),
+        Phase::Moving => format!(
+            "step {} of the move pattern, one every {}s",
+            seq.step,
+            MOVE_EVERY.as_secs()
+        ),
+    };
     out.push_str(&format!(
-        "{:<8} {:<8} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7} {:<18} {:>8}\n",
+        "commands: {} sent, {} done; {commands}\n",
+        seq.sent, seq.done
+    ));
+    out.push_str(&format!(
+        "{:<8} {:<8} {:>7} {:>10} {:>9} {:>10} {:>8} {:>7} {:>7} {:<18} {:<30} {:>8}\n",
         "device",
         "avail",
         "seq",
         "pos mm",
+        "target",
         "vel mm/s",
         "torque %",
         "cur A",
         "temp C",
         "state",
+        "last command",
         "samples"
     ));
     for (name, row) in rows {
@@ -286,16 +505,21 @@ fn draw(rows: &BTreeMap<String, Row>, tty: bool, header: &str) {
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
         };
         out.push_str(&format!(
-            "{:<8} {:<8} {:>7} {:>10} {:>10} {:>8} {:>7} {:>7} {:<18} {:>8}\n",
+            "{:<8} {:<8} {:>7} {:>10} {:>9} {:>10} {:>8} {:>7} {:>7} {:<18} {:<30} {:>8}\n",
             name,
             row.availability,
             t.and_then(|t| t["seq"].as_u64()).unwrap_or(0),
             num("position"),
+            row.target
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
             num("velocity"),
             num("torque"),
             num("current"),
             num("temperature"),
             t.and_then(|t| t["state"].as_str()).unwrap_or("-"),
+            row.result
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), result_summary),
             row.samples
         ));
     }
@@ -305,4 +529,47 @@ fn draw(rows: &BTreeMap<String, Row>, tty: bool, header: &str) {
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_has_one_commandable_axis_per_unit_on_the_given_port_and_broker() {
+        let text = demo_config("/dev/pts/9", "mqtt://127.0.0.1:1999", 3);
+        let cfg = config::parse(&text, "demo.toml".as_ref()).unwrap();
+        assert_eq!(cfg.mqtt.url, "mqtt://127.0.0.1:1999");
+        let config::BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
+            panic!("not modbus-rtu")
+        };
+        assert_eq!(rtu.port, std::path::Path::new("/dev/pts/9"));
+        let names: Vec<&str> = cfg.devices.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["axis-1", "axis-2", "axis-3"]);
+        for (i, d) in cfg.devices.iter().enumerate() {
+            assert_eq!(d.address, config::DeviceAddress::Unit(i as u8 + 1));
+            assert!(d.commands.is_some(), "{} takes commands", d.name);
+        }
+    }
+
+    #[test]
+    fn every_target_of_the_pattern_is_within_the_policy_limits() {
+        let seq = Sequence {
+            axes: 6,
+            prefix: String::new(),
+            phase: Phase::Online,
+            step: 0,
+            sent: 0,
+            done: 0,
+        };
+        for unit in 1..=6 {
+            for step in 0..PATTERN_POINTS {
+                let t = seq.target(unit, step);
+                assert!((0.0..=80.0).contains(&t), "axis-{unit} step {step}: {t}");
+                // Consecutive points are close: a step takes under a third of MOVE_EVERY.
+                let d = (seq.target(unit, step + 1) - t).abs();
+                assert!(d / MOVE_VELOCITY < MOVE_EVERY.as_secs_f64() / 3.0, "{d}");
+            }
+        }
+    }
 }

@@ -67,14 +67,15 @@ fn the_demo_config_is_six_axes_on_one_pty_bus_polled_every_10ms() {
 }
 
 #[test]
-fn the_demo_profile_decodes_servosims_registers_to_the_model_values_in_two_reads() {
+fn the_demo_profile_decodes_servosims_registers_and_command_registers_in_two_reads() {
     let cfg = load("demo.toml");
     let fields = cfg.fields(&cfg.devices[0]).unwrap();
     let BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
         panic!("not modbus-rtu")
     };
     let plan = ReadPlan::new(&fields, rtu.max_gap, rtu.max_registers);
-    // One holding read of 0x0000-0x0009 and one input read of 0x0000-0x0001.
+    // One holding read of 0x0000-0x0018 (the values and the command registers) and one
+    // input read of 0x0000-0x0001.
     let blocks: Vec<(RegisterKind, u16, u16)> = plan
         .blocks
         .iter()
@@ -82,7 +83,7 @@ fn the_demo_profile_decodes_servosims_registers_to_the_model_values_in_two_reads
         .collect();
     assert_eq!(
         blocks,
-        [(RegisterKind::Holding, 0, 10), (RegisterKind::Input, 0, 2)]
+        [(RegisterKind::Holding, 0, 25), (RegisterKind::Input, 0, 2)]
     );
     for unit in [1u8, 2, 6] {
         for t_ms in [0u32, 1_234, 987_654] {
@@ -128,6 +129,10 @@ fn the_demo_profile_decodes_servosims_registers_to_the_model_values_in_two_reads
             assert_eq!(got["statusword"], f64::from(drive.statusword()));
             assert_eq!(got["fault_code"], 0.0);
             assert_eq!(got["mode"], 8.0);
+            // The command registers at their start values.
+            assert_eq!(got["modes_of_operation"], 8.0);
+            assert_eq!(got["speed_limit"], 200.0);
+            assert_eq!(got["target_position"], 0.0);
             // ~48 V with a ripple of 0.12 V and a small sag under load.
             assert!(
                 (got["dc_bus"] - 48.0).abs() < 1.0,
