@@ -76,15 +76,24 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Lines added to the generated mosquitto.conf.
+    extra: String,
 }
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// As [`Mosquitto::start`], with `extra` lines in its config (e.g. the benchmarks'
+    /// `set_tcp_nodelay true`).
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut m = Self {
             port: free_port(),
             dir,
             child: None,
+            extra: extra.to_owned(),
         };
         m.restart();
         m
@@ -99,8 +108,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 1000000\nmax_inflight_messages 0\n",
-                self.port
+                 max_queued_messages 1000000\nmax_inflight_messages 0\n{}\n",
+                self.port, self.extra
             ),
         )
         .expect("write mosquitto.conf");

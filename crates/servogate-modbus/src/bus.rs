@@ -350,8 +350,8 @@ pub async fn run_bus(
     // A command to a suspect unit is preceded by the same probe.
     let mut last_read: HashMap<u8, ReadRequest> = HashMap::new();
 
-    // Commands jump ahead of polling: at the top of every turn, and between the reads of
-    // a poll cycle, a due job's transaction goes first.
+    // Commands jump ahead of polling: at the top of every turn, and before every read of
+    // a poll cycle (after the silence owed before it), a due job's transaction goes first.
     let mut exec = Executor::default();
     let mut waiting = Waiting::default();
     let mut arrived: Option<BusOrder> = None;
@@ -583,30 +583,31 @@ pub async fn run_bus(
         // One poll cycle: every read the device needs, back to back, unless a command
         // comes due (the cycle then goes on after it).
         let mut port_failed = false;
-        let mut first = true;
         loop {
-            if !std::mem::take(&mut first) {
-                take_orders(
-                    &mut orders,
-                    None,
-                    &mut exec,
-                    &mut waiting,
-                    &set,
-                    Instant::now().into_std(),
-                );
-                if exec
-                    .next_due()
-                    .is_some_and(|d| d <= Instant::now().into_std())
-                {
-                    break;
-                }
+            // The silence owed before the next frame comes first, then the check for a
+            // command: one that came during the silence is the next frame (at 115200
+            // baud the silence is a quarter of a poll transaction, so a quarter of the
+            // commands would otherwise wait for a whole read).
+            wire.wait_quiet().await;
+            take_orders(
+                &mut orders,
+                None,
+                &mut exec,
+                &mut waiting,
+                &set,
+                Instant::now().into_std(),
+            );
+            if exec
+                .next_due()
+                .is_some_and(|d| d <= Instant::now().into_std())
+            {
+                break;
             }
             let poller = &mut set.pollers[index];
             let Some(req) = poller.next_request() else {
                 poller.skip_cycle(Instant::now().into_std());
                 break;
             };
-            wire.wait_quiet().await;
             let timeout = poller.settings().timeout;
             let probing = set.suspect[index];
             let asked = if probing { probe_of(req) } else { req };
