@@ -763,7 +763,13 @@ impl Forwarder {
         let opts =
             self.settings
                 .mqtt_options(&self.url, self.identity.will(), MAX_IN_FLIGHT as u16)?;
-        let (client, eventloop) = AsyncClient::new(opts, CHANNEL_CAPACITY);
+        let (client, mut eventloop) = AsyncClient::new(opts, CHANNEL_CAPACITY);
+        // Nagle off: a PUBACK (and with it a command's result) would otherwise wait for
+        // the broker's delayed ACK, about 40 ms (BENCHMARKS.md, "Command latency").
+        // rumqttc already writes each batch of packets in one go.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         // Entries an earlier forwarder on this ring handed out and never saw acknowledged
         // (the daemon restarts the forwarder when a reload changes [mqtt]) go out again.
         let requeued = self.outbox.lock().requeue_all();

@@ -108,6 +108,9 @@ pub async fn run(cfg: Config, args: CmdArgs) -> anyhow::Result<bool> {
     let cmd_topic = format!("{prefix}/devices/{}/cmd", args.device);
     let result_topic = format!("{cmd_topic}/result");
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
     client
         .subscribe(&result_topic, QoS::AtLeastOnce)
         .await
