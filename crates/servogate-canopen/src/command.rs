@@ -29,16 +29,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use servogate_command::{Action, CommandId, Order, Outcome, Wait};
+use servogate_core::cia402::{
+    controlword, statusword, Goal, MODE_PROFILE_POSITION, MODE_PROFILE_VELOCITY, REACH_TIMEOUT,
+    TRANSITION_TIMEOUT,
+};
 use servogate_core::{CommandReason, CommandStatus, DriveState};
 
 use crate::objects::{ObjType, ObjectSpec, ObjectTable};
 use crate::pdo::objects as cia402;
 use crate::sdo::AbortCode;
 
-/// How long a CiA 402 transition (or a set-point acknowledge) may take.
-pub const TRANSITION_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a `move` with `wait = "target_reached"` may take to arrive.
-pub const REACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Between two statusword uploads, when no TPDO carries the statusword.
 pub const AWAIT_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -50,41 +50,6 @@ pub const TARGET_POSITION: u16 = 0x607A;
 pub const PROFILE_VELOCITY: u16 = 0x6081;
 /// 0x60FF target velocity (i32).
 pub const TARGET_VELOCITY: u16 = 0x60FF;
-
-/// Modes of operation: profile position (CiA 402-2, 0x6060).
-pub const MODE_PROFILE_POSITION: i8 = 1;
-/// Modes of operation: profile velocity.
-pub const MODE_PROFILE_VELOCITY: i8 = 3;
-
-/// CiA 402-2 controlword commands (object 0x6040, "device control commands").
-pub mod controlword {
-    /// Shutdown: -> ready to switch on.
-    pub const SHUTDOWN: u16 = 0x0006;
-    /// Switch on: -> switched on.
-    pub const SWITCH_ON: u16 = 0x0007;
-    /// Enable operation: -> operation enabled.
-    pub const ENABLE_OPERATION: u16 = 0x000F;
-    /// Disable voltage: -> switch on disabled.
-    pub const DISABLE_VOLTAGE: u16 = 0x0000;
-    /// Quick stop: -> quick stop active (or switch on disabled).
-    pub const QUICK_STOP: u16 = 0x0002;
-    /// Bit 4 in profile position mode: new set-point.
-    pub const NEW_SET_POINT: u16 = 0x0010;
-    /// Bit 6 in profile position mode: the target is relative.
-    pub const RELATIVE: u16 = 0x0040;
-    /// Bit 7: fault reset, on its rising edge.
-    pub const FAULT_RESET: u16 = 0x0080;
-    /// Bit 8: halt.
-    pub const HALT: u16 = 0x0100;
-}
-
-/// CiA 402-2 statusword bits (object 0x6041).
-pub mod statusword {
-    /// Bit 10: target reached.
-    pub const TARGET_REACHED: u16 = 0x0400;
-    /// Bit 12 in profile position mode: set-point acknowledge.
-    pub const SET_POINT_ACK: u16 = 0x1000;
-}
 
 /// The SDO transfer a job needs next on its node's client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,59 +73,6 @@ pub enum Reply {
     Aborted(AbortCode),
     /// No answer in time (or the gateway gave the transfer up): it may have happened.
     Timeout,
-}
-
-/// Which states end a `Drive` step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Goal {
-    Enabled,
-    /// The power stage off: disable's goal.
-    Disabled,
-    Stopped,
-    NoFault,
-}
-
-impl Goal {
-    fn reached(self, s: DriveState) -> bool {
-        use DriveState::*;
-        match self {
-            Self::Enabled => s == OperationEnabled,
-            Self::Disabled => matches!(
-                s,
-                ReadyToSwitchOn | SwitchOnDisabled | NotReadyToSwitchOn | Fault
-            ),
-            Self::Stopped => !matches!(s, OperationEnabled | SwitchedOn | ReadyToSwitchOn),
-            Self::NoFault => !s.is_fault(),
-        }
-    }
-
-    /// The controlword that moves a drive in state `s` toward the goal; `None`: wait.
-    fn next(self, s: DriveState) -> Result<Option<u16>, &'static str> {
-        use controlword::*;
-        use DriveState::*;
-        Ok(match (self, s) {
-            (Self::Enabled, SwitchOnDisabled) => Some(SHUTDOWN),
-            (Self::Enabled, ReadyToSwitchOn) => Some(SWITCH_ON),
-            (Self::Enabled, SwitchedOn) => Some(ENABLE_OPERATION),
-            (Self::Enabled, QuickStopActive) => Some(DISABLE_VOLTAGE),
-            (Self::Enabled, Fault | FaultReactionActive) => {
-                return Err("the drive is in fault: send fault_reset first")
-            }
-            (Self::Disabled, SwitchedOn | OperationEnabled) => Some(SHUTDOWN),
-            (Self::Disabled, QuickStopActive) => Some(DISABLE_VOLTAGE),
-            (Self::Stopped, _) => Some(QUICK_STOP),
-            _ => None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Enabled => "operation_enabled",
-            Self::Disabled => "a disabled state",
-            Self::Stopped => "quick_stop_active",
-            Self::NoFault => "a state without fault",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -55,6 +55,107 @@ impl DriveState {
     }
 }
 
+/// How long a CiA 402 transition (or a set-point acknowledge) may take before a command
+/// that asked for it is `failed` (`wrong_state`).
+pub const TRANSITION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a `move` with `wait = "target_reached"` may take to arrive.
+pub const REACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Modes of operation (object 0x6060): profile position.
+pub const MODE_PROFILE_POSITION: i8 = 1;
+/// Modes of operation: profile velocity.
+pub const MODE_PROFILE_VELOCITY: i8 = 3;
+
+/// CiA 402-2 controlword commands (object 0x6040, "device control commands").
+pub mod controlword {
+    /// Shutdown: -> ready to switch on.
+    pub const SHUTDOWN: u16 = 0x0006;
+    /// Switch on: -> switched on.
+    pub const SWITCH_ON: u16 = 0x0007;
+    /// Enable operation: -> operation enabled.
+    pub const ENABLE_OPERATION: u16 = 0x000F;
+    /// Disable voltage: -> switch on disabled.
+    pub const DISABLE_VOLTAGE: u16 = 0x0000;
+    /// Quick stop: -> quick stop active (or switch on disabled).
+    pub const QUICK_STOP: u16 = 0x0002;
+    /// Bit 4 in profile position mode: new set-point.
+    pub const NEW_SET_POINT: u16 = 0x0010;
+    /// Bit 6 in profile position mode: the target is relative.
+    pub const RELATIVE: u16 = 0x0040;
+    /// Bit 7: fault reset, on its rising edge.
+    pub const FAULT_RESET: u16 = 0x0080;
+    /// Bit 8: halt.
+    pub const HALT: u16 = 0x0100;
+}
+
+/// CiA 402-2 statusword bits (object 0x6041).
+pub mod statusword {
+    /// Bit 10: target reached.
+    pub const TARGET_REACHED: u16 = 0x0400;
+    /// Bit 12 in profile position mode: set-point acknowledge.
+    pub const SET_POINT_ACK: u16 = 0x1000;
+}
+
+/// Where a command drives the power drive state machine: the same table on every bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// `enable`: operation enabled.
+    Enabled,
+    /// `disable`: the power stage off.
+    Disabled,
+    /// `quick_stop`: stopped (quick stop active, or a state without motion).
+    Stopped,
+    /// `fault_reset`: out of the fault states.
+    NoFault,
+}
+
+impl Goal {
+    /// True when a drive in state `s` is where the goal asks.
+    pub fn reached(self, s: DriveState) -> bool {
+        use DriveState::*;
+        match self {
+            Self::Enabled => s == OperationEnabled,
+            Self::Disabled => matches!(
+                s,
+                ReadyToSwitchOn | SwitchOnDisabled | NotReadyToSwitchOn | Fault
+            ),
+            Self::Stopped => !matches!(s, OperationEnabled | SwitchedOn | ReadyToSwitchOn),
+            Self::NoFault => !s.is_fault(),
+        }
+    }
+
+    /// The controlword that moves a drive in state `s` toward the goal (CiA 402-2 state
+    /// transitions); `None`: wait for the drive; `Err`: the goal cannot be reached from
+    /// there.
+    pub fn next(self, s: DriveState) -> Result<Option<u16>, &'static str> {
+        use controlword::*;
+        use DriveState::*;
+        Ok(match (self, s) {
+            (Self::Enabled, SwitchOnDisabled) => Some(SHUTDOWN),
+            (Self::Enabled, ReadyToSwitchOn) => Some(SWITCH_ON),
+            (Self::Enabled, SwitchedOn) => Some(ENABLE_OPERATION),
+            (Self::Enabled, QuickStopActive) => Some(DISABLE_VOLTAGE),
+            (Self::Enabled, Fault | FaultReactionActive) => {
+                return Err("the drive is in fault: send fault_reset first")
+            }
+            (Self::Disabled, SwitchedOn | OperationEnabled) => Some(SHUTDOWN),
+            (Self::Disabled, QuickStopActive) => Some(DISABLE_VOLTAGE),
+            (Self::Stopped, _) => Some(QUICK_STOP),
+            _ => None,
+        })
+    }
+
+    /// The goal in words, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Enabled => "operation_enabled",
+            Self::Disabled => "a disabled state",
+            Self::Stopped => "quick_stop_active",
+            Self::NoFault => "a state without fault",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::DriveState::{self, *};
@@ -79,6 +180,34 @@ mod tests {
                 "statusword {sw:#06x}"
             );
         }
+    }
+
+    #[test]
+    fn enable_walks_every_state_to_operation_enabled_and_refuses_a_fault() {
+        use super::{controlword::*, Goal};
+        let path = [
+            (SwitchOnDisabled, SHUTDOWN),
+            (ReadyToSwitchOn, SWITCH_ON),
+            (SwitchedOn, ENABLE_OPERATION),
+            (QuickStopActive, DISABLE_VOLTAGE),
+        ];
+        for (state, word) in path {
+            assert_eq!(Goal::Enabled.next(state), Ok(Some(word)), "{state:?}");
+        }
+        assert!(Goal::Enabled.reached(OperationEnabled));
+        assert!(Goal::Enabled.next(Fault).is_err());
+        assert_eq!(Goal::Enabled.next(NotReadyToSwitchOn), Ok(None));
+    }
+
+    #[test]
+    fn a_quick_stop_is_written_from_every_state_and_reached_without_motion() {
+        use super::{controlword::QUICK_STOP, Goal};
+        for sw in 0..=u16::MAX {
+            let s = DriveState::from_statusword(sw);
+            assert_eq!(Goal::Stopped.next(s), Ok(Some(QUICK_STOP)));
+        }
+        assert!(Goal::Stopped.reached(QuickStopActive));
+        assert!(!Goal::Stopped.reached(OperationEnabled));
     }
 
     #[test]
