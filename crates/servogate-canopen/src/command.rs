@@ -28,12 +28,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use servogate_command::{Action, CommandId, Order, Outcome, Wait};
+pub use servogate_command::nothing_sent;
+use servogate_command::{Action, CommandId, JobQueue, Order, Outcome, QueuedJob, Wait};
 use servogate_core::cia402::{
     controlword, statusword, Goal, MODE_PROFILE_POSITION, MODE_PROFILE_VELOCITY, REACH_TIMEOUT,
     TRANSITION_TIMEOUT,
 };
-use servogate_core::{CommandReason, CommandStatus, DriveState};
+use servogate_core::{CommandReason, DriveState};
 
 use crate::objects::{ObjType, ObjectSpec, ObjectTable};
 use crate::pdo::objects as cia402;
@@ -538,6 +539,27 @@ impl Job {
     }
 }
 
+impl QueuedJob for Job {
+    fn device(&self) -> &Arc<str> {
+        &self.order.device
+    }
+    fn id(&self) -> &CommandId {
+        &self.order.id
+    }
+    fn action(&self) -> &Action {
+        &self.order.action
+    }
+    fn is_started(&self) -> bool {
+        self.started
+    }
+    fn is_confirmed(&self) -> bool {
+        self.steps.is_empty() && !self.in_flight
+    }
+    fn finished(&self) -> Outcome {
+        Job::finished(self)
+    }
+}
+
 /// What a statusword leads to.
 enum Next {
     Advance,
@@ -551,59 +573,29 @@ enum Next {
 /// The command jobs of one bus, bounded, one running per node (device).
 #[derive(Debug, Default)]
 pub struct Executor {
-    jobs: Vec<Job>,
+    jobs: JobQueue<Job>,
 }
 
 impl Executor {
     /// Jobs held at once; the bus's inbox holds the rest.
-    pub const CAPACITY: usize = 64;
+    pub const CAPACITY: usize = JobQueue::<Job>::CAPACITY;
 
     pub fn is_full(&self) -> bool {
-        self.jobs.len() >= Self::CAPACITY
+        self.jobs.is_full()
     }
 
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
 
-    /// Adds a planned job. A safety action ends its device's job in flight and cancels
-    /// the queued ones: each of those comes back with its outcome.
+    /// Adds a planned job; a stop ends or cancels the device's others ([`JobQueue`]).
     pub fn push(&mut self, job: Job) -> Vec<(Job, Outcome)> {
-        let mut ended = Vec::new();
-        if job.is_safety() {
-            let device = job.device().clone();
-            let action = job.order.action.name();
-            let id = job.id().as_str().to_owned();
-            let mut i = 0;
-            while i < self.jobs.len() {
-                if *self.jobs[i].device() == device && !self.jobs[i].is_safety() {
-                    let old = self.jobs.remove(i);
-                    let outcome = if old.started {
-                        Outcome::failed(
-                            CommandReason::WrongState,
-                            format!("interrupted by {action} {id}"),
-                        )
-                    } else {
-                        Outcome::rejected(
-                            CommandReason::WrongState,
-                            format!("cancelled by {action} {id} before it was sent"),
-                        )
-                    };
-                    ended.push((old, outcome));
-                } else {
-                    i += 1;
-                }
-            }
-            // The stop goes ahead of any other stop queued for the device: it is the
-            // newest word, and the drive's controlword takes the last one written.
-        }
-        self.jobs.push(job);
-        ended
+        self.jobs.push(job)
     }
 
     /// The running job of `device` (its first in arrival order).
     fn front(&self, device: &str) -> Option<usize> {
-        self.jobs.iter().position(|j| &**j.device() == device)
+        self.jobs.front(device)
     }
 
     /// True when `device` has a job.
@@ -674,44 +666,18 @@ impl Executor {
     /// Ends every job of devices `keep` says no to (a reload removed them): never started
     /// is `rejected` (`bus_down`), started is `unknown`.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) -> Vec<(Job, Outcome)> {
-        let mut ended = Vec::new();
-        let mut i = 0;
-        while i < self.jobs.len() {
-            if keep(self.jobs[i].device()) {
-                i += 1;
-                continue;
-            }
-            let j = self.jobs.remove(i);
-            let o = if j.started {
-                Outcome::unknown("the drive was removed from the bus before it confirmed")
-            } else {
-                Outcome::rejected(CommandReason::BusDown, "the drive was removed from the bus")
-            };
-            ended.push((j, o));
-        }
-        ended
+        self.jobs.end_unless(
+            |j| keep(j.device()),
+            "the drive was removed from the bus",
+            "the drive was removed from the bus before it confirmed",
+        )
     }
 
     /// Ends every job (the bus stops): those never started are `rejected` (`bus_down`),
     /// the others `unknown`.
     pub fn drain(&mut self) -> Vec<(Job, Outcome)> {
-        self.jobs
-            .drain(..)
-            .map(|j| {
-                let o = if j.started {
-                    Outcome::unknown("the bus stopped before the drive confirmed it")
-                } else {
-                    Outcome::rejected(CommandReason::BusDown, "the bus stopped before it was sent")
-                };
-                (j, o)
-            })
-            .collect()
+        self.jobs.drain()
     }
-}
-
-/// True for the statuses that mean nothing reached the drive.
-pub fn nothing_sent(o: &Outcome) -> bool {
-    matches!(o.status, CommandStatus::Rejected | CommandStatus::Expired)
 }
 
 #[cfg(test)]

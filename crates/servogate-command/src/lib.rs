@@ -6,6 +6,7 @@
 //!   the gateway last saw of the device and the time.
 //! - [`dedup`]: an id is executed at most once per device.
 //! - [`sign`]: HMAC-SHA256 of signed commands.
+//! - [`queue`]: the command jobs of one bus, one per device, and the stop rule.
 //! - [`order`]: a checked command as a bus task receives it, and its outcome.
 //!
 //! This crate sends nothing and reads no clock: the daemon passes the time in and hands
@@ -16,6 +17,7 @@ pub mod dedup;
 pub mod order;
 pub mod parse;
 pub mod policy;
+pub mod queue;
 pub mod sign;
 
 pub use dedup::{IdBook, Seen};
@@ -27,4 +29,5 @@ pub use parse::{
 pub use policy::{
     check, Context, DeviceView, Feedback, Limit, Policy, RateLimiter, Refused, Rules,
 };
+pub use queue::{nothing_sent, JobQueue, QueuedJob};
 pub use sign::SigningKey;

@@ -22,12 +22,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use servogate_command::{Action, CommandId, Order, Outcome, Wait};
+pub use servogate_command::nothing_sent;
+use servogate_command::{Action, CommandId, JobQueue, Order, Outcome, QueuedJob, Wait};
 use servogate_core::cia402::{
     controlword, statusword, Goal, MODE_PROFILE_POSITION, MODE_PROFILE_VELOCITY, REACH_TIMEOUT,
     TRANSITION_TIMEOUT,
 };
-use servogate_core::{CommandReason, CommandStatus, DriveState};
+use servogate_core::{CommandReason, DriveState};
 
 use crate::poll::ReadRequest;
 use crate::profile::{Field, RegisterKind};
@@ -479,6 +480,27 @@ impl Job {
     }
 }
 
+impl QueuedJob for Job {
+    fn device(&self) -> &Arc<str> {
+        &self.order.device
+    }
+    fn id(&self) -> &CommandId {
+        &self.order.id
+    }
+    fn action(&self) -> &Action {
+        &self.order.action
+    }
+    fn is_started(&self) -> bool {
+        self.started
+    }
+    fn is_confirmed(&self) -> bool {
+        self.steps.is_empty() && self.pending.is_none()
+    }
+    fn finished(&self) -> Outcome {
+        Job::finished(self)
+    }
+}
+
 fn exception_name(code: u8) -> &'static str {
     // Modbus Application Protocol V1.1b3, section 7.
     match code {
@@ -495,55 +517,24 @@ fn exception_name(code: u8) -> &'static str {
 /// The jobs of one bus, bounded, one running per device.
 #[derive(Debug, Default)]
 pub struct Executor {
-    jobs: Vec<Job>,
+    jobs: JobQueue<Job>,
 }
 
 impl Executor {
     /// Jobs held at once; beyond it the bus refuses commands other than stops.
-    pub const CAPACITY: usize = 64;
+    pub const CAPACITY: usize = JobQueue::<Job>::CAPACITY;
 
     pub fn is_full(&self) -> bool {
-        self.jobs.len() >= Self::CAPACITY
+        self.jobs.is_full()
     }
 
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
 
-    /// Adds a planned job. A safety action ends its device's job in flight and cancels
-    /// the queued ones: each of those comes back with its outcome.
+    /// Adds a planned job; a stop ends or cancels the device's others ([`JobQueue`]).
     pub fn push(&mut self, job: Job) -> Vec<(Job, Outcome)> {
-        let mut ended = Vec::new();
-        if job.is_safety() {
-            let device = job.device().clone();
-            let action = job.order.action.name();
-            let id = job.id().as_str().to_owned();
-            let mut i = 0;
-            while i < self.jobs.len() {
-                if *self.jobs[i].device() == device && !self.jobs[i].is_safety() {
-                    let old = self.jobs.remove(i);
-                    let outcome = if old.steps.is_empty() {
-                        // Every frame of it was confirmed: it is done, not interrupted.
-                        old.finished()
-                    } else if old.started {
-                        Outcome::failed(
-                            CommandReason::WrongState,
-                            format!("interrupted by {action} {id}"),
-                        )
-                    } else {
-                        Outcome::rejected(
-                            CommandReason::WrongState,
-                            format!("cancelled by {action} {id} before it was sent"),
-                        )
-                    };
-                    ended.push((old, outcome));
-                } else {
-                    i += 1;
-                }
-            }
-        }
-        self.jobs.push(job);
-        ended
+        self.jobs.push(job)
     }
 
     /// The index of the job that should use the line next: the earliest due of each
@@ -551,8 +542,7 @@ impl Executor {
     fn pick(&self) -> Option<usize> {
         let mut best: Option<(usize, (bool, Instant))> = None;
         for (i, j) in self.jobs.iter().enumerate() {
-            let first_of_device = self.jobs[..i].iter().all(|o| o.device() != j.device());
-            if !first_of_device {
+            if !self.jobs.is_running(i) {
                 continue;
             }
             let key = (!j.is_safety(), j.next_due());
@@ -635,23 +625,8 @@ impl Executor {
     /// Ends every job (the bus stops): those never started are `rejected` (`bus_down`),
     /// the others `unknown`.
     pub fn drain(&mut self) -> Vec<(Job, Outcome)> {
-        self.jobs
-            .drain(..)
-            .map(|j| {
-                let o = if j.started {
-                    Outcome::unknown("the bus stopped before the drive confirmed it")
-                } else {
-                    Outcome::rejected(CommandReason::BusDown, "the bus stopped before it was sent")
-                };
-                (j, o)
-            })
-            .collect()
+        self.jobs.drain()
     }
-}
-
-/// True for the statuses that mean nothing reached the drive.
-pub fn nothing_sent(o: &Outcome) -> bool {
-    matches!(o.status, CommandStatus::Rejected | CommandStatus::Expired)
 }
 
 #[cfg(test)]

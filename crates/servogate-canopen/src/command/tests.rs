@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use servogate_command::CommandId;
-use servogate_core::{Event, EventSink};
+use servogate_core::{CommandStatus, Event, EventSink};
 
 use super::*;
 use crate::frame::{Frame, NodeId};

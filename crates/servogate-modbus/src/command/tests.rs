@@ -3,6 +3,7 @@
 use super::*;
 use crate::profile::DataType;
 use servogate_command::CommandId;
+use servogate_core::CommandStatus;
 
 const MS: Duration = Duration::from_millis(1);
 
