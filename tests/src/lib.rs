@@ -301,6 +301,77 @@ impl Servosim {
     }
 }
 
+impl Servosim {
+    /// Two per-unit counters of the `stats` line for `unit`, e.g. `("writes", "applied")`
+    /// (Modbus) or `("downloads", "applied")` (CANopen): what reached the drive.
+    pub fn stats_pair(&mut self, a: &str, b: &str, unit: u8) -> (u64, u64) {
+        let line = self.cmd("stats");
+        let field = |name: &str| -> u64 {
+            let list = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {line}"));
+            list.split(',')
+                .find_map(|p| p.strip_prefix(&format!("{unit}:")))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no unit {unit} in {line}"))
+        };
+        (field(a), field(b))
+    }
+
+    /// The `truth` of `unit` as JSON.
+    pub fn truth_json(&mut self, unit: u8) -> Value {
+        let line = self.cmd(&format!("truth {unit}"));
+        serde_json::from_str(line.trim_start_matches("ok ")).expect("truth JSON")
+    }
+}
+
+/// A publisher of commands to `{prefix}/devices/{device}/cmd`, reconnecting for ever.
+pub struct Commander {
+    pub client: AsyncClient,
+    prefix: String,
+}
+
+impl Commander {
+    pub async fn start(port: u16, prefix: &str) -> Self {
+        let mut opts = MqttOptions::new(format!("e2e-cmd-{}", free_port()), "127.0.0.1", port);
+        // Oversized commands are part of the hostile sets.
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        tokio::spawn(async move {
+            loop {
+                if eventloop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        Self {
+            client,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Publishes `payload` (QoS 1) on `device`'s cmd topic.
+    pub async fn send(&self, device: &str, payload: &str, retain: bool) {
+        let topic = format!("{}/devices/{device}/cmd", self.prefix);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
+            .await
+            .expect("publish");
+    }
+}
+
+/// The next result on `device`'s `cmd/result` topic whose id is `id` (`None`: `null`).
+pub async fn command_result(sub: &mut Subscriber, device: &str, id: Option<&str>) -> Value {
+    let want = id.map_or(Value::Null, |i| Value::String(i.to_owned()));
+    let topic = format!("/devices/{device}/cmd/result");
+    let wait = sub.until(|m| m.topic.ends_with(&topic) && m.json["id"] == want);
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no result for {id:?} on {device}"))
+        .json
+}
+
 impl Drop for Servosim {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
 use servogate_e2e::*;
 
@@ -23,65 +22,31 @@ limits.position = { min = -1000.0, max = 1000.0 }
 limits.velocity = { min = 0.0, max = 500.0 }
 "#;
 
-struct Commander {
-    client: AsyncClient,
-}
-
-impl Commander {
-    async fn start(port: u16) -> Self {
-        let opts = MqttOptions::new(format!("e2e-cancmd-{}", free_port()), "127.0.0.1", port);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-        Self { client }
+/// Publishes `action` (with `extra` fields) as command `id` to `device`, and waits for
+/// its result.
+async fn run(
+    cmd: &Commander,
+    sub: &mut Subscriber,
+    device: &str,
+    id: &str,
+    action: &str,
+    extra: Value,
+) -> Value {
+    let mut v = json!({"id": id, "action": action});
+    if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+        o.extend(e);
     }
-
-    /// Publishes `action` (with `extra` fields) as command `id` to `device`, and waits
-    /// for its result.
-    async fn run(
-        &self,
-        sub: &mut Subscriber,
-        device: &str,
-        id: &str,
-        action: &str,
-        extra: Value,
-    ) -> Value {
-        let mut v = json!({"id": id, "action": action});
-        if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
-            o.extend(e);
-        }
-        let topic = format!("servogate/{ID}/devices/{device}/cmd");
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, v.to_string().into_bytes())
-            .await
-            .expect("publish");
-        let result = format!("/devices/{device}/cmd/result");
-        let wait = sub.until(|m| m.topic.ends_with(&result) && m.json["id"] == id);
-        tokio::time::timeout(DEADLINE, wait)
-            .await
-            .unwrap_or_else(|_| panic!("no result for {id} on {device}"))
-            .json
-    }
+    cmd.send(device, &v.to_string(), false).await;
+    command_result(sub, device, Some(id)).await
 }
 
 /// `downloads` and `applied` of `node` from servosim's stats line.
 fn counters(sim: &mut Servosim, node: u8) -> (u64, u64) {
-    let line = sim.cmd("stats");
-    let field = |name: &str| -> u64 {
-        let list = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name} in {line}"));
-        list.split(',')
-            .find_map(|p| p.strip_prefix(&format!("{node}:")))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no node {node} in {line}"))
-    };
-    (field("downloads"), field("applied"))
+    sim.stats_pair("downloads", "applied", node)
 }
 
 fn truth(sim: &mut Servosim, node: u8) -> Value {
-    let line = sim.cmd(&format!("truth {node}"));
-    serde_json::from_str(line.trim_start_matches("ok ")).expect("truth JSON")
+    sim.truth_json(node)
 }
 
 fn assert_done(r: &Value) {
@@ -113,7 +78,7 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
         head(ID, &broker.url()),
         can_config(can, &[1, 2], POLICY)
     ));
-    let commander = Commander::start(broker.port).await;
+    let commander = Commander::start(broker.port, &format!("servogate/{ID}")).await;
     // Both drives are up once their telemetry flows (the heartbeat time was written).
     for d in ["drive-1", "drive-2"] {
         telemetry_until(&mut sub, d, |j| j["state"] == "operation_enabled").await;
@@ -127,15 +92,11 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
 
     // disable: shutdown, one download; enable: switch on, enable operation.
     let before = counters(&mut sim, 1);
-    let r = commander
-        .run(&mut sub, "drive-1", "d-1", "disable", json!({}))
-        .await;
+    let r = run(&commander, &mut sub, "drive-1", "d-1", "disable", json!({})).await;
     assert_done(&r);
     check(&r);
     assert_eq!(truth(&mut sim, 1)["state"], "ready_to_switch_on");
-    let r = commander
-        .run(&mut sub, "drive-1", "e-1", "enable", json!({}))
-        .await;
+    let r = run(&commander, &mut sub, "drive-1", "e-1", "enable", json!({})).await;
     assert_done(&r);
     check(&r);
     assert_eq!(truth(&mut sim, 1)["state"], "operation_enabled");
@@ -152,15 +113,15 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
     let target = (at + 10.0).round();
     let before = counters(&mut sim, 1);
     let started = Instant::now();
-    let r = commander
-        .run(
-            &mut sub,
-            "drive-1",
-            "m-1",
-            "move",
-            json!({"position": target, "velocity": 100.0, "wait": "target_reached"}),
-        )
-        .await;
+    let r = run(
+        &commander,
+        &mut sub,
+        "drive-1",
+        "m-1",
+        "move",
+        json!({"position": target, "velocity": 100.0, "wait": "target_reached"}),
+    )
+    .await;
     assert_done(&r);
     check(&r);
     // About 10 mm at 100 mm/s: not done before the axis could get there.
@@ -178,9 +139,15 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
 
     // quick stop: one download, and the drive shows quick_stop_active.
     let before = counters(&mut sim, 1);
-    let r = commander
-        .run(&mut sub, "drive-1", "q-1", "quick_stop", json!({}))
-        .await;
+    let r = run(
+        &commander,
+        &mut sub,
+        "drive-1",
+        "q-1",
+        "quick_stop",
+        json!({}),
+    )
+    .await;
     assert_done(&r);
     check(&r);
     assert_eq!(counters(&mut sim, 1).1 - before.1, 1);
@@ -189,18 +156,22 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
     // A drive fault, then fault_reset: bit 7 low then high, and the fault is gone.
     sim.cmd("fault 1 0x2310");
     telemetry_until(&mut sub, "drive-1", |j| j["state"] == "fault").await;
-    let r = commander
-        .run(&mut sub, "drive-1", "e-2", "enable", json!({}))
-        .await;
+    let r = run(&commander, &mut sub, "drive-1", "e-2", "enable", json!({})).await;
     assert_eq!(
         (r["status"].as_str(), r["reason"].as_str()),
         (Some("rejected"), Some("wrong_state")),
         "{r}"
     );
     let before = counters(&mut sim, 1);
-    let r = commander
-        .run(&mut sub, "drive-1", "f-1", "fault_reset", json!({}))
-        .await;
+    let r = run(
+        &commander,
+        &mut sub,
+        "drive-1",
+        "f-1",
+        "fault_reset",
+        json!({}),
+    )
+    .await;
     assert_done(&r);
     check(&r);
     assert_eq!(counters(&mut sim, 1).1 - before.1, 2);
@@ -213,9 +184,15 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
     // An SDO abort: failed / sdo_abort with the code, and nothing applied on drive-2.
     sim.cmd("abort 2 0x08000022");
     let before = counters(&mut sim, 2);
-    let r = commander
-        .run(&mut sub, "drive-2", "q-2", "quick_stop", json!({}))
-        .await;
+    let r = run(
+        &commander,
+        &mut sub,
+        "drive-2",
+        "q-2",
+        "quick_stop",
+        json!({}),
+    )
+    .await;
     assert_eq!(
         (r["status"].as_str(), r["reason"].as_str()),
         (Some("failed"), Some("sdo_abort")),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value};
 use servogate_e2e::*;
 
@@ -38,36 +38,6 @@ limits.position = { min = -200.0, max = 300.0, max_step = 50.0 }
 limits.velocity = { min = 0.0, max = 200.0 }
 limits.speed_limit = { min = 0, max = 250 }
 "#;
-
-/// A publisher of commands.
-struct Commander {
-    client: AsyncClient,
-}
-
-impl Commander {
-    async fn start(port: u16) -> Self {
-        let mut opts = MqttOptions::new(format!("e2e-cmd-{}", free_port()), "127.0.0.1", port);
-        // Oversized commands are part of the hostile set.
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        tokio::spawn(async move {
-            loop {
-                if eventloop.poll().await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        });
-        Self { client }
-    }
-
-    async fn send(&self, device: &str, payload: &str, retain: bool) {
-        let topic = format!("servogate/{ID}/devices/{device}/cmd");
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
-            .await
-            .expect("publish");
-    }
-}
 
 fn now() -> String {
     rfc3339(SystemTime::now())
@@ -108,29 +78,12 @@ fn cmd(id: &str, action: &str, extra: Value) -> String {
 
 /// The next result for `id` on `device`'s result topic.
 async fn result(sub: &mut Subscriber, device: &str, id: Option<&str>) -> Value {
-    let want = id.map_or(Value::Null, |i| Value::String(i.to_owned()));
-    let topic = format!("/devices/{device}/cmd/result");
-    let wait = sub.until(|m| m.topic.ends_with(&topic) && m.json["id"] == want);
-    tokio::time::timeout(DEADLINE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("no result for {id:?} on {device}"))
-        .json
+    command_result(sub, device, id).await
 }
 
 /// `writes` and `applied` of `unit` from servosim's stats line.
 fn writes(sim: &mut Servosim, unit: u8) -> (u64, u64) {
-    let line = sim.cmd("stats");
-    let field = |name: &str| -> u64 {
-        let list = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name} in {line}"));
-        list.split(',')
-            .find_map(|p| p.strip_prefix(&format!("{unit}:")))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no unit {unit} in {line}"))
-    };
-    (field("writes"), field("applied"))
+    sim.stats_pair("writes", "applied", unit)
 }
 
 impl Rig {
@@ -163,7 +116,7 @@ async fn rig_with_retained(policy: &str, retained: &[(&str, String)]) -> Rig {
     let pty = PtyPair::start();
     let sim = Servosim::start(&pty.sim, "1-3", &[]);
     let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
-    let cmd = Commander::start(broker.port).await;
+    let cmd = Commander::start(broker.port, &format!("servogate/{ID}")).await;
     for (device, payload) in retained {
         cmd.send(device, payload, true).await;
         // Wait for the broker to have it: our own subscriber sees it come by.
@@ -506,7 +459,7 @@ async fn an_offline_device_stale_feedback_and_a_bus_down_are_refused_before_any_
     let pty = PtyPair::start();
     let sim = Servosim::start(&pty.sim, "1-3", &[]);
     let sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
-    let commander = Commander::start(broker.port).await;
+    let commander = Commander::start(broker.port, &format!("servogate/{ID}")).await;
     // A second bus whose port does not exist, with a device whose policy does not ask for
     // fresh feedback: its commands reach the bus task, which cannot send them.
     let config = format!(
@@ -1035,7 +988,7 @@ async fn a_command_during_flat_out_polling_goes_out_ahead_of_the_polls() {
         .replace("limits.position = { min = -200.0, max = 300.0, max_step = 50.0 }\n", "")
         .replace("limits.velocity = { min = 0.0, max = 200.0 }\n", "");
     let mut gw = Servogate::start(&config);
-    let cmd_client = Commander::start(broker.port).await;
+    let cmd_client = Commander::start(broker.port, &format!("servogate/{ID}")).await;
     let mut seen = std::collections::HashSet::new();
     while seen.len() < 6 {
         let m = sub.next().await;
