@@ -21,7 +21,7 @@ pub mod queue;
 pub mod sign;
 
 pub use dedup::{IdBook, Seen};
-pub use order::{Order, Outcome};
+pub use order::{GroupTag, Order, Outcome};
 pub use parse::{
     parse_command, parse_group, peek_id, Action, Command, CommandId, GroupCommand, Refusal, Timing,
     Wait,

@@ -19,6 +19,18 @@ pub struct Order {
     pub action: Action,
     /// Its first frame must be on the wire before this (monotonic clock).
     pub deadline: Instant,
+    /// The group command it is part of, when it is one.
+    pub group: Option<GroupTag>,
+}
+
+/// Marks the orders of one group command that go to one bus: a bus that can start its
+/// drives together (CANopen: one SYNC) holds them until all `members` have arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupTag {
+    /// Unique per group command for the life of the daemon.
+    pub key: u64,
+    /// How many orders of the group this bus receives (at least 1).
+    pub members: usize,
 }
 
 /// How an order ended on the bus.

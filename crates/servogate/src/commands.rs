@@ -24,7 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use servogate_command::{
     check, parse_command, parse_group, Command, CommandId, Context, DeviceView, Feedback,
-    GroupCommand, IdBook, Order, Outcome, Policy, RateLimiter, Refusal, Rules, Seen, SigningKey,
+    GroupCommand, GroupTag, IdBook, Order, Outcome, Policy, RateLimiter, Refusal, Rules, Seen,
+    SigningKey,
 };
 use servogate_core::{
     AvailabilityState, CommandReason, CommandReport, CommandStatus, DeviceEvents, Event, EventBody,
@@ -652,11 +653,20 @@ impl Desk {
         }
         let key = self.next_group;
         self.next_group += 1;
+        // Each bus learns how many members it gets, so it can start them together.
+        let mut per_bus: HashMap<String, usize> = HashMap::new();
+        for (_, bus, _) in checks.iter().flatten() {
+            *per_bus.entry(bus.to_string()).or_default() += 1;
+        }
         let mut out = Vec::new();
         let mut members = Vec::new();
         for ((permit, c), (_, cmd)) in permits.into_iter().zip(checks).zip(g.targets) {
-            let Ok((device, _, deadline)) = c else {
+            let Ok((device, bus, deadline)) = c else {
                 continue;
+            };
+            let tag = GroupTag {
+                key,
+                members: per_bus.get(bus.as_str()).copied().unwrap_or(1),
             };
             let (reply, rx) = oneshot::channel();
             let left = deadline
@@ -667,6 +677,7 @@ impl Desk {
                 id: cmd.id.clone(),
                 action: cmd.action,
                 deadline: msg.at + left,
+                group: Some(tag),
             };
             permit.send(order, reply);
             members.push((device.clone(), None));
@@ -741,6 +752,7 @@ impl Desk {
             id: cmd.id,
             action: cmd.action,
             deadline: msg.at + left,
+            group: None,
         };
         if order.action.is_safety() {
             // Only `allow` may hold a stop back: never a full queue. It waits for room,

@@ -46,6 +46,7 @@ fn order(id: &str, action: Action, deadline: Instant) -> Order {
         id: CommandId::parse(id).unwrap(),
         action,
         deadline,
+        group: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn order(action: Action, deadline: Instant) -> Order {
         id: CommandId::parse("c-1").unwrap(),
         action,
         deadline,
+        group: None,
     }
 }
 

@@ -145,7 +145,8 @@ fn parse_abort_code(s: &str) -> Result<u32, String> {
 }
 
 /// `stats rx=N tx=N enobufs=N sdo=N aborts=N tpdo=1:N,2:N downloads=1:N,2:N
-/// applied=1:N,2:N`.
+/// applied=1:N,2:N syncs=N rpdo=1:N,2:N started=1:S,2:S` (`started`: the SYNC number at
+/// which the node last took a set-point sent by RPDO, 0 for never).
 fn format_stats(sim: &CanSim) -> String {
     let s = sim.stats();
     let mut out = format!(
@@ -164,6 +165,10 @@ fn format_stats(sim: &CanSim) -> String {
     per_node(&mut out, &s.downloads);
     out.push_str(" applied=");
     per_node(&mut out, &s.applied);
+    let _ = write!(out, " syncs={} rpdo=", s.syncs);
+    per_node(&mut out, &s.rpdo);
+    out.push_str(" started=");
+    per_node(&mut out, &s.started);
     out
 }
 
@@ -211,7 +216,8 @@ mod tests {
         assert_eq!(
             execute(&mut s, "stats", t0).unwrap(),
             "ok stats rx=0 tx=0 enobufs=0 sdo=0 aborts=0 tpdo=1:0,2:0,3:0 \
-             downloads=1:0,2:0,3:0 applied=1:0,2:0,3:0"
+             downloads=1:0,2:0,3:0 applied=1:0,2:0,3:0 syncs=0 rpdo=1:0,2:0,3:0 \
+             started=1:0,2:0,3:0"
         );
         let truth = execute(&mut s, "truth 1", t0).unwrap();
         assert!(truth.starts_with("ok {\"unit\":1,\"t_ms\":0,"), "{truth}");

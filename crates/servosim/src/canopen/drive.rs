@@ -213,6 +213,16 @@ pub struct Node {
     stopped_since: Option<u32>,
     sdo: SdoServer,
     tpdo_sent: u64,
+    /// RPDO1 (controlword): 1400:01 and 1400:02.
+    rpdo_cob_id: u32,
+    rpdo_transmission_type: u8,
+    /// A synchronous RPDO's controlword, acted on at the next SYNC (CiA 301 v4.2, 7.2.2.2).
+    rpdo_latched: Option<u16>,
+    /// RPDO frames taken (valid COB-ID, operational, long enough).
+    rpdos: u64,
+    /// Number of the SYNC (counted by the bus since start) at which the last set-point
+    /// that came by RPDO was taken: tests check a group started in one cycle.
+    started_at_sync: Option<u64>,
 }
 
 impl Node {
@@ -243,6 +253,11 @@ impl Node {
             stopped_since: Some(0),
             sdo: SdoServer::new(),
             tpdo_sent: 0,
+            rpdo_cob_id: u32::from(cob::RPDO1 + u16::from(id)),
+            rpdo_transmission_type: od::TRANSMISSION_SYNC_EVERY,
+            rpdo_latched: None,
+            rpdos: 0,
+            started_at_sync: None,
         };
         node.reset_application(0);
         if let Some(code) = fault.filter(|&c| c != 0) {
@@ -283,6 +298,40 @@ impl Node {
         self.applied
     }
 
+    /// RPDO frames this node took.
+    pub fn rpdos(&self) -> u64 {
+        self.rpdos
+    }
+
+    /// The SYNC number at which the last set-point sent by RPDO was taken.
+    pub fn started_at_sync(&self) -> Option<u64> {
+        self.started_at_sync
+    }
+
+    /// The COB-ID RPDO1 listens on, while it is valid.
+    pub fn rpdo_cob(&self) -> Option<u16> {
+        (self.rpdo_cob_id & od::COB_ID_INVALID == 0).then_some((self.rpdo_cob_id & 0x7FF) as u16)
+    }
+
+    /// An RPDO1 frame (the controlword): acted on at once (transmission type 254/255) or
+    /// at the next SYNC (0-240). Only in operational (CiA 301 v4.2, 7.3.2.2.3); a frame
+    /// shorter than the mapping is ignored.
+    pub fn handle_rpdo(&mut self, data: &[u8], t_ms: u32, out: &mut Vec<Frame>) {
+        if self.silent || self.nmt != NmtState::Operational {
+            return;
+        }
+        let Some(&[lo, hi]) = data.get(..2) else {
+            return;
+        };
+        self.rpdos += 1;
+        let word = u16::from_le_bytes([lo, hi]);
+        if self.rpdo_transmission_type <= 240 {
+            self.rpdo_latched = Some(word);
+        } else {
+            self.write_controlword(word, t_ms, out);
+        }
+    }
+
     /// True once a profile mode was written: the axis follows the commands.
     pub fn is_commanded(&self) -> bool {
         self.axis.is_some()
@@ -320,6 +369,9 @@ impl Node {
     fn reset_communication(&mut self, now: Instant, out: &mut Vec<Frame>) {
         self.heartbeat_ms = self.defaults.heartbeat_ms;
         self.tpdos = std::array::from_fn(|k| Tpdo::power_on(self.id, k, &self.defaults));
+        self.rpdo_cob_id = u32::from(cob::RPDO1 + u16::from(self.id));
+        self.rpdo_transmission_type = od::TRANSMISSION_SYNC_EVERY;
+        self.rpdo_latched = None;
         self.boot(now, out);
     }
 
@@ -427,10 +479,16 @@ impl Node {
         Some(sdo::is_abort(&answer))
     }
 
-    /// A SYNC arrived: sends the synchronous TPDOs that are due, all from one sample.
-    pub fn handle_sync(&mut self, t_ms: u32, out: &mut Vec<Frame>) {
+    /// SYNC number `sync` arrived: acts on a latched RPDO, then sends the synchronous
+    /// TPDOs that are due, all from one sample.
+    pub fn handle_sync(&mut self, sync: u64, t_ms: u32, out: &mut Vec<Frame>) {
         if self.silent || self.nmt != NmtState::Operational {
             return;
+        }
+        if let Some(word) = self.rpdo_latched.take() {
+            if self.write_controlword(word, t_ms, out) {
+                self.started_at_sync = Some(sync);
+            }
         }
         let mut due = [false; TPDO_COUNT];
         for (k, t) in self.tpdos.iter_mut().enumerate() {
@@ -678,8 +736,9 @@ impl Node {
         self.state = state;
     }
 
-    /// A controlword written over SDO: the CiA 402 state machine.
-    fn write_controlword(&mut self, value: u16, t_ms: u32, out: &mut Vec<Frame>) {
+    /// A controlword written (over SDO or RPDO): the CiA 402 state machine. True when it
+    /// took a new profile position set-point.
+    fn write_controlword(&mut self, value: u16, t_ms: u32, out: &mut Vec<Frame>) -> bool {
         let before = self.controlword;
         let state = cia402::on_controlword(self.state, before, value);
         self.controlword = value;
@@ -690,7 +749,7 @@ impl Node {
         }
         self.set_state(state, t_ms);
         let Some(mut axis) = self.axis else {
-            return;
+            return false;
         };
         let at = axis.segment.position_um(t_ms);
         if value & cw::NEW_SET_POINT == 0 {
@@ -698,10 +757,10 @@ impl Node {
             axis.acknowledged = false;
         }
         let rising = value & cw::NEW_SET_POINT != 0 && before & cw::NEW_SET_POINT == 0;
-        if rising
+        let taken = rising
             && self.state == Cia402State::OperationEnabled
-            && self.mode == cia402::MODE_PROFILE_POSITION
-        {
+            && self.mode == cia402::MODE_PROFILE_POSITION;
+        if taken {
             let target = if value & cw::RELATIVE != 0 {
                 let sum = i64::from(at) + i64::from(self.target_position);
                 // Beyond the end of travel the target is the end of travel.
@@ -721,6 +780,7 @@ impl Node {
             axis.acknowledged = true;
         }
         self.axis = Some(self.plan(axis, at, t_ms));
+        taken
     }
 
     fn arm_tpdo(&mut self, k: usize, now: Instant) {
@@ -821,6 +881,11 @@ impl Node {
             TpdoEventTimer(k) => self.tpdos[k].event_timer_ms.to_le_bytes().to_vec(),
             TpdoMappingCount(k) => vec![od::TPDO_MAPPINGS[k].len() as u8],
             TpdoMappingEntry(k, n) => od::TPDO_MAPPINGS[k][n - 1].to_le_bytes().to_vec(),
+            RpdoCommCount => vec![od::RPDO_COMM_SUBS],
+            RpdoCobId => self.rpdo_cob_id.to_le_bytes().to_vec(),
+            RpdoTransmissionType => vec![self.rpdo_transmission_type],
+            RpdoMappingCount => vec![1],
+            RpdoMappingEntry => od::RPDO_MAPPING.to_le_bytes().to_vec(),
             ModelTime => v.t_ms.to_le_bytes().to_vec(),
             Temperature => v.temperature.to_le_bytes().to_vec(),
             DcBusVoltage => v.dc_bus_mv.to_le_bytes().to_vec(),
@@ -915,7 +980,29 @@ impl Dictionary for NodeDictionary<'_> {
                 node.tpdos[k].event_timer_ms = u16_le();
                 node.arm_tpdo(k, self.now);
             }
-            Controlword => node.write_controlword(u16_le(), self.t_ms, self.out),
+            Controlword => {
+                node.write_controlword(u16_le(), self.t_ms, self.out);
+            }
+            RpdoCobId => {
+                let value = u32_le();
+                let old = node.rpdo_cob_id;
+                let both_valid = value & od::COB_ID_INVALID == 0 && old & od::COB_ID_INVALID == 0;
+                if value & od::COB_ID_EXTENDED != 0
+                    || value & 0x1FFF_F800 != 0
+                    || (both_valid && (value & 0x7FF) != (old & 0x7FF))
+                {
+                    return Err(AbortCode::INVALID_VALUE);
+                }
+                node.rpdo_cob_id = value;
+            }
+            RpdoTransmissionType => {
+                let value = data[0];
+                if (241..=253).contains(&value) {
+                    return Err(AbortCode::INVALID_VALUE);
+                }
+                node.rpdo_transmission_type = value;
+                node.rpdo_latched = None;
+            }
             ModesOfOperation => {
                 let mode = data[0] as i8;
                 if !od::SUPPORTED_MODES.contains(&mode) {
@@ -1017,6 +1104,63 @@ mod tests {
         assert_eq!(statusword(&mut n, 2_500), 0x0637);
         assert_eq!(n.truth(2_500).statusword, 0x0637);
         assert_eq!((n.downloads(), n.applied()), (6, 6));
+    }
+
+    /// An enabled, operational node in profile position with a target loaded.
+    fn loaded(target_um: i32) -> (Node, Instant) {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_nmt(0x01, t0, 0, &mut Vec::new());
+        sdo_write(&mut n, 0x6060, 0, &[1], t0, 1_000);
+        sdo_write(&mut n, 0x607A, 0, &target_um.to_le_bytes(), t0, 1_000);
+        controlword(&mut n, 0x0F, 1_000);
+        (n, t0)
+    }
+
+    #[test]
+    fn a_synchronous_rpdo_takes_its_set_point_at_the_next_sync_and_not_before() {
+        let (mut n, _) = loaded(50_000);
+        let mut out = Vec::new();
+        n.handle_rpdo(&0x1Fu16.to_le_bytes(), 1_000, &mut out);
+        assert_eq!(n.rpdos(), 1);
+        assert_eq!(
+            statusword(&mut n, 1_001) & 0x1000,
+            0,
+            "no acknowledge before SYNC"
+        );
+        n.handle_sync(7, 1_002, &mut out);
+        assert_eq!(statusword(&mut n, 1_002) & 0x1000, 0x1000);
+        assert_eq!(n.started_at_sync(), Some(7));
+        // A second SYNC with nothing latched changes nothing.
+        n.handle_sync(8, 1_003, &mut out);
+        assert_eq!(n.started_at_sync(), Some(7));
+    }
+
+    #[test]
+    fn an_rpdo_of_transmission_type_255_acts_at_once_and_a_short_one_is_ignored() {
+        let (mut n, t0) = loaded(50_000);
+        sdo_write(&mut n, 0x1400, 2, &[255], t0, 1_000);
+        let mut out = Vec::new();
+        n.handle_rpdo(&[0x1F], 1_000, &mut out);
+        assert_eq!(n.rpdos(), 0, "one byte is shorter than the controlword");
+        n.handle_rpdo(&0x1Fu16.to_le_bytes(), 1_000, &mut out);
+        assert_eq!(statusword(&mut n, 1_000) & 0x1000, 0x1000);
+        assert_eq!(n.started_at_sync(), None, "not started by a SYNC");
+    }
+
+    #[test]
+    fn rpdos_count_only_in_operational_and_the_mapping_reads_as_the_controlword() {
+        let (mut n, t0, _) = node(NodeDefaults::default());
+        n.handle_rpdo(&0x1Fu16.to_le_bytes(), 0, &mut Vec::new());
+        assert_eq!(n.rpdos(), 0, "pre-operational takes no PDO");
+        assert_eq!(n.rpdo_cob(), Some(0x202));
+        assert_eq!(sdo_read(&mut n, 0x1400, 2, 0)[4], 1);
+        assert_eq!(sdo_read(&mut n, 0x1600, 0, 0)[4], 1);
+        assert_eq!(
+            sdo_read(&mut n, 0x1600, 1, 0)[4..8],
+            0x6040_0010u32.to_le_bytes()
+        );
+        sdo_write(&mut n, 0x1400, 1, &0x8000_0202u32.to_le_bytes(), t0, 0);
+        assert_eq!(n.rpdo_cob(), None, "bit 31 invalidates it");
     }
 
     #[test]
@@ -1323,12 +1467,12 @@ mod tests {
             ..NodeDefaults::default()
         });
         let mut out = Vec::new();
-        n.handle_sync(5, &mut out);
+        n.handle_sync(1, 5, &mut out);
         assert!(out.is_empty(), "pre-operational sends no TPDO");
         n.handle_nmt(nmt::START, t0, 0, &mut out);
         // No timer in sync mode: only the heartbeat is scheduled
         assert_eq!(n.poll_timeout(), Some(t0 + 100 * MS));
-        n.handle_sync(5, &mut out);
+        n.handle_sync(1, 5, &mut out);
         assert_eq!(
             out.iter().map(Frame::id).collect::<Vec<_>>(),
             [0x182, 0x282, 0x382]

@@ -16,8 +16,12 @@
 //!   client rather than mirroring it).
 //! - [`io`]: the tokio task that owns the CAN socket; [`console`]: the stdin commands.
 //!
-//! It does not do: SDO block transfer, RPDOs, node guarding (RTR), LSS, 29-bit ids, CAN
-//! FD, or writable PDO mappings.
+//! RPDO1 carries the controlword (0x200 + node, synchronous by default: acted on at the
+//! next SYNC), so a master can load several drives' set-points and start them in one SYNC
+//! cycle; `stats` says at which SYNC each node last took a set-point that way.
+//!
+//! It does not do: SDO block transfer, RPDOs 2-4, node guarding (RTR), LSS, 29-bit ids,
+//! CAN FD, or writable PDO mappings.
 
 pub mod console;
 pub mod drive;
@@ -44,6 +48,8 @@ pub mod cob {
     /// EMCY of node n: 0x080 + n.
     pub const EMCY: u16 = 0x080;
     pub const TPDO1: u16 = 0x180;
+    /// RPDO1 of node n (the controlword here): 0x200 + n.
+    pub const RPDO1: u16 = 0x200;
     pub const TPDO2: u16 = 0x280;
     pub const TPDO3: u16 = 0x380;
     pub const TPDO4: u16 = 0x480;
@@ -166,6 +172,13 @@ pub struct CanStats {
     pub downloads: BTreeMap<u8, u64>,
     /// SDO downloads whose value was written into the node's dictionary, per node.
     pub applied: BTreeMap<u8, u64>,
+    /// SYNC frames received.
+    pub syncs: u64,
+    /// RPDO frames taken, per node.
+    pub rpdo: BTreeMap<u8, u64>,
+    /// The SYNC number (1 = the first since start) at which each node last took a
+    /// set-point sent by RPDO; 0: never.
+    pub started: BTreeMap<u8, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -275,8 +288,10 @@ impl CanSim {
             }
             // SYNC: no data, or a one-byte counter (CiA 301 v4.2, 7.2.5.3.1).
             cob::SYNC if frame.data().len() <= 1 => {
+                self.stats.syncs += 1;
+                let sync = self.stats.syncs;
                 for node in self.nodes.values_mut() {
-                    node.handle_sync(t_ms, &mut out);
+                    node.handle_sync(sync, t_ms, &mut out);
                 }
             }
             _ if (cob::SDO_RX + 1..=cob::SDO_RX + u16::from(LAST_NODE)).contains(&id) => {
@@ -288,7 +303,13 @@ impl CanSim {
                     }
                 }
             }
-            _ => {}
+            _ => {
+                for node in self.nodes.values_mut() {
+                    if node.rpdo_cob() == Some(id) {
+                        node.handle_rpdo(frame.data(), t_ms, &mut out);
+                    }
+                }
+            }
         }
         out
     }
@@ -428,6 +449,12 @@ impl CanSim {
                 .nodes
                 .iter()
                 .map(|(&id, n)| (id, n.applied()))
+                .collect(),
+            rpdo: self.nodes.iter().map(|(&id, n)| (id, n.rpdos())).collect(),
+            started: self
+                .nodes
+                .iter()
+                .map(|(&id, n)| (id, n.started_at_sync().unwrap_or(0)))
                 .collect(),
             ..self.stats.clone()
         }

@@ -96,6 +96,16 @@ pub enum Object {
     TpdoMappingCount(usize),
     /// 1A00+k:nn mapping entry nn (1-based).
     TpdoMappingEntry(usize, usize),
+    /// 1400:00 highest sub-index of the RPDO1 communication record.
+    RpdoCommCount,
+    /// 1400:01 COB-ID of RPDO1 (bit 31 = not valid).
+    RpdoCobId,
+    /// 1400:02 transmission type of RPDO1: 0-240 act on the next SYNC, 254/255 at once.
+    RpdoTransmissionType,
+    /// 1600:00 number of objects mapped into RPDO1.
+    RpdoMappingCount,
+    /// 1600:01 the controlword, RPDO1's only object.
+    RpdoMappingEntry,
     /// 2000:00 model time of the sample, ms.
     ModelTime,
     /// 2010:00 temperature, 0.1 degC.
@@ -174,6 +184,11 @@ pub const TPDO_MAPPINGS: [&[u32]; TPDO_COUNT] = [
     // TPDO4: nothing mapped (and its COB-ID is not valid).
     &[],
 ];
+/// Highest sub-index of the RPDO communication record (1400:00).
+pub const RPDO_COMM_SUBS: u8 = 2;
+/// RPDO1's fixed mapping (1600:01): the controlword, 16 bits. One RPDO only: the one a
+/// master needs to start several drives in the same SYNC cycle.
+pub const RPDO_MAPPING: u32 = 0x6040_0010;
 /// The CiA 402 modes of operation (6060) this drive accepts.
 pub use crate::cia402::SUPPORTED_MODES;
 
@@ -238,6 +253,18 @@ pub fn lookup(index: u16, sub: u8) -> Result<Entry, AbortCode> {
                 _ => Err(AbortCode::NO_SUB_INDEX),
             }
         }
+        0x1400 => match sub {
+            0 => field(RpdoCommCount, ReadOnly, 1),
+            1 => field(RpdoCobId, ReadWrite, 4),
+            2 => field(RpdoTransmissionType, ReadWrite, 1),
+            _ => Err(AbortCode::NO_SUB_INDEX),
+        },
+        // The mapping is fixed: read-only, as for the TPDOs.
+        0x1600 => match sub {
+            0 => field(RpdoMappingCount, ReadOnly, 1),
+            1 => field(RpdoMappingEntry, ReadOnly, 4),
+            _ => Err(AbortCode::NO_SUB_INDEX),
+        },
         0x2000 => var(ModelTime, ReadOnly, 4),
         0x2010 => var(Temperature, ReadOnly, 2),
         0x2011 => var(DcBusVoltage, ReadOnly, 4),
