@@ -99,6 +99,9 @@ enum Step {
     },
     /// One statusword: done at once if the drive is not operation enabled.
     HaltIfEnabled,
+    /// A group move: wait here, set-point loaded, until the master starts every drive
+    /// of the group with `word` in their RPDOs and one SYNC.
+    Start { word: u16 },
 }
 
 impl Step {
@@ -110,6 +113,7 @@ impl Step {
         match self {
             Step::AwaitBits { within, what, .. } => (*within, what),
             Step::Drive { goal, .. } => (TRANSITION_TIMEOUT, goal.name()),
+            Step::Start { .. } => (TRANSITION_TIMEOUT, "the group's start"),
             _ => (TRANSITION_TIMEOUT, "the statusword"),
         }
     }
@@ -296,9 +300,15 @@ impl Job {
                     steps.push_back(download(&pv, *v, false)?);
                 }
                 // New set-point acts on the rising edge of bit 4: low, high, wait for
-                // the acknowledge, low again (CiA 402-2, set-point handshake).
+                // the acknowledge, low again (CiA 402-2, set-point handshake). In a group
+                // the rising edge comes by RPDO, for every drive on one SYNC.
                 steps.push_back(cw(ENABLE_OPERATION | rel));
-                steps.push_back(cw(ENABLE_OPERATION | NEW_SET_POINT | rel));
+                let word = ENABLE_OPERATION | NEW_SET_POINT | rel;
+                if order.group.is_some_and(|g| g.members > 1) {
+                    steps.push_back(Step::Start { word });
+                } else {
+                    steps.push_back(cw(word));
+                }
                 steps.push_back(Step::AwaitBits {
                     mask: statusword::SET_POINT_ACK,
                     what: "set-point acknowledge",
@@ -368,6 +378,7 @@ impl Job {
             return None;
         }
         match self.steps.front() {
+            Some(step @ Step::Start { .. }) => Some(self.step_since + step.within().0),
             Some(step) if step.is_wait() && by_tpdo => Some(self.step_since + step.within().0),
             _ => Some(self.next_due),
         }
@@ -400,7 +411,7 @@ impl Job {
                     ),
                 ));
             }
-            if by_tpdo || now < self.next_due {
+            if by_tpdo || matches!(step, Step::Start { .. }) || now < self.next_due {
                 return Ok(None);
             }
             self.in_flight = true;
@@ -424,6 +435,22 @@ impl Job {
             sub: *sub,
             data: data.clone(),
         }))
+    }
+
+    /// The controlword that starts the job, while it waits for its group's start.
+    fn start_word(&self) -> Option<u16> {
+        match self.steps.front() {
+            Some(Step::Start { word }) if !self.in_flight => Some(*word),
+            _ => None,
+        }
+    }
+
+    /// The group started at `now`: the set-point acknowledge must come after it.
+    fn group_started(&mut self, now: Instant) {
+        if matches!(self.steps.front(), Some(Step::Start { .. })) {
+            self.started = true;
+            self.advance(now);
+        }
     }
 
     /// The first frame of the job went out (or could not: then it stays unstarted).
@@ -663,6 +690,62 @@ impl Executor {
         Some((self.jobs.remove(i), outcome))
     }
 
+    /// Where `device`'s part of group `key` is: `None` when it has no job of that group
+    /// (it ended), `Some(None)` while it loads, `Some(Some(word))` when it waits for the
+    /// start with that controlword.
+    pub fn group_stage(&self, device: &str, key: u64) -> Option<Option<u16>> {
+        let i = self
+            .jobs
+            .iter()
+            .position(|j| &**j.device() == device && j.order.group.is_some_and(|g| g.key == key))?;
+        let running = self.front(device) == Some(i);
+        Some(if running {
+            self.jobs[i].start_word()
+        } else {
+            None
+        })
+    }
+
+    /// Group `key` was started at `now`: its jobs go on to the acknowledge.
+    pub fn group_started(&mut self, key: u64, now: Instant) {
+        for j in self.jobs.iter_mut() {
+            if j.order.group.is_some_and(|g| g.key == key) {
+                j.group_started(now);
+            }
+        }
+    }
+
+    /// Ends every job of group `key` (one of its drives cannot start): never started
+    /// `rejected`, loaded `failed`, both `group_rejected` with `why`.
+    pub fn end_group(&mut self, key: u64, why: &str) -> Vec<(Job, Outcome)> {
+        let mut ended = Vec::new();
+        while let Some(i) = self
+            .jobs
+            .iter()
+            .position(|j| j.order.group.is_some_and(|g| g.key == key))
+        {
+            let job = self.jobs.remove(i);
+            let outcome = if job.started {
+                Outcome::failed(
+                    CommandReason::GroupRejected,
+                    format!("{why}: this drive's set-point was loaded but not started"),
+                )
+            } else {
+                Outcome::rejected(
+                    CommandReason::GroupRejected,
+                    format!("{why}: nothing was sent"),
+                )
+            };
+            ended.push((job, outcome));
+        }
+        ended
+    }
+
+    /// Room for `n` more jobs.
+    pub fn has_room(&self, n: usize) -> bool {
+        self.jobs.len() + n <= Self::CAPACITY
+    }
+
     /// Ends every job of devices `keep` says no to (a reload removed them): never started
     /// is `rejected` (`bus_down`), started is `unknown`.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) -> Vec<(Job, Outcome)> {
@@ -680,5 +763,7 @@ impl Executor {
     }
 }
 
+#[cfg(test)]
+mod group_tests;
 #[cfg(test)]
 mod tests;

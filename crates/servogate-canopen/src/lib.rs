@@ -18,6 +18,8 @@
 //! - [`pdo`]: TPDO mappings (from config or the 0x1A00.. objects) and decoding of each
 //!   transmission cycle into one [`servogate_core::Telemetry`].
 //! - [`sync`]: the SYNC frame and an optional SYNC producer.
+//! - [`rpdo`]: the check of the RPDO a group start goes through (the controlword alone,
+//!   synchronous).
 //! - [`command`]: commands (`servogate_command::Order`) as jobs of SDO downloads confirmed
 //!   on the statusword; the master runs them ahead of its own SDO jobs.
 //! - [`master`]: all of the above for one bus, producing typed events into a
@@ -32,6 +34,7 @@ pub mod master;
 pub mod nmt;
 pub mod objects;
 pub mod pdo;
+pub mod rpdo;
 pub mod sdo;
 pub mod sync;
 

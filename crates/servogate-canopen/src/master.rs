@@ -39,7 +39,7 @@ use servogate_core::{
     EventSink, SeqBook, Telemetry,
 };
 
-use servogate_command::{Order, Outcome};
+use servogate_command::{Action, Order, Outcome};
 
 use crate::command::{self, Executor, Reply, Request};
 use crate::emcy::{EmcyConsumer, FaultChange};
@@ -48,8 +48,9 @@ use crate::heartbeat::{consumer_time, AvailabilityChange, HeartbeatConsumer};
 use crate::nmt::NodeTable;
 use crate::objects::{ObjectSpec, ObjectTable};
 use crate::pdo::{MappingReader, TpdoDecoder, TpdoMapping};
+use crate::rpdo::StartRpdoCheck;
 use crate::sdo::{AbortCode, SdoClient, SdoError, SdoEvent};
-use crate::sync::SyncProducer;
+use crate::sync::{sync_frame, SyncProducer};
 
 /// 0x1017 producer heartbeat time (u16, ms), CiA 301 v4.2 7.5.2.32.
 pub const PRODUCER_HEARTBEAT_TIME: u16 = 0x1017;
@@ -93,6 +94,9 @@ pub struct NodeSettings {
     pub late_after: Option<Duration>,
     /// Time each SDO response may take.
     pub sdo_timeout: Duration,
+    /// The RPDO (1..=512) that carries the controlword alone, synchronously: group moves
+    /// start through it on one SYNC. Read and checked at start-up ([`crate::rpdo`]).
+    pub start_rpdo: Option<u16>,
 }
 
 impl NodeSettings {
@@ -108,6 +112,7 @@ impl NodeSettings {
             polls: Vec::new(),
             late_after: None,
             sdo_timeout: Duration::from_millis(100),
+            start_rpdo: None,
         }
     }
 }
@@ -140,6 +145,7 @@ pub enum SdoResult {
 enum Job {
     WriteHeartbeat,
     ReadMapping(MappingReader),
+    CheckStartRpdo(StartRpdoCheck),
     Poll(usize),
     /// A transfer of the node's command job.
     Command,
@@ -168,6 +174,17 @@ struct Node {
     jobs_not_before: Option<Instant>,
     /// The wait before the next retry of the start-up jobs.
     retry_pause: Duration,
+    /// Whether group moves can start on this drive, and through which COB-ID.
+    start: StartRpdo,
+}
+
+/// What the start-up check found of a node's `start_rpdo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StartRpdo {
+    NotConfigured,
+    NotRead,
+    Ready(u16),
+    Unfit(String),
 }
 
 impl Node {
@@ -191,6 +208,7 @@ impl Node {
             mapped,
             jobs_not_before: None,
             retry_pause: STARTUP_RETRY_MIN,
+            start: StartRpdo::NotConfigured,
             settings,
         };
         node.startup_jobs();
@@ -211,6 +229,15 @@ impl Node {
                 }
             }
         }
+        // Read again after every boot-up: the drive may have come back with other PDOs.
+        self.start = match self.settings.start_rpdo.map(StartRpdoCheck::new) {
+            None => StartRpdo::NotConfigured,
+            Some(Ok(check)) => {
+                self.jobs.push_back(Job::CheckStartRpdo(check));
+                StartRpdo::NotRead
+            }
+            Some(Err(why)) => StartRpdo::Unfit(why),
+        };
     }
 }
 
@@ -240,6 +267,10 @@ pub struct Master {
     commands: Executor,
     /// Orders that ended, for [`Master::poll_outcome`] (at most one per job held).
     outcomes: VecDeque<(Order, Outcome)>,
+    /// Orders of group moves waiting for the rest of their group to arrive.
+    gathering: Vec<Order>,
+    /// Group moves admitted and not yet started: their devices.
+    groups: Vec<(u64, Vec<Arc<str>>)>,
 }
 
 impl Master {
@@ -315,6 +346,8 @@ impl Master {
             book: book.clone(),
             commands: Executor::default(),
             outcomes: VecDeque::new(),
+            gathering: Vec::new(),
+            groups: Vec::new(),
         };
         master.drain_nmt();
         master.service_jobs(now);
@@ -330,7 +363,34 @@ impl Master {
     /// when the node's SDO client is free (else as soon as its transfer ends, ahead of
     /// the master's own jobs). `Err`: refused before anything was sent (a device not on
     /// this bus, a full queue, an order the drive's objects cannot carry).
+    ///
+    /// A `move` of a group command with other members on this bus is held until all of
+    /// them arrived, then planned together: every drive's set-point is loaded over SDO and
+    /// they start on one SYNC, each through its `start_rpdo` (a drive without a usable
+    /// one refuses the whole group; nothing is sent). Their outcomes come from
+    /// [`Master::poll_outcome`].
     pub fn command(&mut self, order: Order, now: Instant) -> Result<(), Outcome> {
+        if let Some(tag) = order.group.filter(|g| g.members > 1) {
+            if matches!(order.action, Action::Move { .. }) {
+                if self.gathering.len() >= Executor::CAPACITY {
+                    return Err(Outcome::rejected(
+                        CommandReason::RateLimited,
+                        "the bus's command queue is full",
+                    ));
+                }
+                self.gathering.push(order);
+                let arrived = self
+                    .gathering
+                    .iter()
+                    .filter(|o| o.group.is_some_and(|g| g.key == tag.key))
+                    .count();
+                if arrived >= tag.members {
+                    self.admit_group(tag.key, now);
+                }
+                self.service_jobs(now);
+                return Ok(());
+            }
+        }
         let Some(n) = self.nodes.iter().find(|n| n.settings.name == order.device) else {
             return Err(Outcome::rejected(
                 CommandReason::BusDown,
@@ -349,6 +409,138 @@ impl Master {
         }
         self.service_jobs(now);
         Ok(())
+    }
+
+    /// Plans every order of group `key` (all arrived) or refuses them all.
+    fn admit_group(&mut self, key: u64, now: Instant) {
+        let (orders, rest) = std::mem::take(&mut self.gathering)
+            .into_iter()
+            .partition::<Vec<Order>, _>(|o| o.group.is_some_and(|g| g.key == key));
+        self.gathering = rest;
+        let mut planned: Vec<Result<command::Job, (Order, Outcome)>> = Vec::new();
+        for order in orders {
+            let Some(n) = self.nodes.iter().find(|n| n.settings.name == order.device) else {
+                let o = Outcome::rejected(
+                    CommandReason::BusDown,
+                    "the device is not on this bus (removed by a reload?)",
+                );
+                planned.push(Err((order, o)));
+                continue;
+            };
+            let why = match &n.start {
+                StartRpdo::Ready(_) => None,
+                StartRpdo::NotConfigured => Some(
+                    "a group move starts every drive on one SYNC through its `start_rpdo`, \
+                     and this drive has none configured"
+                        .to_owned(),
+                ),
+                StartRpdo::NotRead => {
+                    Some("its start_rpdo has not been read from the drive yet".to_owned())
+                }
+                StartRpdo::Unfit(why) => Some(format!("its start_rpdo cannot start it: {why}")),
+            };
+            if let Some(why) = why {
+                planned.push(Err((
+                    order,
+                    Outcome::rejected(CommandReason::NotAllowed, why),
+                )));
+                continue;
+            }
+            let objects = n.settings.objects.clone();
+            planned.push(command::Job::plan(order.clone(), &objects, now).map_err(|o| (order, o)));
+        }
+        let refused = planned.iter().any(Result::is_err) || !self.commands.has_room(planned.len());
+        if refused {
+            let full = !self.commands.has_room(planned.len());
+            for p in planned {
+                let (order, outcome) = match p {
+                    Err(refusal) => refusal,
+                    Ok(job) if full => (
+                        job.into_order(),
+                        Outcome::rejected(
+                            CommandReason::RateLimited,
+                            "the bus's command queue has no room for the whole group",
+                        ),
+                    ),
+                    Ok(job) => (
+                        job.into_order(),
+                        Outcome::rejected(
+                            CommandReason::GroupRejected,
+                            "another drive of the group on this bus was refused: nothing was sent",
+                        ),
+                    ),
+                };
+                self.outcomes.push_back((order, outcome));
+            }
+            return;
+        }
+        let mut devices = Vec::new();
+        for job in planned.into_iter().flatten() {
+            devices.push(job.device().clone());
+            for (job, outcome) in self.commands.push(job) {
+                self.outcomes.push_back((job.into_order(), outcome));
+            }
+        }
+        self.groups.push((key, devices));
+    }
+
+    /// Starts every admitted group whose drives all loaded their set-points: each
+    /// drive's start controlword in its RPDO, then one SYNC, so they take it in the same
+    /// cycle. A group one of whose drives ended first (refused, failed, stopped, out of
+    /// time) is ended whole: the others never start.
+    fn tend_groups(&mut self, now: Instant) {
+        let mut k = 0;
+        while k < self.groups.len() {
+            let (key, devices) = &self.groups[k];
+            let key = *key;
+            let stages: Vec<Option<Option<u16>>> = devices
+                .iter()
+                .map(|d| self.commands.group_stage(d, key))
+                .collect();
+            if let Some(gone) = devices
+                .iter()
+                .zip(&stages)
+                .find_map(|(d, s)| s.is_none().then(|| d.clone()))
+            {
+                let why = format!("{gone} of the group ended before the start");
+                for (job, outcome) in self.commands.end_group(key, &why) {
+                    self.outcomes.push_back((job.into_order(), outcome));
+                }
+                self.groups.swap_remove(k);
+                continue;
+            }
+            if stages.iter().any(|s| !matches!(s, Some(Some(_)))) {
+                k += 1;
+                continue;
+            }
+            let mut frames = Vec::new();
+            for (device, stage) in devices.iter().zip(stages) {
+                let cob = self.nodes.iter().find_map(|n| match n.start {
+                    StartRpdo::Ready(cob) if n.settings.name == *device => Some(cob),
+                    _ => None,
+                });
+                if let (Some(cob), Some(Some(word))) = (cob, stage) {
+                    frames.push(Frame::known(cob, &word.to_le_bytes()));
+                }
+            }
+            if frames.len() < devices.len() {
+                // A drive rebooted while it loaded: its RPDO is being checked again.
+                let why = "a drive of the group rebooted before the start";
+                for (job, outcome) in self.commands.end_group(key, why) {
+                    self.outcomes.push_back((job.into_order(), outcome));
+                }
+                self.groups.swap_remove(k);
+                continue;
+            }
+            self.transmit.extend(frames);
+            let sync = match self.sync.as_mut() {
+                Some(producer) => producer.fire(now),
+                None => sync_frame(None),
+            };
+            self.transmit.push_back(sync);
+            self.commands.group_started(key, now);
+            self.groups.swap_remove(k);
+        }
     }
 
     /// Queues an NMT start for every configured node again: the bus task calls it when
@@ -376,6 +568,11 @@ impl Master {
         for (job, outcome) in self.commands.drain() {
             self.outcomes.push_back((job.into_order(), outcome));
         }
+        for order in self.gathering.drain(..) {
+            let o = Outcome::rejected(CommandReason::BusDown, "the bus stopped before it was sent");
+            self.outcomes.push_back((order, o));
+        }
+        self.groups.clear();
     }
 
     /// The earliest time `handle_timeout` has something to do.
@@ -408,9 +605,12 @@ impl Master {
             [sdo, poll, late, cmd].into_iter().flatten().min()
         });
         let sync = self.sync.as_ref().and_then(SyncProducer::poll_timeout);
+        // A group still gathering expires with its first deadline.
+        let gathering = self.gathering.iter().map(|o| o.deadline).min();
         per_node
             .chain(self.heartbeat.poll_timeout())
             .chain(sync)
+            .chain(gathering)
             .min()
     }
 
@@ -482,8 +682,31 @@ impl Master {
         if let Some(frame) = self.sync.as_mut().and_then(|s| s.handle_timeout(now)) {
             self.transmit.push_back(frame);
         }
+        self.expire_gathering(now);
         self.service_jobs(now);
         results
+    }
+
+    /// A group whose members did not all arrive before one's deadline: every member
+    /// that did is `expired` (nothing was sent).
+    fn expire_gathering(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .gathering
+            .iter()
+            .filter(|o| now > o.deadline)
+            .filter_map(|o| o.group.map(|g| g.key))
+            .collect();
+        if late.is_empty() {
+            return;
+        }
+        let (gone, kept) = std::mem::take(&mut self.gathering)
+            .into_iter()
+            .partition::<Vec<Order>, _>(|o| o.group.is_some_and(|g| late.contains(&g.key)));
+        self.gathering = kept;
+        for order in gone {
+            let o = Outcome::expired("its group's other members did not reach the bus in time");
+            self.outcomes.push_back((order, o));
+        }
     }
 
     /// Starts reading `index:sub` of `node`; the request is queued for transmission.
@@ -611,6 +834,9 @@ impl Master {
 
     /// Starts the next SDO job of every idle node: start-up jobs first, then due polls.
     fn service_jobs(&mut self, now: Instant) {
+        if !self.groups.is_empty() {
+            self.tend_groups(now);
+        }
         for i in 0..self.nodes.len() {
             // Cheap checks first: this runs after every frame, and for most nodes there is
             // nothing to start (the reachability look-up walks the heartbeat table).
@@ -665,6 +891,10 @@ impl Master {
                         n.mapped = true;
                         continue;
                     }
+                },
+                Job::CheckStartRpdo(check) => match check.next_object() {
+                    Some((index, sub)) => n.sdo.start_upload(index, sub, timeout, now),
+                    None => continue,
                 },
                 Job::Poll(k) => {
                     let k = *k;
@@ -980,7 +1210,44 @@ impl Master {
                     n.mapped = true;
                 }
             }
-            (job @ (Job::ReadMapping(_) | Job::WriteHeartbeat), SdoResult::Aborted { .. }) => {
+            (Job::CheckStartRpdo(mut check), SdoResult::Uploaded { data, .. }) => {
+                match check.on_uploaded(data) {
+                    Ok(None) => n.jobs.push_front(Job::CheckStartRpdo(check)),
+                    Ok(Some(cob)) => n.start = StartRpdo::Ready(cob),
+                    Err(why) => {
+                        sink.push(n.events.notice(
+                            wall,
+                            EventKind::CommError {
+                                error: "bad_mapping",
+                            },
+                            format!("group moves cannot start node {node}: {why}"),
+                        ));
+                        n.start = StartRpdo::Unfit(why);
+                    }
+                }
+            }
+            (
+                Job::CheckStartRpdo(check),
+                SdoResult::Aborted {
+                    by_server: true,
+                    code,
+                    ..
+                },
+            ) if *code == AbortCode::NO_OBJECT || *code == AbortCode::NO_SUB_INDEX => {
+                let why = format!("the drive has no RPDO {} ({code})", check.number());
+                sink.push(n.events.notice(
+                    wall,
+                    EventKind::CommError {
+                        error: "bad_mapping",
+                    },
+                    format!("group moves cannot start node {node}: {why}"),
+                ));
+                n.start = StartRpdo::Unfit(why);
+            }
+            (
+                job @ (Job::ReadMapping(_) | Job::WriteHeartbeat | Job::CheckStartRpdo(_)),
+                SdoResult::Aborted { .. },
+            ) => {
                 // No answer, or a refusal that may pass (the drive was busy or booting):
                 // the start-up jobs run again from this one after a growing pause. The
                 // comm_error already said why.
@@ -991,6 +1258,9 @@ impl Master {
                         }
                         TpdoSource::Config(_) => None,
                     },
+                    Job::CheckStartRpdo(check) => StartRpdoCheck::new(check.number())
+                        .ok()
+                        .map(Job::CheckStartRpdo),
                     other => Some(other),
                 };
                 if let Some(retry) = retry {

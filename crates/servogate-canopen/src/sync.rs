@@ -43,6 +43,20 @@ impl SyncProducer {
         self.next
     }
 
+    /// A SYNC now, out of turn (a group start), with the next counter value; the next
+    /// periodic SYNC comes one period after it.
+    pub fn fire(&mut self, now: Instant) -> Frame {
+        self.next = now
+            .checked_add(self.period)
+            .filter(|_| !self.period.is_zero());
+        let counter = self.overflow.map(|overflow| {
+            let c = self.counter;
+            self.counter = if c >= overflow { 1 } else { c + 1 };
+            c
+        });
+        sync_frame(counter)
+    }
+
     /// The SYNC to send if one is due at `now`. After a stall the schedule moves on from
     /// `now` rather than sending a burst of missed SYNCs.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<Frame> {
@@ -106,6 +120,17 @@ mod tests {
         assert!(p.handle_timeout(t0 + 100 * MS).is_some());
         assert_eq!(p.handle_timeout(t0 + 101 * MS), None);
         assert_eq!(p.poll_timeout(), Some(t0 + 110 * MS));
+    }
+
+    #[test]
+    fn a_sync_fired_out_of_turn_takes_the_next_counter_and_restarts_the_period() {
+        let t0 = Instant::now();
+        let mut p = SyncProducer::new(10 * MS, Some(4), t0);
+        assert_eq!(p.handle_timeout(t0).map(|f| f.data()[0]), Some(1));
+        assert_eq!(p.fire(t0 + 3 * MS).data(), &[2]);
+        assert_eq!(p.poll_timeout(), Some(t0 + 13 * MS));
+        assert_eq!(p.handle_timeout(t0 + 10 * MS), None);
+        assert_eq!(p.handle_timeout(t0 + 13 * MS).map(|f| f.data()[0]), Some(3));
     }
 
     #[test]
