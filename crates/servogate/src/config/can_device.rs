@@ -37,6 +37,17 @@ impl Source<'_> {
             Some(_) => Some(self.positive(&d.late_after, key("late_after"), Duration::ZERO)?),
             None => None,
         };
+        let start_rpdo = match &d.start_rpdo {
+            Some(v) if !(1..=512).contains(v.get_ref()) => {
+                return Err(self.at(
+                    v,
+                    key("start_rpdo"),
+                    "must be an RPDO number 1..=512 (RPDO1 is 0x1400/0x1600)",
+                ))
+            }
+            Some(v) => Some(*v.get_ref() as u16),
+            None => None,
+        };
         let tpdos = match &d.tpdos {
             None => None,
             Some(list) => {
@@ -197,6 +208,7 @@ impl Source<'_> {
             objects,
             polls,
             late_after,
+            start_rpdo,
         })
     }
 }

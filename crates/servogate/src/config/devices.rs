@@ -208,6 +208,7 @@ impl Source<'_> {
                         "tpdos",
                         d.tpdos.as_ref().and_then(|v| v.first()).map(|v| v.span()),
                     ),
+                    ("start_rpdo", d.start_rpdo.as_ref().map(|v| v.span())),
                     (
                         "objects",
                         d.objects.as_ref().and_then(|v| v.first()).map(|v| v.span()),
@@ -318,6 +319,23 @@ mod tests {
         ));
         assert!(
             e.contains("profiles.cia402: \"cia402\" is the built-in"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn start_rpdo_is_an_rpdo_number_of_a_canopen_device() {
+        let can = format!(
+            "{GOOD}\n[[buses]]\nname = \"can0\"\nprotocol = \"canopen\"\ninterface = \"can0\"\n\n\
+             [[devices]]\nname = \"axis-5\"\nbus = \"can0\"\nnode = 5\nprofile = \"cia402\"\nstart_rpdo = 1\n"
+        );
+        let c = parse(&can, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.devices[1].canopen.as_ref().unwrap().start_rpdo, Some(1));
+        let e = err(&can.replace("start_rpdo = 1", "start_rpdo = 513"));
+        assert!(e.contains("devices[1].start_rpdo: must be an RPDO number 1..=512"), "{e}");
+        let e = err(&GOOD.replace("unit = 1", "unit = 1\nstart_rpdo = 1"));
+        assert!(
+            e.contains("devices[0].start_rpdo: `start_rpdo` is for devices on canopen buses"),
             "{e}"
         );
     }

@@ -90,6 +90,7 @@ impl Config {
                         polls: c.polls.clone(),
                         late_after: c.late_after,
                         sdo_timeout: can.sdo_timeout,
+                        start_rpdo: c.start_rpdo,
                     })
                 })
                 .collect();

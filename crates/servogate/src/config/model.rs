@@ -167,6 +167,8 @@ pub struct CanDevice {
     pub polls: Vec<SdoPoll>,
     /// A TPDO cycle later than this is `late`; `None`: not watched.
     pub late_after: Option<Duration>,
+    /// The RPDO (1..=512) group moves start the drive through.
+    pub start_rpdo: Option<u16>,
 }
 
 /// Where a device sits on its bus.

@@ -180,6 +180,7 @@ pub(super) struct RawDevice {
     // canopen
     pub(super) heartbeat: Option<S<String>>,
     pub(super) configure_heartbeat: Option<S<bool>>,
+    pub(super) start_rpdo: Option<S<i64>>,
     pub(super) tpdos: Option<Vec<S<RawTpdo>>>,
     pub(super) objects: Option<Vec<S<RawObject>>>,
     /// `[devices.commands]`: the command policy (default deny).

@@ -110,7 +110,7 @@ impl Config {
                 if let Some(c) = &dev.canopen {
                     let _ = writeln!(
                         s,
-                        "  device {} {} profile {} heartbeat {}, tpdos {}, late after {}, {} sdo poll{}",
+                        "  device {} {} profile {} heartbeat {}, tpdos {}, late after {}, {} sdo poll{}{}",
                         dev.name,
                         dev.address,
                         dev.profile,
@@ -122,6 +122,7 @@ impl Config {
                         c.late_after.map_or("not watched".to_owned(), d),
                         c.polls.len(),
                         if c.polls.len() == 1 { "" } else { "s" },
+                        c.start_rpdo.map_or(String::new(), |n| format!(", group moves start by RPDO {n} + SYNC")),
                     );
                     continue;
                 }
