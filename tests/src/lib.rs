@@ -319,6 +319,15 @@ impl Servosim {
         (field(a), field(b))
     }
 
+    /// A bus-wide counter of servosim's `stats` line (`name=N`).
+    pub fn stat_total(&mut self, name: &str) -> u64 {
+        let line = self.cmd("stats");
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    }
+
     /// The `truth` of `unit` as JSON.
     pub fn truth_json(&mut self, unit: u8) -> Value {
         let line = self.cmd(&format!("truth {unit}"));
@@ -351,6 +360,15 @@ impl Commander {
         }
     }
 
+    /// Publishes a group command (QoS 1) on `{prefix}/cmd`.
+    pub async fn send_group(&self, payload: &str) {
+        let topic = format!("{}/cmd", self.prefix);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+            .await
+            .expect("publish");
+    }
+
     /// Publishes `payload` (QoS 1) on `device`'s cmd topic.
     pub async fn send(&self, device: &str, payload: &str, retain: bool) {
         let topic = format!("{}/devices/{device}/cmd", self.prefix);
@@ -359,6 +377,16 @@ impl Commander {
             .await
             .expect("publish");
     }
+}
+
+/// The next group result with `id` on `{prefix}/cmd/result`.
+pub async fn group_result(sub: &mut Subscriber, prefix: &str, id: &str) -> Value {
+    let topic = format!("{prefix}/cmd/result");
+    let wait = sub.until(|m| m.topic == topic && m.json["id"] == id);
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no group result for {id}"))
+        .json
 }
 
 /// The next result on `device`'s `cmd/result` topic whose id is `id` (`None`: `null`).

@@ -207,3 +207,118 @@ async fn a_drive_is_disabled_enabled_moved_stopped_and_reset_with_exactly_the_do
     latencies.sort_by(f64::total_cmp);
     println!("command latency (receipt to result), ms: {latencies:?}");
 }
+
+/// A `stats` field of servosim for `node`.
+fn stat(sim: &mut Servosim, field: &str, node: u8) -> u64 {
+    sim.stats_pair(field, field, node).0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_move_of_four_drives_starts_them_on_one_sync_and_a_drive_that_cannot_refuses_the_group(
+) {
+    let Some(can) = vcan() else { return };
+    let broker = Mosquitto::start();
+    // Drives 1-4 start through RPDO1 (servosim's: the controlword, synchronous); drive-5
+    // names an RPDO it does not have.
+    let mut sim = Servosim::start_can(can, "1-5", &["--period", "10ms"]);
+    let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
+    let config = can_config(can, &[1, 2, 3, 4, 5], &format!("start_rpdo = 1\n{POLICY}"));
+    let (head_part, five) = config.split_at(config.find("name = \"drive-5\"").unwrap());
+    let config = format!(
+        "{head_part}{}",
+        five.replace("start_rpdo = 1", "start_rpdo = 2")
+    );
+    let _gw = Servogate::start(&format!("{}{config}", head(ID, &broker.url())));
+    let prefix = format!("servogate/{ID}");
+    let commander = Commander::start(broker.port, &prefix).await;
+    // Every drive up, and drive-5's RPDO check (at start-up) saying why it cannot start.
+    let mut enabled = std::collections::BTreeSet::new();
+    let mut why = None;
+    while enabled.len() < 5 || why.is_none() {
+        let m = tokio::time::timeout(DEADLINE, sub.next())
+            .await
+            .expect("drives up and drive-5's RPDO refused");
+        match m.device_stream() {
+            Some((d, "telemetry")) if m.json["state"] == "operation_enabled" => {
+                enabled.insert(d.to_owned());
+            }
+            Some(("drive-5", "events")) if m.json["kind"] == "comm_error" => {
+                why = m.json["message"].as_str().map(str::to_owned);
+            }
+            _ => {}
+        }
+    }
+    let why = why.unwrap();
+    assert!(why.contains("no RPDO 2"), "{why}");
+
+    // Each axis 5 mm on from where it stands, every target different.
+    let mut targets = serde_json::Map::new();
+    let mut want = Vec::new();
+    for n in 1..=4u8 {
+        let at = truth(&mut sim, n)["position_mm"].as_f64().unwrap();
+        let target = (at + 5.0 + f64::from(n)).round();
+        want.push(target);
+        targets.insert(
+            format!("drive-{n}"),
+            json!({"position": target, "velocity": 200.0, "wait": "target_reached"}),
+        );
+    }
+    let before: Vec<(u64, u64)> = (1..=5).map(|n| counters(&mut sim, n)).collect();
+    let syncs_before = sim.stat_total("syncs");
+    let g = json!({"id": "g-4", "action": "move", "targets": targets});
+    commander.send_group(&g.to_string()).await;
+    let res = group_result(&mut sub, &prefix, "g-4").await;
+    assert_eq!(res["status"], "done", "{res}");
+
+    // One SYNC started all four, each on its own RPDO after its set-point was loaded.
+    let started: Vec<u64> = (1..=4).map(|n| stat(&mut sim, "started", n)).collect();
+    assert!(
+        started[0] > 0 && started.iter().all(|s| *s == started[0]),
+        "{started:?}"
+    );
+    assert_eq!(sim.stat_total("syncs") - syncs_before, 1, "one SYNC");
+    for n in 1..=4u8 {
+        let i = usize::from(n - 1);
+        assert_eq!(stat(&mut sim, "rpdo", n), 1, "drive-{n}");
+        // mode, target, profile velocity, bit 4 low; bit 4 low again after the acknowledge.
+        let after = counters(&mut sim, n);
+        assert_eq!(
+            (after.0 - before[i].0, after.1 - before[i].1),
+            (5, 5),
+            "drive-{n}"
+        );
+        let t = truth(&mut sim, n);
+        assert_eq!(
+            t["position_mm"].as_f64().unwrap(),
+            want[i],
+            "drive-{n}: {t}"
+        );
+    }
+    assert_eq!(
+        counters(&mut sim, 5),
+        before[4],
+        "drive-5 was not in the group"
+    );
+
+    // With drive-5 in it, the group is refused whole: nothing reaches any drive.
+    let mut with5 = serde_json::Map::new();
+    for n in 1..=5u8 {
+        with5.insert(format!("drive-{n}"), json!({"position": 0.0}));
+    }
+    let before: Vec<(u64, u64)> = (1..=5).map(|n| counters(&mut sim, n)).collect();
+    let rpdos: Vec<u64> = (1..=5).map(|n| stat(&mut sim, "rpdo", n)).collect();
+    let g = json!({"id": "g-5", "action": "move", "targets": with5});
+    commander.send_group(&g.to_string()).await;
+    let res = group_result(&mut sub, &prefix, "g-5").await;
+    assert_eq!(res["status"], "rejected", "{res}");
+    assert_eq!(res["devices"]["drive-5"]["reason"], "not_allowed", "{res}");
+    assert_eq!(
+        res["devices"]["drive-1"]["reason"], "group_rejected",
+        "{res}"
+    );
+    for n in 1..=5u8 {
+        let i = usize::from(n - 1);
+        assert_eq!(counters(&mut sim, n), before[i], "drive-{n} got a download");
+        assert_eq!(stat(&mut sim, "rpdo", n), rpdos[i], "drive-{n} got an RPDO");
+    }
+}

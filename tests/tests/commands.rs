@@ -847,16 +847,6 @@ async fn a_hundred_thousand_hostile_payloads_get_answers_and_never_a_frame_on_th
     assert!(r.gw.stop().success());
 }
 
-/// The next group result with `id` on `{prefix}/cmd/result`.
-async fn group_result(sub: &mut Subscriber, id: &str) -> Value {
-    let topic = format!("servogate/{ID}/cmd/result");
-    let wait = sub.until(|m| m.topic == topic && m.json["id"] == id);
-    tokio::time::timeout(DEADLINE, wait)
-        .await
-        .unwrap_or_else(|_| panic!("no group result for {id}"))
-        .json
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_move_runs_on_every_axis_or_on_none() {
     let mut r = rig(POLICY).await;
@@ -889,7 +879,7 @@ async fn a_group_move_runs_on_every_axis_or_on_none() {
         )
         .await
         .unwrap();
-    let res = group_result(&mut r.sub, "g-bad").await;
+    let res = group_result(&mut r.sub, &format!("servogate/{ID}"), "g-bad").await;
     assert_eq!(
         (res["status"].as_str(), res["reason"].as_str()),
         (Some("rejected"), Some("group_rejected")),
@@ -927,7 +917,7 @@ async fn a_group_move_runs_on_every_axis_or_on_none() {
         )
         .await
         .unwrap();
-    let res = group_result(&mut r.sub, "g-1").await;
+    let res = group_result(&mut r.sub, &format!("servogate/{ID}"), "g-1").await;
     assert_eq!(res["status"], "done", "{res}");
     for unit in 1..=3u8 {
         assert_eq!(
@@ -961,7 +951,7 @@ async fn a_group_move_runs_on_every_axis_or_on_none() {
         )
         .await
         .unwrap();
-    let again = group_result(&mut r.sub, "g-1").await;
+    let again = group_result(&mut r.sub, &format!("servogate/{ID}"), "g-1").await;
     assert_eq!(again["duplicate"], true, "{again}");
     let after: Vec<(u64, u64)> = (1..=3).map(|u| writes(&mut r.sim, u)).collect();
     assert_eq!(before, after);

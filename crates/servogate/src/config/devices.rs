@@ -332,7 +332,10 @@ mod tests {
         let c = parse(&can, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.devices[1].canopen.as_ref().unwrap().start_rpdo, Some(1));
         let e = err(&can.replace("start_rpdo = 1", "start_rpdo = 513"));
-        assert!(e.contains("devices[1].start_rpdo: must be an RPDO number 1..=512"), "{e}");
+        assert!(
+            e.contains("devices[1].start_rpdo: must be an RPDO number 1..=512"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("unit = 1", "unit = 1\nstart_rpdo = 1"));
         assert!(
             e.contains("devices[0].start_rpdo: `start_rpdo` is for devices on canopen buses"),
