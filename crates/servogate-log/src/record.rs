@@ -144,7 +144,7 @@ mod tests {
         out
     }
 
-    fn read_all(bytes: &[u8]) -> (Vec<(u64, Vec<u8>)>, Option<Bad>, u64) {
+    fn read_all(bytes: &[u8]) -> (Vec<Raw>, Option<Bad>, u64) {
         let mut r = match RecordReader::new(bytes).unwrap() {
             Ok(r) => r,
             Err(bad) => return (Vec::new(), Some(bad), 0),
