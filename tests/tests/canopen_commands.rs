@@ -242,7 +242,13 @@ async fn a_group_move_of_four_drives_starts_them_on_one_sync_and_a_drive_that_ca
             Some((d, "telemetry")) if m.json["state"] == "operation_enabled" => {
                 enabled.insert(d.to_owned());
             }
-            Some(("drive-5", "events")) if m.json["kind"] == "comm_error" => {
+            // The SDO abort itself is a comm_error too; this one says what it means.
+            Some(("drive-5", "events"))
+                if m.json["kind"] == "comm_error"
+                    && m.json["message"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("group moves cannot start")) =>
+            {
                 why = m.json["message"].as_str().map(str::to_owned);
             }
             _ => {}
