@@ -33,14 +33,14 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttState, Outgoing, Packet, QoS,
 };
 use servogate_core::ring::Id;
-use servogate_core::{EventBody, RingStats};
+use servogate_core::RingStats;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::outbox::Outbox;
+use crate::feed::{Feed, Kind, Prepared};
 use crate::payload::{self, DeviceMeta, DeviceTopic};
 use crate::settings::{BrokerUrl, MqttError, MqttSettings};
 
@@ -189,7 +189,7 @@ struct Shared {
     track: Mutex<Track>,
     /// Wakes the publisher: connection state changed or an acknowledgement freed room.
     wake: tokio::sync::Notify,
-    outbox: Arc<Outbox>,
+    feed: Arc<dyn Feed>,
     stats: Arc<MqttStats>,
 }
 
@@ -244,7 +244,7 @@ impl Shared {
     fn complete(&self, t: &mut Track, tracked: Tracked) {
         match tracked {
             Tracked::Ring(id) => {
-                self.outbox.lock().ack(id);
+                self.feed.ack(id);
                 self.stats.acks.fetch_add(1, Relaxed);
             }
             Tracked::Control => {}
@@ -259,7 +259,7 @@ impl Shared {
         t.handed.clear();
         t.on_wire.clear();
         t.collided = None;
-        let n = self.outbox.lock().requeue_all();
+        let n = self.feed.requeue_all();
         self.stats.republished.fetch_add(n as u64, Relaxed);
         if n > 0 {
             debug!(requeued = n, "unacknowledged events go out again");
@@ -508,29 +508,30 @@ impl Publisher {
             let msg = self.control(topic, payload);
             return self.hand(&mut t, msg, Tracked::Control);
         }
-        let next = {
-            let mut ring = self.shared.outbox.lock();
-            ring.take_next().map(|(id, event)| (id, event.clone()))
-        };
-        let Some((id, event)) = next else {
+        let Some((id, prepared)) = self.shared.feed.take_next(&self.prefix) else {
             return false;
         };
-        let topic = payload::event_topic(&self.prefix, &event);
-        let payload = payload::encode_event(&event);
-        let (qos, retain) = match event.body {
-            EventBody::Telemetry(_) => (self.telemetry_qos, false),
-            EventBody::Availability(_) => (QoS::AtLeastOnce, true),
-            EventBody::Notice(_) | EventBody::CommandResult(_) => (QoS::AtLeastOnce, false),
+        let Prepared {
+            topic,
+            payload,
+            kind,
+            device,
+            seq,
+        } = prepared;
+        let (qos, retain) = match kind {
+            Kind::Telemetry => (self.telemetry_qos, false),
+            Kind::Availability => (QoS::AtLeastOnce, true),
+            Kind::Notice | Kind::CommandResult => (QoS::AtLeastOnce, false),
         };
         if let Err(why) = self.sendable(&topic, payload.len(), qos) {
-            error!(%topic, seq = event.seq, "event refused: {why}");
+            error!(%topic, seq, "event refused: {why}");
             self.shared.stats.refused.fetch_add(1, Relaxed);
-            self.shared.outbox.lock().ack(id);
+            self.shared.feed.ack(id);
             return true;
         }
         if retain {
             self.availability
-                .insert(event.device.to_string(), (topic.clone(), payload.clone()));
+                .insert(device.to_string(), (topic.clone(), payload.clone()));
         }
         let msg = Msg {
             topic,
@@ -592,7 +593,7 @@ impl Publisher {
                 error!(error = %err, "rumqttc refused a publish; retrying later");
                 match tracked {
                     Tracked::Ring(id) => {
-                        self.shared.outbox.lock().requeue(id);
+                        self.shared.feed.requeue(id);
                     }
                     Tracked::Farewell => self.farewell_epoch = None,
                     Tracked::Control => self.seen_epoch = 0,
@@ -652,7 +653,7 @@ impl Publisher {
 
     /// All done: the offline status and every ring entry acknowledged.
     fn drained(&self) -> bool {
-        self.shared.track().farewell_acked && self.shared.outbox.stats().unacked == 0
+        self.shared.track().farewell_acked && self.shared.feed.unacked() == 0
     }
 }
 
@@ -662,7 +663,7 @@ pub struct Forwarder {
     settings: MqttSettings,
     url: BrokerUrl,
     identity: Arc<Identity>,
-    outbox: Arc<Outbox>,
+    feed: Arc<dyn Feed>,
     metas: BTreeMap<String, (String, Vec<u8>)>,
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     stats: Arc<MqttStats>,
@@ -694,7 +695,7 @@ impl Forwarder {
         settings: MqttSettings,
         boot_id: String,
         version: String,
-        outbox: Arc<Outbox>,
+        feed: Arc<dyn Feed>,
         meta: Vec<DeviceMeta>,
     ) -> Result<Self, MqttError> {
         let url = settings.validate()?;
@@ -713,7 +714,7 @@ impl Forwarder {
             settings,
             url,
             identity,
-            outbox,
+            feed,
             metas,
             meta_updates: None,
             stats: Arc::default(),
@@ -772,7 +773,7 @@ impl Forwarder {
         eventloop.set_network_options(network);
         // Entries an earlier forwarder on this ring handed out and never saw acknowledged
         // (the daemon restarts the forwarder when a reload changes [mqtt]) go out again.
-        let requeued = self.outbox.lock().requeue_all();
+        let requeued = self.feed.requeue_all();
         if requeued > 0 {
             debug!(
                 requeued,
@@ -782,7 +783,7 @@ impl Forwarder {
         let shared = Arc::new(Shared {
             track: Mutex::new(Track::default()),
             wake: tokio::sync::Notify::new(),
-            outbox: self.outbox.clone(),
+            feed: self.feed.clone(),
             stats: self.stats.clone(),
         });
         let stop = CancellationToken::new();
@@ -842,7 +843,7 @@ impl Forwarder {
                 continue;
             }
             tokio::select! {
-                _ = self.outbox.notified() => {}
+                _ = self.feed.notify().notified() => {}
                 _ = shared.wake.notified() => {}
                 _ = shutdown.cancelled(), if deadline.is_none() => {}
                 _ = self.handover.cancelled(), if deadline.is_none() => {}
@@ -886,7 +887,7 @@ impl Forwarder {
         }
         shared.stats.connected.store(false, Relaxed);
 
-        let ring = self.outbox.stats();
+        let ring = self.feed.stats();
         let stats = self.stats.snapshot();
         let report = ForwarderReport {
             published: stats.publishes,
@@ -912,11 +913,11 @@ pub async fn run(
     settings: MqttSettings,
     boot_id: String,
     version: String,
-    outbox: Arc<Outbox>,
+    feed: Arc<dyn Feed>,
     meta: Vec<DeviceMeta>,
     shutdown: CancellationToken,
 ) -> Result<ForwarderReport, MqttError> {
-    Forwarder::new(settings, boot_id, version, outbox, meta)?
+    Forwarder::new(settings, boot_id, version, feed, meta)?
         .run(shutdown)
         .await
 }

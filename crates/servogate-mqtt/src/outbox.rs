@@ -1,11 +1,12 @@
 //! The delivery ring shared by the bus tasks (producers) and the forwarder (consumer).
 
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use servogate_core::{Event, EventSink, OnFull, Ring, RingStats};
-use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+
+use crate::feed::{Feed, Prepared};
 
 /// The bounded ring of events waiting for the broker, behind a short `std` mutex.
 ///
@@ -20,6 +21,8 @@ use tokio::sync::Notify;
 pub struct Outbox {
     ring: Mutex<Ring<Event>>,
     notify: Notify,
+    /// A thread to unpark at every push, when one drains the ring (the event log).
+    thread: OnceLock<std::thread::Thread>,
 }
 
 impl Outbox {
@@ -28,6 +31,7 @@ impl Outbox {
         Arc::new(Outbox {
             ring: Mutex::new(Ring::new(capacity, on_full)),
             notify: Notify::new(),
+            thread: OnceLock::new(),
         })
     }
 
@@ -44,13 +48,45 @@ impl Outbox {
     /// Locks the ring. A panic in another holder must not stop delivery: every ring method
     /// leaves the ring consistent before anything that could panic, so a poisoned lock is
     /// taken over rather than propagated.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Ring<Event>> {
+    pub fn lock(&self) -> MutexGuard<'_, Ring<Event>> {
         self.ring.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves after the next push (or at once if a push happened since the last wait).
-    pub(crate) fn notified(&self) -> Notified<'_> {
-        self.notify.notified()
+    /// Also wakes `thread` (unpark) at every push: the event log's writer thread.
+    pub fn wake_thread_on_push(&self, thread: std::thread::Thread) {
+        let _ = self.thread.set(thread);
+    }
+}
+
+impl Feed for Outbox {
+    fn take_next(&self, prefix: &str) -> Option<(u64, Prepared)> {
+        let mut ring = self.lock();
+        ring.take_next()
+            .map(|(id, event)| (id, Prepared::of_event(prefix, event)))
+    }
+
+    fn ack(&self, id: u64) {
+        self.lock().ack(id);
+    }
+
+    fn requeue(&self, id: u64) {
+        self.lock().requeue(id);
+    }
+
+    fn requeue_all(&self) -> usize {
+        self.lock().requeue_all()
+    }
+
+    fn unacked(&self) -> usize {
+        self.stats().unacked
+    }
+
+    fn notify(&self) -> &Notify {
+        &self.notify
+    }
+
+    fn stats(&self) -> RingStats {
+        Outbox::stats(self)
     }
 }
 
@@ -64,6 +100,9 @@ impl EventSink for Outbox {
         // A dropped event (counted by the ring) is freed here, outside the lock.
         drop(displaced);
         self.notify.notify_one();
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
     }
 }
 
@@ -99,8 +138,11 @@ mod tests {
         let mut dev = DeviceEvents::new("axis-1");
         outbox.push(telemetry(&mut dev));
         // The permit stored by notify_one makes this resolve at once.
-        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.notified())
-            .await
-            .expect("the stored permit wakes the waiter");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            outbox.notify().notified(),
+        )
+        .await
+        .expect("the stored permit wakes the waiter");
     }
 }
