@@ -59,6 +59,30 @@ impl<D: Dir> Reader<D> {
         Ok(Self::new(dir, segments, from))
     }
 
+    /// A reader of a log another thread is appending to, from `from` up to `end` (the
+    /// records written so far, as the writer says): segments come from the directory
+    /// listing, without a scan, so making one is cheap.
+    pub fn live(dir: D, from: u64, end: u64) -> io::Result<Self> {
+        let mut firsts: Vec<u64> = dir
+            .list()?
+            .iter()
+            .filter_map(|n| parse_segment_name(n))
+            .filter(|&f| f < end)
+            .collect();
+        firsts.sort_unstable();
+        let segments = firsts
+            .iter()
+            .enumerate()
+            .map(|(k, &first)| Segment {
+                first,
+                count: firsts.get(k + 1).copied().unwrap_or(end) - first,
+                bytes: 0,
+                last_time_us: 0,
+            })
+            .collect();
+        Ok(Self::new(dir, segments, from))
+    }
+
     /// The index after the last record this reader can give.
     pub fn end(&self) -> u64 {
         self.segments.last().map_or(self.pos, Segment::end)

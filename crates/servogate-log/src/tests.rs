@@ -279,3 +279,34 @@ fn the_cursor_keeps_the_last_whole_slot_when_a_write_of_the_other_is_torn() {
     dir.edit(crate::cursor::CURSOR_FILE, |d| d[24 + 10] ^= 1);
     assert_eq!(Cursor::load(dir).unwrap().index(), 20);
 }
+
+#[test]
+fn a_live_reader_reads_up_to_the_end_it_was_given_across_segments() {
+    let dir = SimDir::default();
+    let (mut log, _) = Log::open(dir.clone(), opts(200)).unwrap();
+    for i in 0..10 {
+        log.append(i, &body(i, 30)).unwrap();
+    }
+    let got: Vec<u64> = Reader::live(dir.clone(), 3, 8)
+        .unwrap()
+        .map(|e| match e.unwrap() {
+            Entry::Record(r) => r.index,
+            Entry::Gap { from, to } => panic!("gap {from}..{to}"),
+        })
+        .collect();
+    assert_eq!(got, [3, 4, 5, 6, 7]);
+    log.retain(0).unwrap();
+    let mut o = opts(200);
+    o.max_bytes = Some(300);
+    drop(log);
+    let (mut log, _) = Log::open(dir.clone(), o).unwrap();
+    log.retain(0).unwrap();
+    let first = Reader::live(dir, 0, 10).unwrap().next().unwrap().unwrap();
+    assert_eq!(
+        first,
+        Entry::Gap {
+            from: 0,
+            to: log.first_index()
+        }
+    );
+}

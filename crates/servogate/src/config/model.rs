@@ -78,6 +78,19 @@ pub struct MqttConfig {
 pub struct Buffer {
     pub capacity: NonZeroUsize,
     pub on_full: OnFull,
+    /// `path` set: the event log on disk behind the ring (DESIGN.md section 9).
+    pub log: Option<LogSettings>,
+}
+
+/// `[buffer] path` and what goes with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    pub path: std::path::PathBuf,
+    pub max_bytes: u64,
+    pub max_age: Option<Duration>,
+    pub sync: servogate_log::SyncMode,
+    pub sync_interval: Duration,
+    pub segment_bytes: u64,
 }
 
 /// `[metrics]`: where the Prometheus endpoint listens (`GET /metrics`).

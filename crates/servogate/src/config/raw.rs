@@ -95,6 +95,20 @@ pub(super) struct RawMqtt {
 pub(super) struct RawBuffer {
     pub(super) capacity: Option<S<usize>>,
     pub(super) on_full: Option<S<String>>,
+    pub(super) path: Option<S<String>>,
+    pub(super) max_bytes: Option<S<RawBytes>>,
+    pub(super) max_age: Option<S<String>>,
+    pub(super) sync: Option<S<String>>,
+    pub(super) sync_interval: Option<S<String>>,
+    pub(super) segment_bytes: Option<S<RawBytes>>,
+}
+
+/// A size: a number of bytes, or a string with a unit ("256MiB", "1GB").
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum RawBytes {
+    Number(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]

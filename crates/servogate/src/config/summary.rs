@@ -46,6 +46,23 @@ impl Config {
                 OnFull::DropNewest => "drop_newest",
             }
         );
+        if let Some(log) = &self.buffer.log {
+            let _ = writeln!(
+                s,
+                "event log {} (at most {} bytes{}, segments of {} bytes, sync {})",
+                log.path.display(),
+                log.max_bytes,
+                log.max_age
+                    .map_or(String::new(), |a| format!(", {} old", d(a))),
+                log.segment_bytes,
+                match log.sync {
+                    servogate_log::SyncMode::Batch =>
+                        format!("batch every {}", d(log.sync_interval)),
+                    servogate_log::SyncMode::Always => "always".to_owned(),
+                    servogate_log::SyncMode::Never => "never".to_owned(),
+                },
+            );
+        }
         for (name, fields) in &self.profiles {
             let names: Vec<&str> = fields.iter().map(|f| &*f.name).collect();
             let _ = writeln!(
