@@ -446,6 +446,12 @@ impl Servogate {
         self.child.id()
     }
 
+    /// SIGKILL: no shutdown at all, as a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY-free: kill(2) on our own child's pid.
@@ -538,6 +544,8 @@ pub struct Msg {
     pub topic: String,
     pub retain: bool,
     pub json: Value,
+    /// The payload's bytes as they arrived.
+    pub payload: Vec<u8>,
     pub at: Instant,
 }
 
@@ -594,6 +602,7 @@ impl Subscriber {
                             topic: p.topic,
                             retain: p.retain,
                             json,
+                            payload: p.payload.to_vec(),
                             at: Instant::now(),
                         };
                         if tx.send(msg).is_err() {

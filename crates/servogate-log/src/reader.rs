@@ -171,6 +171,16 @@ impl<D: Dir> Reader<D> {
     }
 }
 
+impl<D: Dir> std::fmt::Debug for Reader<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("pos", &self.pos)
+            .field("end", &self.end())
+            .field("segments", &self.segments.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<D: Dir> Iterator for Reader<D> {
     type Item = io::Result<Entry>;
 

@@ -302,11 +302,19 @@ struct Identity {
     status_topic: String,
     boot_id: String,
     version: String,
+    /// Durable mode: events of earlier boots the log publishes first.
+    recovered: Option<u64>,
 }
 
 impl Identity {
     fn status(&self, online: bool) -> Vec<u8> {
-        payload::encode_status(online, &self.boot_id, &self.version, SystemTime::now())
+        payload::encode_status_recovered(
+            online,
+            &self.boot_id,
+            &self.version,
+            SystemTime::now(),
+            self.recovered,
+        )
     }
 
     fn will(&self) -> LastWill {
@@ -709,6 +717,7 @@ impl Forwarder {
             status_topic: payload::status_topic(prefix),
             boot_id,
             version,
+            recovered: None,
         });
         Ok(Self {
             settings,
@@ -721,6 +730,14 @@ impl Forwarder {
             handover: CancellationToken::new(),
             intake: None,
         })
+    }
+
+    /// The status says `"recovered":n` (durable mode: events of earlier boots first).
+    pub fn with_recovered(mut self, n: u64) -> Self {
+        if let Some(identity) = Arc::get_mut(&mut self.identity) {
+            identity.recovered = Some(n);
+        }
+        self
     }
 
     /// Device lists sent on `updates` replace the one given to [`Forwarder::new`] while

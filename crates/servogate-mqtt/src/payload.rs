@@ -272,11 +272,26 @@ pub fn encode_command_result(seq: u64, ts: SystemTime, r: &CommandReport) -> Vec
 
 /// `{"online","boot_id","version","ts"}`: birth (`true`), Last Will and shutdown (`false`).
 pub fn encode_status(online: bool, boot_id: &str, version: &str, ts: SystemTime) -> Vec<u8> {
+    encode_status_recovered(online, boot_id, version, ts, None)
+}
+
+/// As [`encode_status`], with `"recovered":N` when the event log holds `N` events of
+/// earlier boots the broker never acknowledged (they go out first after this birth).
+pub fn encode_status_recovered(
+    online: bool,
+    boot_id: &str,
+    version: &str,
+    ts: SystemTime,
+    recovered: Option<u64>,
+) -> Vec<u8> {
     let mut o = Obj::new();
     o.bool("online", online);
     o.str("boot_id", boot_id);
     o.str("version", version);
     o.ts("ts", ts);
+    if let Some(n) = recovered {
+        o.u64("recovered", n);
+    }
     o.finish()
 }
 

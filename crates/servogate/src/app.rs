@@ -25,7 +25,7 @@ use servogate_canopen::{Master, NodeSettings};
 use servogate_core::{EventSink, SeqBook};
 use servogate_modbus::bus::{run_bus, BusSettings};
 use servogate_modbus::poll::DeviceSettings;
-use servogate_mqtt::{DeviceMeta, Forwarder, MqttStats, Outbox};
+use servogate_mqtt::{DeviceMeta, Feed, Forwarder, MqttStats, Outbox};
 use servogate_socketcan::run_can_bus;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::commands::{self, CommandStats, DeskConfig, DeskDevice, DeviceViews};
 use crate::config::{self, Config, DeviceAddress};
 use crate::metrics::{self, Metrics, Observed};
+use crate::store::{LogMetrics, Store};
 use crate::{logging, systemd};
 
 /// How `run` is embedded: by the daemon (signals stop it) or by the demo (a token does).
@@ -54,6 +55,10 @@ struct Shared {
     boot_id: String,
     version: String,
     outbox: Arc<Outbox>,
+    /// What the forwarder publishes from: the ring, or the event log in durable mode.
+    feed: Arc<dyn Feed>,
+    /// Durable mode: the log's figures, and how many events of earlier boots went first.
+    log: Option<(Arc<LogMetrics>, u64)>,
     /// The sink every bus task pushes into: the ring, seen by the metrics on the way.
     observed: Arc<Observed>,
     mqtt_stats: Arc<MqttStats>,
@@ -79,6 +84,33 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
 
     let outbox = Outbox::new(cfg.buffer.capacity, cfg.buffer.on_full);
+    // Durable mode. A log that cannot be opened (a read-only or missing directory, a
+    // full disk) is an error in the log and the metrics, and the gateway goes on from
+    // memory: it must not stop polling because of a disk.
+    let store = match &cfg.buffer.log {
+        None => None,
+        Some(log) => match Store::open(
+            log,
+            outbox.clone(),
+            &boot_id,
+            &cfg.mqtt.topic_prefix,
+            cfg.buffer.capacity.get(),
+        ) {
+            Ok(store) => Some(store),
+            Err(e) => {
+                error!(
+                    error = format!("{e:#}"),
+                    "the event log is not available: events are kept in memory only"
+                );
+                None
+            }
+        },
+    };
+    let feed: Arc<dyn Feed> = match &store {
+        Some(s) => s.feed.clone(),
+        None => outbox.clone(),
+    };
+    let log = store.as_ref().map(|s| (s.metrics.clone(), s.recovered()));
     let observed = Arc::new(Observed::new(outbox.clone()));
     let mqtt_stats = Arc::new(MqttStats::default());
     let metrics = Arc::new(Metrics::new(
@@ -99,6 +131,8 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         version,
         views: observed.views(),
         outbox,
+        feed,
+        log,
         observed,
         mqtt_stats,
         metrics,
@@ -141,6 +175,8 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     // it would only turn a missing adapter into a start timeout and a restart loop.
     let shutdown = wait_for_shutdown(options.shutdown);
     tokio::pin!(shutdown);
+    let mut log_check = tokio::time::interval(Duration::from_millis(200));
+    let mut log_failed = false;
     let stopped_early = tokio::select! {
         _ = buses.all_tried_to_open() => false,
         _ = &mut shutdown => true,
@@ -157,6 +193,13 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = log_check.tick(), if store.is_some() => {
+                    if store.as_ref().is_some_and(|s| !s.is_alive()) {
+                        error!("the event log stopped (an fsync failed): stopping so that systemd restarts the gateway and the log is recovered");
+                        log_failed = true;
+                        break;
+                    }
+                }
                 // Cancellation-safe: a signal not yet taken stays pending for the next turn.
                 Some(()) = async { hangup.as_mut()?.recv().await } => {
                     cfg = reload(cfg, &shared, &mut buses, &mut forwarder, &mut endpoint).await;
@@ -181,7 +224,25 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     // The buses answered every order they held; the desk publishes those results.
     desk_stop.cancel();
     let _ = desk_task.await;
+    if store.is_some() {
+        // The last events (the desk's results) into the log, so the forwarder sees them.
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while shared.outbox.stats().unacked > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     forwarder.stop(cfg.mqtt.shutdown_grace).await;
+    if let Some(store) = store {
+        let unacked = shared.feed.unacked();
+        match store.stop() {
+            Ok(()) if unacked > 0 => info!(
+                unacked,
+                "event log closed: the next start publishes what the broker did not acknowledge"
+            ),
+            Ok(()) => info!("event log closed"),
+            Err(e) => error!(error = %e, "the event log did not close cleanly"),
+        }
+    }
     if let Some(e) = endpoint {
         e.stop().await;
     }
@@ -193,6 +254,9 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         left = stats.len,
         "servogate stopped"
     );
+    if log_failed {
+        anyhow::bail!("the event log failed (see above)");
+    }
     Ok(())
 }
 
@@ -584,12 +648,15 @@ fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
         mqtt_settings(cfg)?,
         shared.boot_id.clone(),
         shared.version.clone(),
-        shared.outbox.clone(),
+        shared.feed.clone(),
         device_metas(cfg),
     )?;
-    let forwarder = forwarder
+    let mut forwarder = forwarder
         .with_stats(shared.mqtt_stats.clone())
         .with_meta_updates(shared.meta.subscribe());
+    if let Some((_, recovered)) = &shared.log {
+        forwarder = forwarder.with_recovered(*recovered);
+    }
     // Commands are subscribed to only when some device takes them.
     if takes_commands(cfg) {
         return Ok(forwarder.with_intake(servogate_mqtt::Intake {

@@ -4,6 +4,7 @@
 //! - [`app`]: `servogate run`: bus tasks, the ring and the forwarder, and their shutdown.
 //! - [`commands`]: the command desk: `cmd` topics -> policy -> bus inboxes -> results.
 //! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
+//! - [`store`]: durable mode: the event log on disk between the ring and the forwarder.
 //! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
 //! - [`systemd`]: READY / WATCHDOG / STOPPING / STATUS for `Type=notify`.
 //!
@@ -16,4 +17,5 @@ pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
+pub mod store;
 pub mod systemd;

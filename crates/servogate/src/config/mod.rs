@@ -56,8 +56,8 @@ use std::path::Path;
 pub use commands::Commands;
 pub use error::ConfigError;
 pub use model::{
-    Buffer, Bus, BusKind, CanBus, CanDevice, Config, Device, DeviceAddress, Gateway, Metrics,
-    MqttConfig, RtuBus, CIA402,
+    Buffer, Bus, BusKind, CanBus, CanDevice, Config, Device, DeviceAddress, Gateway, LogSettings,
+    Metrics, MqttConfig, RtuBus, CIA402,
 };
 
 use error::friendly;
