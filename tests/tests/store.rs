@@ -82,7 +82,12 @@ async fn events_a_killed_gateway_never_got_acknowledged_go_out_after_the_restart
     // The broker comes back, and a new start publishes every one of them first.
     broker.restart();
     let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/#")).await;
-    let _gw = Servogate::start(&cfg);
+    let port = free_port();
+    let with_metrics = cfg.replace(
+        "[buffer]",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[buffer]"),
+    );
+    let _gw = Servogate::start(&with_metrics);
     let status = sub
         .until(|m| m.topic.ends_with("/status") && m.json["online"] == true)
         .await;
@@ -117,4 +122,18 @@ async fn events_a_killed_gateway_never_got_acknowledged_go_out_after_the_restart
             "{topic}: not every event, or not as logged"
         );
     }
+    let text = scrape_until(port, "log_recovered_events", |t| {
+        sample(t, "servogate_log_recovered_events").is_some()
+    })
+    .await;
+    assert_eq!(
+        sample(&text, "servogate_log_recovered_events"),
+        Some(logged.len() as f64)
+    );
+    assert_eq!(sample(&text, "servogate_log_healthy"), Some(1.0));
+    assert_eq!(
+        sample(&text, "servogate_log_cut_bytes"),
+        Some(0.0),
+        "{text}"
+    );
 }

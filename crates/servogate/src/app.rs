@@ -121,6 +121,9 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         mqtt_stats.clone(),
         observed.clone(),
     ));
+    if cfg.buffer.log.is_some() {
+        metrics.set_log(store.as_ref().map(|s| (s.metrics.clone(), s.feed.clone())));
+    }
     let (meta, _) = watch::channel(device_metas(&cfg));
     observed.set_devices(device_buses(&cfg));
     let (intake, intake_rx) = mpsc::channel(commands::INTAKE_CAPACITY);

@@ -32,6 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::store::{LogFeed, LogMetrics};
+
 /// What the daemon's state looks like to Prometheus.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +50,9 @@ pub struct Metrics {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     commands: Arc<CommandStats>,
+    /// Durable mode: the event log's figures and its feed (set once at start-up), or
+    /// `Err(())` when `[buffer] path` is set but the log could not be opened.
+    log: std::sync::OnceLock<Result<(Arc<LogMetrics>, Arc<LogFeed>), ()>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,7 +82,125 @@ impl Metrics {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             commands: Arc::default(),
+            log: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Durable mode: the log's figures go into the exposition (`None`: configured, but
+    /// it could not be opened; `servogate_log_healthy` is 0).
+    pub fn set_log(&self, log: Option<(Arc<LogMetrics>, Arc<LogFeed>)>) {
+        let _ = self.log.set(log.ok_or(()));
+    }
+
+    fn encode_log(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let Some(log) = self.log.get() else {
+            return Ok(());
+        };
+        let one = |v: u64| [(Labels::new(), v)];
+        let (m, feed) = match log {
+            Err(()) => {
+                return gauges(
+                    e,
+                    "log_healthy",
+                    "1 while the event log takes every event; 0 when it could not be opened or written (the gateway goes on from memory).",
+                    one(0),
+                )
+            }
+            Ok(l) => l,
+        };
+        gauges(
+            e,
+            "log_healthy",
+            "1 while the event log takes every event; 0 when it could not be opened or written (the gateway goes on from memory).",
+            one(u64::from(m.healthy.load(Relaxed))),
+        )?;
+        let st = *lock(&m.stats);
+        let rec = lock(&m.recovery).clone();
+        let f = feed.stats();
+        gauges(
+            e,
+            "log_bytes",
+            "Bytes of the event log on disk.",
+            one(st.bytes),
+        )?;
+        gauges(
+            e,
+            "log_segments",
+            "Segment files of the event log.",
+            one(st.segments),
+        )?;
+        gauges(
+            e,
+            "log_records",
+            "Events the event log holds.",
+            one(st.records),
+        )?;
+        counters(
+            e,
+            "log_appended_events",
+            "Events written to the event log.",
+            one(st.appended),
+        )?;
+        counters(
+            e,
+            "log_fsyncs",
+            "fsyncs of the event log (segments and directory).",
+            one(st.fsyncs),
+        )?;
+        histograms(
+            e,
+            "log_fsync_seconds",
+            "How long each group commit's fsync took.",
+            [(Labels::new(), &m.fsync)],
+        )?;
+        counters(
+            e,
+            "log_write_errors",
+            "Writes to the event log that failed (the gateway then goes on from memory).",
+            one(m.write_errors.load(Relaxed)),
+        )?;
+        gauges(
+            e,
+            "log_recovered_events",
+            "Events of earlier boots the broker never acknowledged, published first at this start.",
+            one(m.recovered.load(Relaxed)),
+        )?;
+        gauges(
+            e,
+            "log_cut_bytes",
+            "Bytes cut from torn or corrupt segment ends at this start.",
+            one(rec.cut_bytes),
+        )?;
+        gauges(
+            e,
+            "log_cut_segments",
+            "Segments whose end was torn or corrupt at this start.",
+            one(rec.torn + rec.corrupt),
+        )?;
+        gauges(
+            e,
+            "log_missing_records",
+            "Records the log should have held at this start and did not (gaps between segments).",
+            one(rec.missing),
+        )?;
+        counters(
+            e,
+            "log_removed_events",
+            "Events removed by the log's max_bytes / max_age.",
+            one(st.removed_records),
+        )?;
+        counters(
+            e,
+            "log_lost_events",
+            "Events that went before the broker acknowledged them (removed by max_bytes / max_age, or pushed out of memory while the log failed).",
+            one(f.lost),
+        )?;
+        counters(
+            e,
+            "log_read_back_events",
+            "Events read back from disk for the broker (a backlog larger than memory's tail).",
+            one(f.read_back),
+        )
     }
 
     /// The counters of Modbus bus `name`: the same ones across restarts of the bus.
@@ -444,6 +567,7 @@ impl Collector for Metrics {
         self.encode_gateway(&mut e)?;
         self.encode_commands(&mut e)?;
         self.encode_ring(&mut e)?;
+        self.encode_log(&mut e)?;
         self.encode_mqtt(&mut e)?;
         self.encode_devices(&mut e)?;
         self.encode_rtu(&mut e, &running)?;
