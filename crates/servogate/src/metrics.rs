@@ -52,8 +52,11 @@ pub struct Metrics {
     commands: Arc<CommandStats>,
     /// Durable mode: the event log's figures and its feed (set once at start-up), or
     /// `Err(())` when `[buffer] path` is set but the log could not be opened.
-    log: std::sync::OnceLock<Result<(Arc<LogMetrics>, Arc<LogFeed>), ()>>,
+    log: std::sync::OnceLock<Result<LogHandles, ()>>,
 }
+
+/// The event log's figures and the forwarder's feed from it.
+type LogHandles = (Arc<LogMetrics>, Arc<LogFeed>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every holder here only inserts or reads: a poisoned lock holds consistent data.
@@ -88,7 +91,7 @@ impl Metrics {
 
     /// Durable mode: the log's figures go into the exposition (`None`: configured, but
     /// it could not be opened; `servogate_log_healthy` is 0).
-    pub fn set_log(&self, log: Option<(Arc<LogMetrics>, Arc<LogFeed>)>) {
+    pub fn set_log(&self, log: Option<LogHandles>) {
         let _ = self.log.set(log.ok_or(()));
     }
 
