@@ -137,3 +137,103 @@ async fn events_a_killed_gateway_never_got_acknowledged_go_out_after_the_restart
         "{text}"
     );
 }
+
+/// `servogate log` with `args`: (exit code, stdout, stderr).
+fn servogate_log(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin("servogate"))
+        .arg("log")
+        .args(args)
+        .output()
+        .expect("run servogate log");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flight_recorder_prints_one_devices_telemetry_in_a_time_window_as_jsonl_and_csv() {
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1-2", &[]);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let cfg = durable(&broker.url(), &pty.gateway, &[1, 2], &log);
+    let mut gw = Servogate::start(&cfg);
+    wait_for_log(&log, 60_000);
+    assert!(gw.stop().success());
+    let cfg_path = dir.path().join("servogate.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let cfg_arg = cfg_path.to_str().unwrap();
+
+    // Everything of axis-1's telemetry: one boot, seq unbroken, nothing of axis-2.
+    let (code, out, err) = servogate_log(&[
+        "--config",
+        cfg_arg,
+        "--device",
+        "axis-1",
+        "--stream",
+        "telemetry",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 20, "{} lines", lines.len());
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(lines
+        .iter()
+        .all(|l| l["device"] == "axis-1" && l["stream"] == "telemetry"));
+    assert!(lines.iter().all(|l| l["boot_id"] == lines[0]["boot_id"]));
+    assert!(err.contains(&format!("{} of", lines.len())), "{err}");
+
+    // A window from the 10th event's time to the 20th's: exactly events 10..20, as CSV.
+    let since = lines[10]["ts"].as_str().unwrap();
+    let until = lines[20]["ts"].as_str().unwrap();
+    let (code, out, err) = servogate_log(&[
+        "--dir",
+        log.to_str().unwrap(),
+        "--device",
+        "axis-1",
+        "--stream",
+        "telemetry",
+        "--since",
+        since,
+        "--until",
+        until,
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert!(
+        rows[0].starts_with("ts,device,stream,boot_id,seq,"),
+        "{}",
+        rows[0]
+    );
+    let csv_seqs: Vec<u64> = rows[1..]
+        .iter()
+        .map(|r| r.split(',').nth(4).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(csv_seqs, seqs[10..20], "{out}");
+
+    // Bad input is a usage error (64) that names what is wrong.
+    let (code, _, err) = servogate_log(&["--config", cfg_arg, "--since", "yesterday"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("--since \"yesterday\" is not an RFC 3339 time"),
+        "{err}"
+    );
+    let memory_only = dir.path().join("memory.toml");
+    std::fs::write(
+        &memory_only,
+        config(ID, &broker.url(), &pty.gateway, &[1], ""),
+    )
+    .unwrap();
+    let (code, _, err) = servogate_log(&["--config", memory_only.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("[buffer] path is not set"), "{err}");
+}

@@ -4,6 +4,7 @@
 //! - [`app`]: `servogate run`: bus tasks, the ring and the forwarder, and their shutdown.
 //! - [`commands`]: the command desk: `cmd` topics -> policy -> bus inboxes -> results.
 //! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
+//! - [`flight`]: `servogate log`: the event log read offline, filtered, as JSON lines or CSV.
 //! - [`store`]: durable mode: the event log on disk between the ring and the forwarder.
 //! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
 //! - [`systemd`]: READY / WATCHDOG / STOPPING / STATUS for `Type=notify`.
@@ -15,6 +16,7 @@ pub mod cmd;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod flight;
 pub mod logging;
 pub mod metrics;
 pub mod store;

@@ -3,13 +3,15 @@
 //! - `servogate run --config FILE`: the daemon.
 //! - `servogate check --config FILE`: validate and print a summary; exit 64 when bad.
 //! - `servogate demo`: the whole pipeline on six simulated axes, no hardware, no broker.
+//! - `servogate cmd --config FILE DEVICE ACTION ...`: one command, its result.
+//! - `servogate log --config FILE [filters]`: the event log, offline (the flight recorder).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use servogate::{app, cmd, config, demo, logging};
+use servogate::{app, cmd, config, demo, flight, logging};
 
 /// Exit status for a bad config or command line (sysexits.h EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -47,6 +49,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Send one command to a device, wait for its result and print it (exit 0 for done).
     Cmd(cmd::CmdArgs),
+    /// Read the event log offline (`[buffer] path`): events by device, stream and time,
+    /// as JSON lines or CSV.
+    Log(flight::LogArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +104,30 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("servogate: {e:#}");
                     ExitCode::from(EX_SOFTWARE)
+                }
+            }
+        }
+        Command::Log(args) => {
+            if let Err(e) = flight::check_args(&args) {
+                eprintln!("servogate: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+            match flight::run(&args, &mut out) {
+                Ok((printed, read)) => {
+                    drop(out);
+                    eprintln!("servogate log: {printed} of {read} events");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    drop(out);
+                    eprintln!("servogate: {e:#}");
+                    if e.downcast_ref::<flight::Usage>().is_some() {
+                        ExitCode::from(EX_USAGE)
+                    } else {
+                        ExitCode::from(EX_SOFTWARE)
+                    }
                 }
             }
         }
