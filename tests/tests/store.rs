@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use servogate::store::record;
 use servogate_e2e::*;
 use servogate_log::{Entry, FsDir, Reader};
@@ -236,4 +236,97 @@ async fn the_flight_recorder_prints_one_devices_telemetry_in_a_time_window_as_js
     let (code, _, err) = servogate_log(&["--config", memory_only.to_str().unwrap()]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("[buffer] path is not set"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_answers_a_seq_range_and_a_time_range_with_the_payloads_a_live_subscriber_got() {
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1-2", &[]);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let prefix = format!("servogate/{ID}");
+    let mut live =
+        Subscriber::start(broker.port, &format!("{prefix}/devices/axis-1/telemetry")).await;
+    let _gw = Servogate::start(&durable(&broker.url(), &pty.gateway, &[1, 2], &log));
+    let mut got: Vec<Msg> = Vec::new();
+    while got.len() < 40 {
+        got.push(live.next().await);
+    }
+    let boot = got[0].json["boot_id"].as_str().unwrap().to_owned();
+    let seq = |i: usize| got[i].json["seq"].as_u64().unwrap();
+
+    let mut answers = Subscriber::start(broker.port, &format!("{prefix}/replay/#")).await;
+    let asker = Commander::start(broker.port, &prefix).await;
+    let ask = |payload: Value| {
+        let client = asker.client.clone();
+        let topic = format!("{prefix}/replay");
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.to_string())
+                .await
+                .unwrap();
+        }
+    };
+    // Collects one replay's events until its summary.
+    async fn answer(sub: &mut Subscriber, base: &str) -> (Vec<Msg>, Value) {
+        let mut events = Vec::new();
+        loop {
+            let m = sub.next().await;
+            if m.topic == base {
+                return (events, m.json);
+            }
+            if m.topic.starts_with(&format!("{base}/")) {
+                events.push(m);
+            }
+        }
+    }
+
+    // By boot and seq: events 5..=30 of axis-1's telemetry, byte for byte.
+    ask(
+        json!({"id": "r-1", "device": "axis-1", "stream": "telemetry",
+               "boot_id": boot, "from_seq": seq(5), "to_seq": seq(30)}),
+    )
+    .await;
+    let (events, done) = answer(&mut answers, &format!("{prefix}/replay/r-1")).await;
+    assert_eq!(done["count"], 26, "{done}");
+    assert_eq!(
+        (done["first_seq"].as_u64(), done["last_seq"].as_u64()),
+        (Some(seq(5)), Some(seq(30)))
+    );
+    assert_eq!(done["missing"], 0);
+    assert_eq!(events.len(), 26);
+    for (e, live) in events.iter().zip(&got[5..=30]) {
+        assert_eq!(
+            e.topic,
+            format!("{prefix}/replay/r-1/devices/axis-1/telemetry")
+        );
+        assert_eq!(
+            e.payload, live.payload,
+            "replayed bytes differ from the live ones"
+        );
+    }
+
+    // By time: from event 10's acquisition time to event 20's, 10 events.
+    let (from, to) = (got[10].json["ts"].clone(), got[20].json["ts"].clone());
+    ask(json!({"id": "r-2", "device": "axis-1", "stream": "telemetry", "from": from, "to": to}))
+        .await;
+    let (events, done) = answer(&mut answers, &format!("{prefix}/replay/r-2")).await;
+    assert_eq!(done["count"], 10, "{done}");
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e.json["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (10..20).map(seq).collect::<Vec<_>>());
+
+    // A bad request is answered on its id with what is wrong.
+    ask(json!({"id": "r-3", "from": "yesterday", "to": to})).await;
+    let (_, done) = answer(&mut answers, &format!("{prefix}/replay/r-3")).await;
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an RFC 3339 time"),
+        "{done}"
+    );
 }

@@ -83,6 +83,35 @@ impl<D: Dir> Reader<D> {
         Ok(Self::new(dir, segments, from))
     }
 
+    /// The first index of the newest segment whose first record was appended at or
+    /// before `time_us` (0 when none was): where a reader looking for `time_us` starts.
+    /// Reads one record per segment.
+    pub fn index_before_time(dir: &D, time_us: u64) -> io::Result<u64> {
+        let mut firsts: Vec<u64> = dir
+            .list()?
+            .iter()
+            .filter_map(|n| parse_segment_name(n))
+            .collect();
+        firsts.sort_unstable();
+        let mut best = firsts.first().copied().unwrap_or(0);
+        for first in firsts {
+            let f = match dir.open_read(&segment_name(first)) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let Ok(mut r) = RecordReader::new(f)? else {
+                continue;
+            };
+            match r.next_record()? {
+                Ok(Some((t, _))) if t <= time_us => best = first,
+                Ok(Some(_)) => break,
+                _ => {}
+            }
+        }
+        Ok(best)
+    }
+
     /// The index after the last record this reader can give.
     pub fn end(&self) -> u64 {
         self.segments.last().map_or(self.pos, Segment::end)

@@ -310,3 +310,17 @@ fn a_live_reader_reads_up_to_the_end_it_was_given_across_segments() {
         }
     );
 }
+
+#[test]
+fn the_segment_to_start_a_time_search_from_is_the_last_that_began_before_it() {
+    let dir = SimDir::default();
+    let (mut log, _) = Log::open(dir.clone(), opts(200)).unwrap();
+    // 4 records a segment: segments begin at 0 (t=0), 4 (t=400), 8 (t=800).
+    for i in 0..10u64 {
+        log.append(i * 100, &body(i, 30)).unwrap();
+    }
+    assert_eq!(Reader::index_before_time(&dir, 0).unwrap(), 0);
+    assert_eq!(Reader::index_before_time(&dir, 450).unwrap(), 4);
+    assert_eq!(Reader::index_before_time(&dir, 799).unwrap(), 4);
+    assert_eq!(Reader::index_before_time(&dir, 5_000).unwrap(), 8);
+}

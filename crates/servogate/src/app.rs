@@ -172,6 +172,17 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         desk_stop.clone(),
     ));
     let mut forwarder = RunningForwarder::spawn(forwarder, mqtt_fingerprint(&cfg));
+    // Replay from the log, on a connection of its own (it follows [mqtt] of the start).
+    let replay_stop = CancellationToken::new();
+    let replay_task = match &store {
+        Some(s) => Some(tokio::spawn(crate::replay::serve(
+            mqtt_settings(&cfg)?,
+            s.feed.dir().clone(),
+            s.feed.clone(),
+            replay_stop.clone(),
+        ))),
+        None => None,
+    };
 
     // systemd (Type=notify): ready once every bus has tried to open its port or
     // interface. A bus that failed keeps retrying and its devices go offline; waiting for
@@ -233,6 +244,10 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         while shared.outbox.stats().unacked > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+    replay_stop.cancel();
+    if let Some(t) = replay_task {
+        let _ = t.await;
     }
     forwarder.stop(cfg.mqtt.shutdown_grace).await;
     if let Some(store) = store {

@@ -5,6 +5,7 @@
 //! - [`commands`]: the command desk: `cmd` topics -> policy -> bus inboxes -> results.
 //! - [`demo`]: `servogate demo`: the pipeline on simulated axes, in one process.
 //! - [`flight`]: `servogate log`: the event log read offline, filtered, as JSON lines or CSV.
+//! - [`replay`]: replay over MQTT from the event log, on a connection of its own.
 //! - [`store`]: durable mode: the event log on disk between the ring and the forwarder.
 //! - [`logging`]: tracing, with tokio-modbus's `log` records bridged in.
 //! - [`systemd`]: READY / WATCHDOG / STOPPING / STATUS for `Type=notify`.
@@ -19,5 +20,6 @@ pub mod demo;
 pub mod flight;
 pub mod logging;
 pub mod metrics;
+pub mod replay;
 pub mod store;
 pub mod systemd;

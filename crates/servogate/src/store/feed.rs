@@ -161,6 +161,16 @@ impl LogFeed {
         st.forget_below(first);
     }
 
+    /// The log's directory.
+    pub fn dir(&self) -> &FsDir {
+        &self.dir
+    }
+
+    /// The index after the last message in the log (or in memory).
+    pub fn written(&self) -> u64 {
+        self.lock().written
+    }
+
     /// Every index below this one was acknowledged (or is gone).
     pub fn acked(&self) -> u64 {
         self.lock().acked
