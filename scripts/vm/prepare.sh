@@ -52,6 +52,9 @@ fi
 want_modules=(can can-raw can-dev vcan)
 # Shipped too (not inserted by default), for tests that want them: insmod /lib/modules/...
 extra_modules=(can-bcm can-gw vxcan)
+# A virtio disk with ext4 (run.sh's VM_DISK: the power-cut test of the event log), in
+# insertion order after their dependencies (disk.order); ext4 checksums need crc32c.
+disk_modules=(virtio-pci virtio-blk crc32c-generic ext4)
 
 # extract_vmlinux BZIMAGE OUT: find the compressed payload by its magic and decompress it
 # (as the kernel's scripts/extract-vmlinux does). Succeeds only if OUT is an ELF file.
@@ -90,6 +93,8 @@ if [ -z "$kver" ]; then
 fi
 kdir="$cache/kernel/$kver-amd64"
 
+# A cache from before the disk modules: extract again (from the cached package).
+[ -f "$kdir/ok" ] && [ ! -f "$kdir/disk.order" ] && rm -f "$kdir/ok"
 if [ ! -f "$kdir/ok" ]; then
     pkg="linux-image-$kver-amd64-unsigned"
     mkdir -p "$cache/deb"
@@ -102,7 +107,7 @@ if [ ! -f "$kdir/ok" ]; then
             || die "apt-get download $pkg failed (apt-get update? network?)"
         deb="$(ls "$cache/deb/${pkg}_"*.deb | head -1)"
     fi
-    log "extracting vmlinuz and CAN modules from $(basename "$deb")"
+    log "extracting vmlinuz, the CAN and the disk modules from $(basename "$deb")"
     tmp="$(mktemp -d "$cache/.extract.XXXXXX")"
     trap 'rm -rf "$tmp"' EXIT
     dpkg-deb -x "$deb" "$tmp/x"
@@ -142,6 +147,9 @@ if [ ! -f "$kdir/ok" ]; then
     }
     for m in "${want_modules[@]}"; do add_module "$m"; done
     printf '%s\n' "${order[@]}" >"$tmp/out/modules.order"
+    order=()
+    for m in "${disk_modules[@]}"; do add_module "$m"; done
+    printf '%s\n' "${order[@]}" >"$tmp/out/disk.order"
     for m in "${extra_modules[@]}"; do
         src="$(find_ko "$m")" && [ -n "$src" ] && case "$src" in
             *.ko) cp "$src" "$tmp/out/modules/$m.ko" ;;

@@ -31,6 +31,11 @@
 #               runs its own applet for a command name even when PATH holds a program of
 #               that name (`ip` stayed busybox's with iproute2's in /usr/sbin); dash follows
 #               PATH. busybox's applets are on PATH either way.
+#   VM_DISK     a raw disk image: attached as /dev/vda (virtio, host cache writeback), its
+#               modules (virtio, ext4) inserted; the guest mounts it itself. Killing qemu
+#               (VM_PIDFILE) then loses the guest's page cache as a power cut does, and
+#               keeps what the guest flushed.
+#   VM_PIDFILE  write qemu's pid there once it runs (to kill it: a power cut)
 #   VM_KEEP     1: keep the work directory (initramfs, console log) and print its path
 #   VM_CACHE, VM_KERNEL_VERSION: see scripts/vm/prepare.sh
 #
@@ -103,6 +108,7 @@ mdir="$root/lib/modules/$release"
 mkdir -p "$mdir"
 cp "$kdir"/modules/*.ko "$mdir/"
 cp "$kdir/modules.order" "$mdir/servogate-vm.order"
+cp "$kdir/disk.order" "$mdir/servogate-disk.order"
 # modules.dep for busybox modprobe (from each module's "depends=").
 for ko in "$mdir"/*.ko; do
     deps="$(tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | head -1)"
@@ -224,6 +230,14 @@ if [ "${VM_CAN_SETUP:-1}" = 1 ]; then
 else
     what="no CAN set up (VM_CAN_SETUP=0)"
 fi
+if [ -n "${VM_DISK:-}" ]; then
+    for m in \$(cat /lib/modules/$release/servogate-disk.order); do
+        insmod /lib/modules/$release/\$m.ko || vm_fail "insmod \$m failed"
+    done
+    i=0
+    while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.05; i=\$((i + 1)); done
+    [ -b /dev/vda ] || vm_fail "no /dev/vda"
+fi
 echo "vm-init: up in \$(cut -d' ' -f1 /proc/uptime) s (kernel \$(uname -r), \$what); running the commands"
 cd /
 /bin/sh -c "\$(cat /vm-commands.sh)" </dev/null
@@ -259,9 +273,19 @@ timeout -k 5 "$timeout_s" qemu-system-x86_64 \
     -accel tcg -cpu max -smp "$smp" -m "$mem" \
     -nographic -no-reboot -nic none \
     -kernel "$kimage" -initrd "$work/initramfs.cpio" \
+    ${VM_DISK:+-drive "file=$VM_DISK,format=raw,if=virtio,cache=writeback"} \
     -append "console=ttyS0 quiet panic=-1 rdinit=/init ${VM_APPEND:-}" \
     </dev/null >"$work/console.fifo" 2>&1 &
 qpid=$!
+if [ -n "${VM_PIDFILE:-}" ]; then
+    # qemu is timeout's child: its pid, for a kill that leaves timeout and this script be.
+    for _ in $(seq 50); do
+        qemu_pid="$(pgrep -P "$qpid" -f qemu-system || true)"
+        [ -n "$qemu_pid" ] && break
+        sleep 0.1
+    done
+    echo "${qemu_pid:-}" >"$VM_PIDFILE"
+fi
 set +e
 wait "$qpid"
 qrc=$?
