@@ -78,6 +78,10 @@ id = "vm-cell"
 # (RestrictAddressFamilies= without AF_NETLINK).
 url = "mqtt://localhost:1883"
 
+[buffer]
+# Durable mode, in the unit's StateDirectory=.
+path = "/var/lib/servogate/log"
+
 [profiles.servosim-ax]
 position    = { address = 0x0000, type = "i32", scale = 0.001, unit = "mm" }
 velocity    = { address = 0x0002, type = "i32", scale = 0.001, unit = "mm/s" }
@@ -199,7 +203,11 @@ fi
 check "MQTT: $prefix/devices/axis-1/availability is online (pty)" wait_for 90 online_since "$m" axis-1 \
     || tell_journal
 check "MQTT: $prefix/devices/axis-2/availability is online (pty)" wait_for 30 online_since "$m" axis-2
-check "MQTT: telemetry flows" wait_for 30 sh -c "tail -n +$((m + 1)) '$mqtt_log' | grep -aq '^$prefix/devices/axis-1/telemetry {\"seq\"'"
+check "MQTT: telemetry flows" wait_for 30 sh -c "tail -n +$((m + 1)) '$mqtt_log' | grep -aq '^$prefix/devices/axis-1/telemetry {\"boot_id\":\"[0-9a-f]*\",\"seq\"'"
+check "/var/lib/servogate is the service's: $(stat -c '%U %a' /var/lib/servogate 2>&1)" \
+    sh -c "[ \"\$(stat -c '%U %a' /var/lib/servogate)\" = 'servogate 700' ]"
+check "the event log in /var/lib/servogate/log grows ($(ls /var/lib/servogate/log 2>&1 | tr '\n' ' '))" \
+    wait_for 20 sh -c "[ \"\$(stat -c %s /var/lib/servogate/log/00000000000000000000.log 2>/dev/null || echo 0)\" -gt 8 ]"
 since_mark "$m" | grep -a -m1 "^$prefix/devices/axis-1/telemetry" | cut -c1-160 | sed 's/^/  mqtt: /'
 check "ActiveState=active ($(prop ActiveState)/$(prop SubState))" is_prop ActiveState active
 
