@@ -441,6 +441,41 @@ impl Servogate {
         }
     }
 
+    /// As [`Servogate::start`] with files limited to `kib` KiB (RLIMIT_FSIZE) and SIGXFSZ
+    /// ignored: a write past the limit fails with EFBIG, as on a full disk.
+    pub fn start_with_file_limit(config: &str, kib: u64) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("servogate.toml");
+        std::fs::write(&path, config).unwrap();
+        // dash counts ulimit -f in 512-byte blocks; an ignored signal stays ignored
+        // across exec.
+        let script = format!(
+            "trap '' XFSZ; ulimit -f {}; exec \"$0\" run --config \"$1\"",
+            kib * 2
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(bin("servogate"))
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::inherit())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("stderr file"))
+            .spawn()
+            .expect("start servogate");
+        Self {
+            child,
+            _dir: dir,
+            config: path,
+        }
+    }
+
+    /// What it wrote to standard error so far, when started with a file there
+    /// ([`Servogate::start_with_file_limit`]).
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
     /// The process id (for /proc/PID/stat).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -517,11 +552,20 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 pub async fn scrape_until(port: u16, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
-        let text = tokio::task::spawn_blocking(move || scrape(port))
-            .await
-            .unwrap();
-        if pred(&text) {
-            return text;
+        // Refused while the endpoint is not listening yet (the daemon is starting).
+        let up = tokio::task::spawn_blocking(move || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await
+        .unwrap();
+        let mut text = String::from("(the endpoint never answered)");
+        if up {
+            text = tokio::task::spawn_blocking(move || scrape(port))
+                .await
+                .unwrap();
+            if pred(&text) {
+                return text;
+            }
         }
         assert!(
             start.elapsed() < DEADLINE,

@@ -330,3 +330,89 @@ async fn replay_answers_a_seq_range_and_a_time_range_with_the_payloads_a_live_su
         "{done}"
     );
 }
+
+/// Telemetry of `device` keeps coming with seq unbroken: `n` events in a row.
+async fn telemetry_flows(sub: &mut Subscriber, device: &str, n: usize) {
+    let mut last: Option<u64> = None;
+    let mut got = 0;
+    while got < n {
+        let m = sub.next().await;
+        if m.device_stream() != Some((device, "telemetry")) {
+            continue;
+        }
+        let seq = m.json["seq"].as_u64().unwrap();
+        if let Some(l) = last {
+            assert_eq!(seq, l + 1, "{device}: seq {l} then {seq}");
+        }
+        last = Some(seq);
+        got += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_reported_and_the_gateway_goes_on_publishing_from_memory() {
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1-2", &[]);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let port = free_port();
+    let cfg = durable(&broker.url(), &pty.gateway, &[1, 2], &log).replace(
+        "[buffer]",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[buffer]"),
+    );
+    let mut sub =
+        Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/telemetry")).await;
+    // Files may not grow past 64 KiB: the first segment fills up, as a disk does.
+    let mut gw = Servogate::start_with_file_limit(&cfg, 64);
+    let text = scrape_until(port, "log_healthy 0", |t| {
+        sample(t, "servogate_log_healthy") == Some(0.0)
+    })
+    .await;
+    assert!(
+        sample(&text, "servogate_log_write_errors_total").unwrap() >= 1.0,
+        "{text}"
+    );
+    // Telemetry goes on, unbroken, from memory.
+    telemetry_flows(&mut sub, "axis-1", 50).await;
+    assert!(gw.stop().success(), "a clean stop after the disk filled");
+    let err = gw.stderr_text();
+    assert!(
+        err.contains("cannot write the event log: going on from memory"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // What it wrote before is whole and readable.
+    assert!(!log_contents(&log).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_directory_that_cannot_be_used_is_reported_and_events_still_flow() {
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1", &[]);
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A path under a regular file: no directory can be made there (ENOTDIR), whoever
+    // runs the test (root ignores permission bits).
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let log = file.join("log");
+    let port = free_port();
+    let cfg = durable(&broker.url(), &pty.gateway, &[1], &log).replace(
+        "[buffer]",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[buffer]"),
+    );
+    let mut sub =
+        Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/telemetry")).await;
+    let mut gw = Servogate::start_with_file_limit(&cfg, 1 << 20);
+    telemetry_flows(&mut sub, "axis-1", 30).await;
+    let text = scrape_until(port, "log_healthy", |t| {
+        sample(t, "servogate_log_healthy").is_some()
+    })
+    .await;
+    assert_eq!(sample(&text, "servogate_log_healthy"), Some(0.0));
+    assert!(gw.stop().success());
+    let err = gw.stderr_text();
+    assert!(err.contains("the event log is not available"), "{err}");
+    assert!(err.contains("not-a-dir"), "the error names the path: {err}");
+}
