@@ -143,12 +143,41 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A TCP forwarder from its own port to the broker's, which the test can close: while
-/// closed it accepts and at once drops connections, like a broker that is down.
+/// A TCP forwarder from its own port to the broker's, which the test can close (while
+/// closed it accepts and at once drops connections, like a broker that is down) or freeze
+/// (a network cut: connections stay open and carry nothing, new ones are accepted and
+/// never answered, no RST anywhere).
 pub struct Gate {
     pub port: u16,
     open: Arc<AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+/// Copies `from` to `to`, holding still while `frozen` says so.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            // Frozen while waiting to read: stop reading (what comes stays unread).
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Gate {
@@ -156,24 +185,37 @@ impl Gate {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
+        let (frozen, _) = tokio::sync::watch::channel(false);
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (o, c) = (open.clone(), conns.clone());
+        let (o, c, f) = (open.clone(), conns.clone(), frozen.clone());
         tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
+            while let Ok((down, _)) = listener.accept().await {
                 if !o.load(Ordering::SeqCst) {
                     continue; // dropped: connection reset
                 }
+                let mut fz = f.subscribe();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut up) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    // A frozen network does not even complete the way to the broker.
+                    if fz.wait_for(|x| !*x).await.is_err() {
+                        return;
                     }
+                    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::join!(pump(dr, uw, fz.clone()), pump(ur, dw, fz));
                 });
                 c.lock().unwrap().push(task);
             }
         });
-        Self { port, open, conns }
+        Self {
+            port,
+            open,
+            frozen,
+            conns,
+        }
     }
 
     /// Closes the gate and cuts every connection through it.
@@ -186,6 +228,16 @@ impl Gate {
 
     pub fn open(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// A network cut: nothing moves either way, nothing is closed.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// The network is back: frozen connections move again.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     pub fn url(&self) -> String {

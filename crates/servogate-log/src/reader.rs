@@ -83,6 +83,32 @@ impl<D: Dir> Reader<D> {
         Ok(Self::new(dir, segments, from))
     }
 
+    /// Lets a [`Reader::live`] reader go on to `end` (the writer wrote more): the
+    /// segments are listed again; the position and the segment being read stay.
+    pub fn extend_live(&mut self, end: u64) -> io::Result<()> {
+        if end <= self.end() {
+            return Ok(());
+        }
+        let fresh = Self::live(self.dir.clone(), self.pos, end)?;
+        let current_first = self
+            .current
+            .as_ref()
+            .map(|(k, _, _)| self.segments[*k].first);
+        self.segments = fresh.segments;
+        if let (Some(first), Some((k, _, _))) = (current_first, self.current.as_mut()) {
+            match self.segments.iter().position(|s| s.first == first) {
+                Some(i) => *k = i,
+                None => self.current = None,
+            }
+        }
+        Ok(())
+    }
+
+    /// The index the reader gives next.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
     /// The first index of the newest segment whose first record was appended at or
     /// before `time_us` (0 when none was): where a reader looking for `time_us` starts.
     /// Reads one record per segment.

@@ -209,13 +209,19 @@ impl State {
 
     /// The message at `index`, from memory or from disk. `Err(to)`: `index..to` is not
     /// in the log any more.
+    ///
+    /// One reader serves a backlog from start to end: it skips forward by reading, goes
+    /// on past the end it was made with as the writer writes more, and is made again
+    /// only to go back (a lost connection) or after an error.
     fn fetch(&mut self, dir: &FsDir, index: u64) -> Result<Option<Arc<Prepared>>, u64> {
         if index >= self.tail_first {
             return Ok(self.tail.get((index - self.tail_first) as usize).cloned());
         }
         let end = self.tail_first;
-        let positioned = matches!(&self.reader, Some((pos, _)) if *pos == index);
-        if !positioned {
+        if self.reader.as_ref().is_some_and(|(pos, _)| *pos > index) {
+            self.reader = None;
+        }
+        if self.reader.is_none() {
             match Reader::live(dir.clone(), index, end) {
                 Ok(r) => self.reader = Some((index, r)),
                 Err(e) => {
@@ -225,30 +231,43 @@ impl State {
             }
         }
         let (pos, reader) = self.reader.as_mut().expect("set above");
-        match reader.next() {
-            Some(Ok(Entry::Record(r))) => {
-                *pos = r.index + 1;
-                self.stats.read_back += 1;
-                match record::decode(&r.body) {
-                    Some(p) => Ok(Some(Arc::new(p))),
-                    None => {
-                        self.stats.undecodable += 1;
-                        Err(r.index + 1)
+        if let Err(e) = reader.extend_live(end) {
+            error!(error = %e, "cannot read the event log back");
+            self.reader = None;
+            return Ok(None);
+        }
+        loop {
+            match reader.next() {
+                Some(Ok(Entry::Record(r))) => {
+                    *pos = r.index + 1;
+                    if r.index < index {
+                        continue; // acknowledged already: skipped by reading
                     }
+                    self.stats.read_back += 1;
+                    return match record::decode(&r.body) {
+                        Some(p) => Ok(Some(Arc::new(p))),
+                        None => {
+                            self.stats.undecodable += 1;
+                            Err(r.index + 1)
+                        }
+                    };
                 }
-            }
-            Some(Ok(Entry::Gap { to, .. })) => {
-                *pos = to;
-                Err(to)
-            }
-            Some(Err(e)) => {
-                error!(error = %e, "cannot read the event log back");
-                self.reader = None;
-                Ok(None)
-            }
-            None => {
-                self.reader = None;
-                Ok(None)
+                Some(Ok(Entry::Gap { from, to })) => {
+                    *pos = to;
+                    if to <= index {
+                        continue;
+                    }
+                    return Err(to.max(from));
+                }
+                Some(Err(e)) => {
+                    error!(error = %e, "cannot read the event log back");
+                    self.reader = None;
+                    return Ok(None);
+                }
+                None => {
+                    self.reader = None;
+                    return Ok(None);
+                }
             }
         }
     }
