@@ -60,7 +60,7 @@ async fn a_sixty_second_network_cut_under_load_delivers_every_event_and_the_disk
         Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/telemetry")).await;
     let mut gw = Servogate::start(&cfg);
     let mut got: BTreeMap<String, BTreeMap<u64, ()>> = BTreeMap::new();
-    let mut take = |m: Msg, got: &mut BTreeMap<String, BTreeMap<u64, ()>>| {
+    let take = |m: Msg, got: &mut BTreeMap<String, BTreeMap<u64, ()>>| {
         if let Some((d, "telemetry")) = m.device_stream() {
             got.entry(d.to_owned())
                 .or_default()
