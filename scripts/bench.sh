@@ -7,7 +7,9 @@
 #                                  transactions/s, CPU time per transaction, peak RSS
 #
 # Both run the release binaries with a real mosquitto on a free loopback port and socat
-# between servosim and servogate, for DURATION seconds (default 10).
+# between servosim and servogate, for DURATION seconds (default 10). DURABLE=1 runs the
+# gateway in durable mode (`[buffer] path`, the event log on disk, sync "batch" 10 ms)
+# and also prints the log's bytes per event.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: bench.sh faithful N | instant UNITS}
@@ -50,7 +52,9 @@ target/release/servosim modbus-rtu --port "$work/sim.pty" --units "1-$units" "${
 for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && break; sleep 0.05; done
 
 {
-    printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n[profiles.p]\n%s\n' "$port" "$profile"
+    printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n' "$port"
+    if [ -n "${DURABLE:-}" ]; then printf '[buffer]\npath = "%s/log"\n' "$work"; fi
+    printf '[profiles.p]\n%s\n' "$profile"
     printf '[[buses]]\nname = "b"\nprotocol = "modbus-rtu"\nport = "%s"\nbaud = 115200\ntimeout = "100ms"\nmax_gap = 125\n%s\n' "$work/gw.pty" "$t35"
     for u in $(seq "$units"); do
         printf '[[devices]]\nname = "axis-%s"\nbus = "b"\nunit = %s\nprofile = "p"\npoll = "1us"\nlate_after = "1s"\n' "$u" "$u"
@@ -91,3 +95,8 @@ if mode == "faithful":
 print(f"servogate CPU = {cpu_ms:.0f} ms over {secs:.1f} s = {cpu_ms / max(tx, 1) * 1000:.1f} us per transaction")
 print(f"servogate peak RSS = {rss / 1024:.1f} MiB")
 PY
+if [ -n "${DURABLE:-}" ]; then
+    bytes=$(cat "$work"/log/*.log | wc -c)
+    events=$(target/release/servogate log --dir "$work/log" 2>&1 >/dev/null | sed -n 's/.* of \([0-9]*\) events.*/\1/p')
+    echo "event log: $bytes bytes, $events events, $((bytes / (events > 0 ? events : 1))) bytes per event"
+fi

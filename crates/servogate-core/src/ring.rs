@@ -209,7 +209,23 @@ impl<T> Ring<T> {
         while self.slots.front().map(|s| s.state) == Some(SlotState::Acked) {
             self.pop_front_slot();
         }
+        self.give_back();
         true
+    }
+
+    /// Slots allocated now (grows with a backlog, shrinks after it drained).
+    pub fn allocated(&self) -> usize {
+        self.slots.capacity()
+    }
+
+    /// A drained backlog gives its storage back: once the ring holds an eighth of what it
+    /// has room for, the room shrinks to twice what it holds (never below the initial
+    /// size). Amortised: a shrink halves at least, so it happens log(backlog) times.
+    fn give_back(&mut self) {
+        let (len, room) = (self.slots.len(), self.slots.capacity());
+        if room > INITIAL_SLOTS && len <= room / 8 {
+            self.slots.shrink_to((len * 2).max(INITIAL_SLOTS));
+        }
     }
 
     /// Entry `id` was handed but its acknowledgement can no longer come (the connection
@@ -261,6 +277,25 @@ impl<T> Ring<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_drained_backlog_gives_its_storage_back() {
+        let mut r: Ring<u32> = Ring::new(NonZeroUsize::new(1_000_000).unwrap(), OnFull::DropOldest);
+        for i in 0..100_000 {
+            r.push(i);
+        }
+        let grown = r.allocated();
+        assert!(grown >= 100_000);
+        while let Some((id, _)) = r.take_next() {
+            r.ack(id);
+        }
+        assert!(r.is_empty());
+        assert!(
+            r.allocated() <= INITIAL_SLOTS * 2,
+            "{} slots kept",
+            r.allocated()
+        );
+    }
 
     fn ring(cap: usize, on_full: OnFull) -> Ring<u32> {
         Ring::new(NonZeroUsize::new(cap).unwrap(), on_full)

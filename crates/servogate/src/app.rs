@@ -190,6 +190,9 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let shutdown = wait_for_shutdown(options.shutdown);
     tokio::pin!(shutdown);
     let mut log_check = tokio::time::interval(Duration::from_millis(200));
+    // After a backlog drained (the ring shrank), freed heap goes back to the system.
+    let mut memory_check = tokio::time::interval(Duration::from_secs(5));
+    let mut ring_slots = shared.outbox.allocated();
     let mut log_failed = false;
     let stopped_early = tokio::select! {
         _ = buses.all_tried_to_open() => false,
@@ -207,6 +210,13 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                _ = memory_check.tick() => {
+                    let now = shared.outbox.allocated();
+                    if now < ring_slots {
+                        give_memory_back();
+                    }
+                    ring_slots = now;
+                }
                 _ = log_check.tick(), if store.is_some() => {
                     if store.as_ref().is_some_and(|s| !s.is_alive()) {
                         error!("the event log stopped (an fsync failed): stopping so that systemd restarts the gateway and the log is recovered");
@@ -277,6 +287,20 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Hands the heap pages freed by a drained backlog back to the system: glibc keeps freed
+/// memory for reuse, so without this the RSS of a gateway stays at its largest backlog.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn give_memory_back() {
+    // SAFETY: malloc_trim takes no pointer and only releases free pages of glibc's own
+    // arenas; it is thread-safe (it locks each arena).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn give_memory_back() {}
 
 fn announce_ready(cfg: &Config, buses: &Buses) {
     let status = format!(
