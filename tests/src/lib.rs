@@ -459,6 +459,23 @@ impl Drop for Servosim {
     }
 }
 
+/// `config` written to `servogate.toml` in a new temporary directory.
+fn config_file(config: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("servogate.toml");
+    std::fs::write(&path, config).unwrap();
+    (dir, path)
+}
+
+/// A test config (from [`config`]) in durable mode: its events go through the event log
+/// at `log`, with `extra` lines in `[buffer]` (e.g. `max_bytes = 1000000`).
+pub fn with_event_log(config: &str, log: &Path, extra: &str) -> String {
+    config.replace(
+        "capacity = 200000",
+        &format!("capacity = 200000\npath = \"{}\"\n{extra}", log.display()),
+    )
+}
+
 /// `servogate run` with a config written from a string.
 pub struct Servogate {
     child: Child,
@@ -473,9 +490,7 @@ impl Servogate {
 
     /// As [`Servogate::start`], with extra environment variables (e.g. systemd's).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("servogate.toml");
-        std::fs::write(&path, config).unwrap();
+        let (dir, path) = config_file(config);
         let child = Command::new(bin("servogate"))
             .arg("run")
             .arg("--config")
@@ -496,9 +511,7 @@ impl Servogate {
     /// As [`Servogate::start`] with files limited to `kib` KiB (RLIMIT_FSIZE) and SIGXFSZ
     /// ignored: a write past the limit fails with EFBIG, as on a full disk.
     pub fn start_with_file_limit(config: &str, kib: u64) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("servogate.toml");
-        std::fs::write(&path, config).unwrap();
+        let (dir, path) = config_file(config);
         // dash counts ulimit -f in 512-byte blocks; an ignored signal stays ignored
         // across exec.
         let script = format!(

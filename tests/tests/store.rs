@@ -14,10 +14,7 @@ const ID: &str = "e2e-store";
 
 /// A config of `units` axes on `port` whose events go through the log at `log`.
 fn durable(broker: &str, port: &Path, units: &[u8], log: &Path) -> String {
-    config(ID, broker, port, units, "").replace(
-        "capacity = 200000",
-        &format!("capacity = 200000\npath = \"{}\"", log.display()),
-    )
+    with_event_log(&config(ID, broker, port, units, ""), log, "")
 }
 
 /// Every message in the log, in order: (topic, payload).

@@ -44,10 +44,8 @@ async fn twenty_sigkills_under_load_lose_no_written_event_and_corrupt_none() {
     let gate = Gate::start(broker.port).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let cfg = config(ID, &gate.url(), &pty.gateway, &[1, 2, 3, 4, 5, 6], "").replace(
-        "capacity = 200000",
-        &format!("capacity = 200000\npath = \"{}\"", log.display()),
-    );
+    let units = [1, 2, 3, 4, 5, 6];
+    let cfg = with_event_log(&config(ID, &gate.url(), &pty.gateway, &units, ""), &log, "");
     let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/+")).await;
 
     let mut rng = fastrand::Rng::with_seed(0x5e12_0a7e);

@@ -47,15 +47,13 @@ async fn a_sixty_second_network_cut_under_load_delivers_every_event_and_the_disk
     let gate = Gate::start(broker.port).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let cfg = config(ID, &gate.url(), &pty.gateway, &[1, 2, 3, 4, 5, 6], "")
-        .replace("reconnect_max = \"500ms\"", "reconnect_max = \"500ms\"\nkeep_alive = \"2s\"")
-        .replace(
-            "capacity = 200000",
-            &format!(
-                "capacity = 200000\npath = \"{}\"\nmax_bytes = {MAX_BYTES}\nsegment_bytes = \"1MiB\"",
-                log.display()
-            ),
-        );
+    let units = [1, 2, 3, 4, 5, 6];
+    let cfg = config(ID, &gate.url(), &pty.gateway, &units, "").replace(
+        "reconnect_max = \"500ms\"",
+        "reconnect_max = \"500ms\"\nkeep_alive = \"2s\"",
+    );
+    let extra = format!("max_bytes = {MAX_BYTES}\nsegment_bytes = \"1MiB\"");
+    let cfg = with_event_log(&cfg, &log, &extra);
     let mut sub =
         Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/telemetry")).await;
     let mut gw = Servogate::start(&cfg);

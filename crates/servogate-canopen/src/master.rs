@@ -215,6 +215,19 @@ impl Node {
         node
     }
 
+    /// Its `start_rpdo` cannot start a group: said once, as a `comm_error` of the drive.
+    fn start_unfit(&mut self, why: String, wall: SystemTime, sink: &dyn EventSink) {
+        let node = self.settings.node;
+        sink.push(self.events.notice(
+            wall,
+            EventKind::CommError {
+                error: "bad_mapping",
+            },
+            format!("group moves cannot start node {node}: {why}"),
+        ));
+        self.start = StartRpdo::Unfit(why);
+    }
+
     fn startup_jobs(&mut self) {
         self.jobs.clear();
         self.jobs_not_before = None;
@@ -1214,16 +1227,7 @@ impl Master {
                 match check.on_uploaded(data) {
                     Ok(None) => n.jobs.push_front(Job::CheckStartRpdo(check)),
                     Ok(Some(cob)) => n.start = StartRpdo::Ready(cob),
-                    Err(why) => {
-                        sink.push(n.events.notice(
-                            wall,
-                            EventKind::CommError {
-                                error: "bad_mapping",
-                            },
-                            format!("group moves cannot start node {node}: {why}"),
-                        ));
-                        n.start = StartRpdo::Unfit(why);
-                    }
+                    Err(why) => n.start_unfit(why, wall, sink),
                 }
             }
             (
@@ -1235,14 +1239,7 @@ impl Master {
                 },
             ) if *code == AbortCode::NO_OBJECT || *code == AbortCode::NO_SUB_INDEX => {
                 let why = format!("the drive has no RPDO {} ({code})", check.number());
-                sink.push(n.events.notice(
-                    wall,
-                    EventKind::CommError {
-                        error: "bad_mapping",
-                    },
-                    format!("group moves cannot start node {node}: {why}"),
-                ));
-                n.start = StartRpdo::Unfit(why);
+                n.start_unfit(why, wall, sink);
             }
             (
                 job @ (Job::ReadMapping(_) | Job::WriteHeartbeat | Job::CheckStartRpdo(_)),

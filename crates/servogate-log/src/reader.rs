@@ -6,6 +6,17 @@ use crate::dir::Dir;
 use crate::log::{parse_segment_name, scan_segment, segment_name, Segment};
 use crate::record::{Bad, Record, RecordReader};
 
+/// The first indices of the segment files in `dir`, in order.
+fn segment_firsts<D: Dir>(dir: &D) -> io::Result<Vec<u64>> {
+    let mut firsts: Vec<u64> = dir
+        .list()?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .collect();
+    firsts.sort_unstable();
+    Ok(firsts)
+}
+
 /// What a reader gives, in index order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -41,12 +52,7 @@ impl<D: Dir> Reader<D> {
     /// Reads a log directory as it is, without repairing anything (the log may be open
     /// for writing by a running gateway): every whole, checked record from `from`.
     pub fn offline(dir: D, from: u64) -> io::Result<Self> {
-        let mut firsts: Vec<u64> = dir
-            .list()?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .collect();
-        firsts.sort_unstable();
+        let firsts = segment_firsts(&dir)?;
         let mut segments = Vec::new();
         for first in firsts {
             match scan_segment(&dir, &segment_name(first), first) {
@@ -63,13 +69,8 @@ impl<D: Dir> Reader<D> {
     /// records written so far, as the writer says): segments come from the directory
     /// listing, without a scan, so making one is cheap.
     pub fn live(dir: D, from: u64, end: u64) -> io::Result<Self> {
-        let mut firsts: Vec<u64> = dir
-            .list()?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .filter(|&f| f < end)
-            .collect();
-        firsts.sort_unstable();
+        let mut firsts = segment_firsts(&dir)?;
+        firsts.retain(|&f| f < end);
         let segments = firsts
             .iter()
             .enumerate()
@@ -113,12 +114,7 @@ impl<D: Dir> Reader<D> {
     /// before `time_us` (0 when none was): where a reader looking for `time_us` starts.
     /// Reads one record per segment.
     pub fn index_before_time(dir: &D, time_us: u64) -> io::Result<u64> {
-        let mut firsts: Vec<u64> = dir
-            .list()?
-            .iter()
-            .filter_map(|n| parse_segment_name(n))
-            .collect();
-        firsts.sort_unstable();
+        let firsts = segment_firsts(dir)?;
         let mut best = firsts.first().copied().unwrap_or(0);
         for first in firsts {
             let f = match dir.open_read(&segment_name(first)) {
