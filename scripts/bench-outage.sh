@@ -13,15 +13,7 @@ cd "$(dirname "$0")/.."
 mode=${1:?usage: bench-outage.sh memory|durable}
 outage=${OUTAGE:-10}; period=${PERIOD:-40}; total=${TOTAL:-200}
 
-cargo build --release --bins -q
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n' "$port" >"$work/mosquitto.conf"
-start_broker() { /usr/sbin/mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 & broker=$!; pids+=($broker); }
+. scripts/bench-common.sh   # from the repository root (the cd above)
 start_broker
 socat pty,raw,echo=0,link="$work/sim.pty" pty,raw,echo=0,link="$work/gw.pty" 2>/dev/null & pids+=($!)
 for _ in $(seq 100); do [ -e "$work/gw.pty" ] && [ -e "$work/sim.pty" ] && break; sleep 0.05; done

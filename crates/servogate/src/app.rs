@@ -190,9 +190,10 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let shutdown = wait_for_shutdown(options.shutdown);
     tokio::pin!(shutdown);
     let mut log_check = tokio::time::interval(Duration::from_millis(200));
-    // After a backlog drained (the ring shrank), freed heap goes back to the system.
+    // After a backlog drained (in the ring, or the log's feed), freed heap goes back to
+    // the system.
     let mut memory_check = tokio::time::interval(Duration::from_secs(5));
-    let mut ring_slots = shared.outbox.allocated();
+    let mut peak_backlog = 0;
     let mut log_failed = false;
     let stopped_early = tokio::select! {
         _ = buses.all_tried_to_open() => false,
@@ -211,11 +212,12 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = memory_check.tick() => {
-                    let now = shared.outbox.allocated();
-                    if now < ring_slots {
+                    let backlog = shared.feed.unacked().max(shared.outbox.stats().len);
+                    if peak_backlog >= DRAINED_FROM && backlog < DRAINED_FROM / 10 {
                         give_memory_back();
+                        peak_backlog = 0;
                     }
-                    ring_slots = now;
+                    peak_backlog = peak_backlog.max(backlog);
                 }
                 _ = log_check.tick(), if store.is_some() => {
                     if store.as_ref().is_some_and(|s| !s.is_alive()) {
@@ -287,6 +289,9 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A backlog this large that drained makes the daemon give freed memory back.
+const DRAINED_FROM: usize = 1_000;
 
 /// Hands the heap pages freed by a drained backlog back to the system: glibc keeps freed
 /// memory for reuse, so without this the RSS of a gateway stays at its largest backlog.

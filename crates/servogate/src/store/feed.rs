@@ -19,9 +19,10 @@ use tracing::{error, warn};
 
 use super::record;
 
-/// Bytes of recent messages kept in memory while the log is healthy; older ones are read
-/// back from the log when needed.
-pub const TAIL_BYTES: usize = 1 << 20;
+/// Bytes of recent messages kept in memory while the log is healthy (about a second of
+/// six axes at 10 ms); older ones are read back from the log when needed, so a backlog
+/// costs no memory.
+pub const TAIL_BYTES: usize = 256 << 10;
 
 #[derive(Debug)]
 struct State {
