@@ -476,6 +476,47 @@ pub fn with_event_log(config: &str, log: &Path, extra: &str) -> String {
     )
 }
 
+/// The rig of the durability tests: six servosim units on a pty, a broker the gateway
+/// reaches through a [`Gate`], and a directory for the event log.
+pub struct GatedRig {
+    pub pty: PtyPair,
+    pub sim: Servosim,
+    pub broker: Mosquitto,
+    pub gate: Gate,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl GatedRig {
+    pub async fn start() -> Self {
+        let pty = PtyPair::start();
+        let sim = Servosim::start(&pty.sim, "1-6", &[]);
+        let broker = Mosquitto::start();
+        let gate = Gate::start(broker.port).await;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        Self {
+            pty,
+            sim,
+            broker,
+            gate,
+            dir,
+            log,
+        }
+    }
+
+    /// The test config of the six units (devices axis-1..6) through the gate.
+    pub fn config(&self, id: &str) -> String {
+        config(
+            id,
+            &self.gate.url(),
+            &self.pty.gateway,
+            &[1, 2, 3, 4, 5, 6],
+            "",
+        )
+    }
+}
+
 /// `servogate run` with a config written from a string.
 pub struct Servogate {
     child: Child,

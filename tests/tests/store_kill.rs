@@ -38,14 +38,9 @@ fn logged(log: &Path) -> BTreeMap<Key, BTreeMap<u64, Vec<u8>>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sigkills_under_load_lose_no_written_event_and_corrupt_none() {
-    let pty = PtyPair::start();
-    let _sim = Servosim::start(&pty.sim, "1-6", &[]);
-    let broker = Mosquitto::start();
-    let gate = Gate::start(broker.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let units = [1, 2, 3, 4, 5, 6];
-    let cfg = with_event_log(&config(ID, &gate.url(), &pty.gateway, &units, ""), &log, "");
+    let rig = GatedRig::start().await;
+    let (broker, gate, log) = (&rig.broker, &rig.gate, &rig.log);
+    let cfg = with_event_log(&rig.config(ID), log, "");
     let mut sub = Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/+")).await;
 
     let mut rng = fastrand::Rng::with_seed(0x5e12_0a7e);
@@ -60,7 +55,7 @@ async fn twenty_sigkills_under_load_lose_no_written_event_and_corrupt_none() {
         std::thread::sleep(Duration::from_millis(rng.u64(150..1200)));
         gw.kill();
     }
-    let want = logged(&log);
+    let want = logged(log);
     let boots: BTreeSet<&String> = want.keys().map(|k| &k.0).collect();
     assert_eq!(boots.len(), KILLS, "every life wrote to the log");
     for (key, seqs) in &want {

@@ -41,19 +41,14 @@ fn log_bytes(log: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sixty_second_network_cut_under_load_delivers_every_event_and_the_disk_stays_bounded() {
-    let pty = PtyPair::start();
-    let _sim = Servosim::start(&pty.sim, "1-6", &[]);
-    let broker = Mosquitto::start();
-    let gate = Gate::start(broker.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let units = [1, 2, 3, 4, 5, 6];
-    let cfg = config(ID, &gate.url(), &pty.gateway, &units, "").replace(
+    let rig = GatedRig::start().await;
+    let (broker, gate, log) = (&rig.broker, &rig.gate, &rig.log);
+    let cfg = rig.config(ID).replace(
         "reconnect_max = \"500ms\"",
         "reconnect_max = \"500ms\"\nkeep_alive = \"2s\"",
     );
     let extra = format!("max_bytes = {MAX_BYTES}\nsegment_bytes = \"1MiB\"");
-    let cfg = with_event_log(&cfg, &log, &extra);
+    let cfg = with_event_log(&cfg, log, &extra);
     let mut sub =
         Subscriber::start(broker.port, &format!("servogate/{ID}/devices/+/telemetry")).await;
     let mut gw = Servogate::start(&cfg);
@@ -75,7 +70,7 @@ async fn a_sixty_second_network_cut_under_load_delivers_every_event_and_the_disk
     let t0 = Instant::now();
     let mut peak = 0;
     while t0.elapsed() < CUT {
-        peak = peak.max(log_bytes(&log));
+        peak = peak.max(log_bytes(log));
         // Drain what the subscriber got before the cut took hold.
         if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
             take(m, &mut got);
@@ -88,7 +83,7 @@ async fn a_sixty_second_network_cut_under_load_delivers_every_event_and_the_disk
     );
 
     // Everything logged up to now arrives.
-    let want = logged_telemetry(&log);
+    let want = logged_telemetry(log);
     let total: usize = want.values().map(Vec::len).sum();
     let mut missing: std::collections::BTreeSet<(String, u64)> = want
         .iter()
