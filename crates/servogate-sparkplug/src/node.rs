@@ -143,6 +143,22 @@ fn metric(
     }
 }
 
+impl BirthMetric {
+    /// The metric of a birth: name, alias (when aliases are used), type, value or null,
+    /// properties.
+    fn to_proto(&self, alias: Option<u64>, now_ms: u64) -> Metric {
+        let mut x = metric(
+            Some(self.name.clone()),
+            alias,
+            self.datatype,
+            self.value.as_ref(),
+            now_ms,
+        );
+        x.properties = self.properties.clone();
+        x
+    }
+}
+
 /// The NBIRTH payload: seq 0, bdSeq, the rebirth control (false), and the node's own
 /// metrics. Aliases are given (and kept) for every metric when `aliases` is set.
 pub fn nbirth(
@@ -170,15 +186,7 @@ pub fn nbirth(
     ];
     for m in own {
         let alias = aliases.as_deref_mut().map(|a| a.of("", &m.name));
-        let mut x = metric(
-            Some(m.name.clone()),
-            alias,
-            m.datatype,
-            m.value.as_ref(),
-            now_ms,
-        );
-        x.properties = m.properties.clone();
-        metrics.push(x);
+        metrics.push(m.to_proto(alias, now_ms));
     }
     Payload {
         timestamp: Some(now_ms),
@@ -215,15 +223,7 @@ pub fn dbirth(
         .iter()
         .map(|m| {
             let alias = aliases.as_deref_mut().map(|a| a.of(device, &m.name));
-            let mut x = metric(
-                Some(m.name.clone()),
-                alias,
-                m.datatype,
-                m.value.as_ref(),
-                now_ms,
-            );
-            x.properties = m.properties.clone();
-            x
+            m.to_proto(alias, now_ms)
         })
         .collect();
     Payload {
