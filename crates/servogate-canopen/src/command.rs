@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use servogate_command::nothing_sent;
-use servogate_command::{Action, CommandId, JobQueue, Order, Outcome, QueuedJob, Wait};
+use servogate_command::{Action, JobQueue, Order, Outcome, QueuedJob, Wait};
 use servogate_core::cia402::{
     controlword, statusword, Goal, MODE_PROFILE_POSITION, MODE_PROFILE_VELOCITY, REACH_TIMEOUT,
     TRANSITION_TIMEOUT,
@@ -347,28 +347,8 @@ impl Job {
         })
     }
 
-    pub fn order(&self) -> &Order {
-        &self.order
-    }
-
     pub fn into_order(self) -> Order {
         self.order
-    }
-
-    pub fn device(&self) -> &Arc<str> {
-        &self.order.device
-    }
-
-    pub fn id(&self) -> &CommandId {
-        &self.order.id
-    }
-
-    pub fn is_started(&self) -> bool {
-        self.started
-    }
-
-    pub fn is_safety(&self) -> bool {
-        self.order.action.is_safety()
     }
 
     /// When the job next needs attention: a transfer to start, a statusword upload, or
@@ -567,14 +547,8 @@ impl Job {
 }
 
 impl QueuedJob for Job {
-    fn device(&self) -> &Arc<str> {
-        &self.order.device
-    }
-    fn id(&self) -> &CommandId {
-        &self.order.id
-    }
-    fn action(&self) -> &Action {
-        &self.order.action
+    fn order(&self) -> &Order {
+        &self.order
     }
     fn is_started(&self) -> bool {
         self.started

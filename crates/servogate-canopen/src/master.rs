@@ -39,7 +39,7 @@ use servogate_core::{
     EventSink, SeqBook, Telemetry,
 };
 
-use servogate_command::{Action, Order, Outcome};
+use servogate_command::{Action, Order, Outcome, QueuedJob};
 
 use crate::command::{self, Executor, Reply, Request};
 use crate::emcy::{EmcyConsumer, FaultChange};

@@ -12,14 +12,22 @@ use std::sync::Arc;
 
 use servogate_core::{CommandReason, CommandStatus};
 
-use crate::order::Outcome;
+use crate::order::{Order, Outcome};
 use crate::parse::{Action, CommandId};
 
 /// What the queue needs to know of a protocol's job.
 pub trait QueuedJob {
-    fn device(&self) -> &Arc<str>;
-    fn id(&self) -> &CommandId;
-    fn action(&self) -> &Action;
+    /// The order it carries out.
+    fn order(&self) -> &Order;
+    fn device(&self) -> &Arc<str> {
+        &self.order().device
+    }
+    fn id(&self) -> &CommandId {
+        &self.order().id
+    }
+    fn action(&self) -> &Action {
+        &self.order().action
+    }
     /// A frame of it went out.
     fn is_started(&self) -> bool;
     /// Every frame of it went out and was confirmed: only its result is left.

@@ -64,10 +64,6 @@ impl FsDir {
             path: path.to_owned(),
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// A segment open for appending.

@@ -493,15 +493,6 @@ impl<D: Dir> Log<D> {
         )
     }
 
-    /// The index of the first record appended at or after `time_us` (a segment's worth
-    /// of records may be read to find it).
-    pub fn index_at_time(&self, time_us: u64) -> u64 {
-        self.segments
-            .iter()
-            .find(|s| s.count > 0 && s.last_time_us >= time_us)
-            .map_or(self.next_index(), |s| s.first)
-    }
-
     fn check(&self) -> Result<(), LogError> {
         match &self.poisoned {
             Some(why) => Err(LogError::Poisoned(why.clone())),

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use servogate_command::{CommandId, Order, Outcome as CmdOutcome};
+use servogate_command::{CommandId, Order, Outcome as CmdOutcome, QueuedJob};
 use servogate_core::CommandReason;
 use servogate_core::{EventSink, Histogram, SeqBook};
 use tokio::sync::{mpsc, oneshot, watch};

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use servogate_command::nothing_sent;
-use servogate_command::{Action, CommandId, JobQueue, Order, Outcome, QueuedJob, Wait};
+use servogate_command::{Action, JobQueue, Order, Outcome, QueuedJob, Wait};
 use servogate_core::cia402::{
     controlword, statusword, Goal, MODE_PROFILE_POSITION, MODE_PROFILE_VELOCITY, REACH_TIMEOUT,
     TRANSITION_TIMEOUT,
@@ -261,24 +261,8 @@ impl Job {
         })
     }
 
-    pub fn device(&self) -> &Arc<str> {
-        &self.order.device
-    }
-
-    pub fn id(&self) -> &CommandId {
-        &self.order.id
-    }
-
     pub fn unit(&self) -> u8 {
         self.unit
-    }
-
-    pub fn is_started(&self) -> bool {
-        self.started
-    }
-
-    pub fn is_safety(&self) -> bool {
-        self.order.action.is_safety()
     }
 
     /// When the job next needs the line.
@@ -481,14 +465,8 @@ impl Job {
 }
 
 impl QueuedJob for Job {
-    fn device(&self) -> &Arc<str> {
-        &self.order.device
-    }
-    fn id(&self) -> &CommandId {
-        &self.order.id
-    }
-    fn action(&self) -> &Action {
-        &self.order.action
+    fn order(&self) -> &Order {
+        &self.order
     }
     fn is_started(&self) -> bool {
         self.started

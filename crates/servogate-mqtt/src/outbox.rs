@@ -45,11 +45,6 @@ impl Outbox {
         self.lock().capacity()
     }
 
-    /// Slots allocated now: grows with a backlog, shrinks once it drained.
-    pub fn allocated(&self) -> usize {
-        self.lock().allocated()
-    }
-
     /// Locks the ring. A panic in another holder must not stop delivery: every ring method
     /// leaves the ring consistent before anything that could panic, so a poisoned lock is
     /// taken over rather than propagated.

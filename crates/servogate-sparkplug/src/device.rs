@@ -166,6 +166,19 @@ mod tests {
     use super::*;
     use servogate_core::DriveState;
 
+    const I16: Raw = Raw::Int {
+        bits: 16,
+        signed: true,
+    };
+    const I32: Raw = Raw::Int {
+        bits: 32,
+        signed: true,
+    };
+    const U16: Raw = Raw::Int {
+        bits: 16,
+        signed: false,
+    };
+
     fn spec(name: &str, raw: Raw, scale: f64, unit: Option<&str>) -> MetricSpec {
         MetricSpec {
             name: Arc::from(name),
@@ -178,40 +191,16 @@ mod tests {
 
     #[test]
     fn a_scaled_field_is_a_double_an_unscaled_register_keeps_its_integer_type() {
-        let pos = spec(
-            "position",
-            Raw::Int {
-                bits: 32,
-                signed: true,
-            },
-            0.001,
-            Some("mm"),
-        );
+        let pos = spec("position", I32, 0.001, Some("mm"));
         assert_eq!(pos.datatype(), DataType::Double);
         assert_eq!(pos.value(12.345), Value::Double(12.345));
-        let sw = spec(
-            "statusword",
-            Raw::Int {
-                bits: 16,
-                signed: false,
-            },
-            1.0,
-            None,
-        );
+        let sw = spec("statusword", U16, 1.0, None);
         assert_eq!(sw.datatype(), DataType::UInt16);
         assert_eq!(
             sw.value(0x0237 as f64),
             Value::UInt(0x0237, DataType::UInt16)
         );
-        let t = spec(
-            "torque_raw",
-            Raw::Int {
-                bits: 16,
-                signed: true,
-            },
-            1.0,
-            None,
-        );
+        let t = spec("torque_raw", I16, 1.0, None);
         assert_eq!(t.value(-5.0), Value::Int(-5, DataType::Int16));
         assert_eq!(
             spec("ready", Raw::Bool, 1.0, None).value(1.0),
@@ -222,24 +211,8 @@ mod tests {
     #[test]
     fn a_birth_has_every_field_with_its_unit_and_scale_and_state_and_quality() {
         let specs = vec![
-            spec(
-                "position",
-                Raw::Int {
-                    bits: 32,
-                    signed: true,
-                },
-                0.001,
-                Some("mm"),
-            ),
-            spec(
-                "statusword",
-                Raw::Int {
-                    bits: 16,
-                    signed: false,
-                },
-                1.0,
-                None,
-            ),
+            spec("position", I32, 0.001, Some("mm")),
+            spec("statusword", U16, 1.0, None),
         ];
         let t = Telemetry {
             position: Some(1.5),

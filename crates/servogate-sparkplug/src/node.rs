@@ -143,6 +143,22 @@ fn metric(
     }
 }
 
+/// The bdSeq metric of NBIRTH and NDEATH (Int64).
+fn bd_seq_metric(bd_seq: &BdSeq, now_ms: u64) -> Metric {
+    let v = Value::Int(bd_seq.current() as i64, DataType::Int64);
+    metric(Some(BD_SEQ.into()), None, DataType::Int64, Some(&v), now_ms)
+}
+
+/// A payload made at `now_ms`.
+fn message(seq: Option<u64>, metrics: Vec<Metric>, now_ms: u64) -> Payload {
+    Payload {
+        timestamp: Some(now_ms),
+        metrics,
+        seq,
+        ..Payload::default()
+    }
+}
+
 impl BirthMetric {
     /// The metric of a birth: name, alias (when aliases are used), type, value or null,
     /// properties.
@@ -169,13 +185,7 @@ pub fn nbirth(
     now_ms: u64,
 ) -> Payload {
     let mut metrics = vec![
-        metric(
-            Some(BD_SEQ.into()),
-            None,
-            DataType::Int64,
-            Some(&Value::Int(bd_seq.current() as i64, DataType::Int64)),
-            now_ms,
-        ),
+        bd_seq_metric(bd_seq, now_ms),
         metric(
             Some(REBIRTH.into()),
             None,
@@ -188,27 +198,12 @@ pub fn nbirth(
         let alias = aliases.as_deref_mut().map(|a| a.of("", &m.name));
         metrics.push(m.to_proto(alias, now_ms));
     }
-    Payload {
-        timestamp: Some(now_ms),
-        metrics,
-        seq: Some(seq.birth()),
-        ..Payload::default()
-    }
+    message(Some(seq.birth()), metrics, now_ms)
 }
 
 /// The NDEATH payload (the Will): bdSeq only, no seq.
 pub fn ndeath(bd_seq: &BdSeq, now_ms: u64) -> Payload {
-    Payload {
-        timestamp: Some(now_ms),
-        metrics: vec![metric(
-            Some(BD_SEQ.into()),
-            None,
-            DataType::Int64,
-            Some(&Value::Int(bd_seq.current() as i64, DataType::Int64)),
-            now_ms,
-        )],
-        ..Payload::default()
-    }
+    message(None, vec![bd_seq_metric(bd_seq, now_ms)], now_ms)
 }
 
 /// A DBIRTH payload: every metric of `device`, with names (and aliases when given).
@@ -226,12 +221,7 @@ pub fn dbirth(
             m.to_proto(alias, now_ms)
         })
         .collect();
-    Payload {
-        timestamp: Some(now_ms),
-        metrics,
-        seq: Some(seq.take()),
-        ..Payload::default()
-    }
+    message(Some(seq.take()), metrics, now_ms)
 }
 
 /// A DDATA payload: `values` of `device` acquired at `at_ms`; by alias alone when
@@ -255,21 +245,12 @@ pub fn ddata(
             m
         })
         .collect();
-    Payload {
-        timestamp: Some(now_ms),
-        metrics,
-        seq: Some(seq.take()),
-        ..Payload::default()
-    }
+    message(Some(seq.take()), metrics, now_ms)
 }
 
 /// A DDEATH payload: only the seq.
 pub fn ddeath(seq: &mut Sequence, now_ms: u64) -> Payload {
-    Payload {
-        timestamp: Some(now_ms),
-        seq: Some(seq.take()),
-        ..Payload::default()
-    }
+    message(Some(seq.take()), Vec::new(), now_ms)
 }
 
 #[cfg(test)]

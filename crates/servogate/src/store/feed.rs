@@ -40,10 +40,9 @@ struct State {
     acked_ahead: BTreeSet<u64>,
     /// Handed out, not yet acknowledged.
     handed: BTreeSet<u64>,
-    /// Reading from disk: the reader and the index it gives next.
-    reader: Option<(u64, Reader<FsDir>)>,
-    /// The log failed: messages stay in memory only, at most `memory_cap` of them.
-    memory_only: bool,
+    /// Reading from disk.
+    reader: Option<Reader<FsDir>>,
+    /// Messages kept in memory at most once the log failed.
     memory_cap: usize,
     stats: FeedStats,
 }
@@ -88,7 +87,6 @@ impl LogFeed {
                 acked_ahead: BTreeSet::new(),
                 handed: BTreeSet::new(),
                 reader: None,
-                memory_only: false,
                 memory_cap,
                 stats: FeedStats::default(),
             }),
@@ -116,17 +114,11 @@ impl LogFeed {
         self.notify.notify_one();
     }
 
-    /// The log failed: from now on messages stay in memory only.
-    pub fn go_memory_only(&self) {
-        self.lock().memory_only = true;
-    }
-
     /// Messages the log could not take: kept in memory (the oldest unacknowledged ones
     /// go, counted, beyond the cap).
     pub fn push_memory(&self, msgs: Vec<Prepared>) {
         {
             let mut st = self.lock();
-            st.memory_only = true;
             for m in msgs {
                 st.push(Arc::new(m));
             }
@@ -219,19 +211,19 @@ impl State {
             return Ok(self.tail.get((index - self.tail_first) as usize).cloned());
         }
         let end = self.tail_first;
-        if self.reader.as_ref().is_some_and(|(pos, _)| *pos > index) {
+        if self.reader.as_ref().is_some_and(|r| r.position() > index) {
             self.reader = None;
         }
         if self.reader.is_none() {
             match Reader::live(dir.clone(), index, end) {
-                Ok(r) => self.reader = Some((index, r)),
+                Ok(r) => self.reader = Some(r),
                 Err(e) => {
                     error!(error = %e, "cannot read the event log back");
                     return Ok(None);
                 }
             }
         }
-        let (pos, reader) = self.reader.as_mut().expect("set above");
+        let reader = self.reader.as_mut().expect("set above");
         if let Err(e) = reader.extend_live(end) {
             error!(error = %e, "cannot read the event log back");
             self.reader = None;
@@ -240,7 +232,6 @@ impl State {
         loop {
             match reader.next() {
                 Some(Ok(Entry::Record(r))) => {
-                    *pos = r.index + 1;
                     if r.index < index {
                         continue; // acknowledged already: skipped by reading
                     }
@@ -253,12 +244,11 @@ impl State {
                         }
                     };
                 }
-                Some(Ok(Entry::Gap { from, to })) => {
-                    *pos = to;
+                Some(Ok(Entry::Gap { to, .. })) => {
                     if to <= index {
                         continue;
                     }
-                    return Err(to.max(from));
+                    return Err(to);
                 }
                 Some(Err(e)) => {
                     error!(error = %e, "cannot read the event log back");

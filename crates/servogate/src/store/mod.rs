@@ -216,7 +216,7 @@ impl Writer {
                     .iter()
                     .map(|(_, e)| {
                         let mut p = Prepared::of_event(&self.prefix, e);
-                        p.payload = record::with_boot_id(&p.payload, &self.boot_id);
+                        record::add_boot_id(&mut p.payload, &self.boot_id);
                         p
                     })
                     .collect();
@@ -307,7 +307,6 @@ impl Writer {
                 self.metrics.write_errors.fetch_add(1, Relaxed);
                 self.metrics.healthy.store(false, Relaxed);
                 self.failed = true;
-                self.feed.go_memory_only();
                 self.feed.push_memory(msgs);
                 Ok(())
             }

@@ -13,22 +13,20 @@ use servogate_mqtt::{Kind, Prepared};
 
 const VERSION: u8 = 1;
 
-/// `payload` (a JSON object) with `"boot_id"` as its first member: in durable mode every
+/// Puts `"boot_id"` first in `payload` (a JSON object), in place: in durable mode every
 /// event names its boot, so a recovered or replayed event is byte for byte what a live
-/// subscriber received.
-pub fn with_boot_id(payload: &[u8], boot_id: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + boot_id.len() + 14);
-    out.extend_from_slice(b"{\"boot_id\":\"");
-    out.extend_from_slice(boot_id.as_bytes());
-    out.push(b'"');
-    match payload.strip_prefix(b"{") {
-        Some(b"}") | None => out.push(b'}'),
-        Some(rest) => {
-            out.push(b',');
-            out.extend_from_slice(rest);
-        }
+/// subscriber received. Anything but an object is left as it is.
+pub fn add_boot_id(payload: &mut Vec<u8>, boot_id: &str) {
+    if payload.first() != Some(&b'{') {
+        return;
     }
-    out
+    let sep = if payload.get(1) == Some(&b'}') {
+        ""
+    } else {
+        ","
+    };
+    let member = format!("\"boot_id\":\"{boot_id}\"{sep}");
+    payload.splice(1..1, member.into_bytes());
 }
 
 /// Appends the record body of `p` to `out`.
@@ -98,10 +96,12 @@ mod tests {
 
     #[test]
     fn boot_id_goes_first_in_the_object() {
-        assert_eq!(
-            with_boot_id(br#"{"seq":1}"#, "ff"),
-            br#"{"boot_id":"ff","seq":1}"#
-        );
-        assert_eq!(with_boot_id(b"{}", "ff"), br#"{"boot_id":"ff"}"#);
+        let with = |p: &[u8]| {
+            let mut v = p.to_vec();
+            add_boot_id(&mut v, "ff");
+            v
+        };
+        assert_eq!(with(br#"{"seq":1}"#), br#"{"boot_id":"ff","seq":1}"#);
+        assert_eq!(with(b"{}"), br#"{"boot_id":"ff"}"#);
     }
 }
