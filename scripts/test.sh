@@ -33,6 +33,9 @@ if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 
     rustup component add rustfmt clippy
 fi
 
+# The build takes a few GiB; say what there is, so a full disk is recognised as such.
+echo "==> disk: $(df -h . | awk 'NR==2 {print $4}') free"
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -66,4 +69,5 @@ PATH="$PATH:/usr/sbin:/sbin" scripts/vm/powercut.sh 2
 echo "==> systemd unit exposure"
 scripts/check-unit.sh
 
+echo "==> target/ holds $(du -sh target 2>/dev/null | cut -f1)"
 echo "==> all checks passed"
