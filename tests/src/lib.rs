@@ -843,6 +843,25 @@ t35 = "0ms"
     s
 }
 
+/// A [`config`] of three units on one pty whose profile maps the command registers of
+/// servosim (controlword, targets, `speed_limit`), with `policy` on every device. Lines of
+/// `policy` after a `# tail` line are gateway-wide tables: they go once, at the end.
+pub fn command_config(id: &str, broker: &str, port: &Path, policy: &str) -> String {
+    let (policy, tail) = policy.split_once("# tail\n").unwrap_or((policy, ""));
+    let base = config(id, broker, port, &[1, 2, 3], policy) + "\n" + tail;
+    base.replace(
+        "[[buses]]",
+        r#"target_position    = { address = 0x0010, type = "i32", scale = 0.001, unit = "mm" }
+controlword        = { address = 0x0012, type = "u16" }
+modes_of_operation = { address = 0x0013, type = "i16" }
+profile_velocity   = { address = 0x0014, type = "u32", scale = 0.001, unit = "mm/s" }
+target_velocity    = { address = 0x0016, type = "i32", scale = 0.001, unit = "mm/s" }
+speed_limit        = { address = 0x0018, type = "u16", unit = "mm/s" }
+
+[[buses]]"#,
+    )
+}
+
 /// The simulator's registers for `unit` at model time `t_ms`, decoded the way the test
 /// profile decodes them: (position, velocity, torque, current, temperature, statusword).
 pub fn truth(unit: u8, t_ms: u32) -> [f64; 6] {
@@ -985,4 +1004,110 @@ pub fn assert_can_matches_truth(device: &str, json: &Value) {
         );
     }
     assert_eq!(json["state"], "operation_enabled", "{device}: {json}");
+}
+
+/// `config` (from [`config`] or [`head`]) speaking MQTT 5 to its broker, with up to
+/// `aliases` topic aliases (0: none).
+pub fn mqtt5(config: &str, aliases: u16) -> String {
+    assert!(config.contains("[mqtt]\n"), "a config with an [mqtt] table");
+    config.replacen(
+        "[mqtt]\n",
+        &format!("[mqtt]\nversion = 5\ntopic_aliases = {aliases}\n"),
+        1,
+    )
+}
+
+/// One message an MQTT 5 [`Requester`] received, with its Correlation Data.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub topic: String,
+    pub json: Value,
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// An MQTT 5 client as a plant application would use one: it publishes commands with a
+/// Response Topic, Correlation Data and a Message Expiry, and receives what comes back on
+/// its reply filter.
+pub struct Requester {
+    client: rumqttc::v5::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Reply>,
+}
+
+impl Requester {
+    /// Connects and returns once `reply_filter` is subscribed.
+    pub async fn start(port: u16, reply_filter: &str) -> Self {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::mqttbytes::QoS as Q5;
+        use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
+        let mut opts = Options5::new(format!("e2e-v5-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = Client5::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, mut subscribed) = tokio::sync::watch::channel(false);
+        let filter = reply_filter.to_owned();
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event5::Incoming(Packet::ConnAck(_))) => {
+                        let _ = sub_client.try_subscribe(filter.clone(), Q5::AtLeastOnce);
+                    }
+                    Ok(Event5::Incoming(Packet::SubAck(_))) => {
+                        let _ = sub_tx.send(true);
+                    }
+                    Ok(Event5::Incoming(Packet::Publish(p))) => {
+                        let reply = Reply {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            json: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                            correlation: p
+                                .properties
+                                .and_then(|pr| pr.correlation_data)
+                                .map(|c| c.to_vec()),
+                        };
+                        if tx.send(reply).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, subscribed.wait_for(|s| *s))
+            .await
+            .expect("reply filter subscribed")
+            .expect("requester running");
+        Self { client, rx }
+    }
+
+    /// Publishes `payload` (QoS 1) on `topic` with the given MQTT 5 properties.
+    pub async fn send(
+        &self,
+        topic: &str,
+        payload: &str,
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+        expiry_s: Option<u32>,
+    ) {
+        use rumqttc::v5::mqttbytes::v5::PublishProperties;
+        use rumqttc::v5::mqttbytes::QoS as Q5;
+        let props = PublishProperties {
+            response_topic: response_topic.map(str::to_owned),
+            correlation_data: correlation.map(|c| bytes::Bytes::copy_from_slice(c)),
+            message_expiry_interval: expiry_s,
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, Q5::AtLeastOnce, false, payload.to_owned(), props)
+            .await
+            .expect("publish");
+    }
+
+    /// The next message on the reply filter, or a panic after [`DEADLINE`].
+    pub async fn next(&mut self) -> Reply {
+        tokio::time::timeout(DEADLINE, self.rx.recv())
+            .await
+            .expect("a reply within the deadline")
+            .expect("requester running")
+    }
 }

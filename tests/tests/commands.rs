@@ -12,20 +12,7 @@ const ID: &str = "e2e-cmd";
 
 /// The servosim map with the command registers, and a policy on every device.
 fn cmd_config(broker: &str, port: &std::path::Path, policy: &str) -> String {
-    // Gateway-wide tables after a `# tail` line go once, at the end.
-    let (policy, tail) = policy.split_once("# tail\n").unwrap_or((policy, ""));
-    let base = config(ID, broker, port, &[1, 2, 3], policy) + "\n" + tail;
-    base.replace(
-        "[[buses]]",
-        r#"target_position    = { address = 0x0010, type = "i32", scale = 0.001, unit = "mm" }
-controlword        = { address = 0x0012, type = "u16" }
-modes_of_operation = { address = 0x0013, type = "i16" }
-profile_velocity   = { address = 0x0014, type = "u32", scale = 0.001, unit = "mm/s" }
-target_velocity    = { address = 0x0016, type = "i32", scale = 0.001, unit = "mm/s" }
-speed_limit        = { address = 0x0018, type = "u16", unit = "mm/s" }
-
-[[buses]]"#,
-    )
+    command_config(ID, broker, port, policy)
 }
 
 const POLICY: &str = r#"

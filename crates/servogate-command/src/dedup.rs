@@ -121,6 +121,7 @@ mod tests {
             latency: Duration::ZERO,
             duplicate: false,
             group: Vec::new(),
+            reply: None,
         }
     }
 

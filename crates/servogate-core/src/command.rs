@@ -148,6 +148,16 @@ pub struct CommandReport {
     pub duplicate: bool,
     /// A group command's result lists every device's (empty for a one-device command).
     pub group: Vec<MemberResult>,
+    /// Where an MQTT 5 command asked for its answer too (its Response Topic).
+    pub reply: Option<Arc<ReplyTo>>,
+}
+
+/// An MQTT 5 command's Response Topic and Correlation Data: its result is published there
+/// as well, with the same correlation data, so a requester can match it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub topic: String,
+    pub correlation: Option<Vec<u8>>,
 }
 
 impl CommandReport {

@@ -19,7 +19,7 @@ pub mod histogram;
 pub mod ring;
 
 pub use cia402::DriveState;
-pub use command::{CommandReason, CommandReport, CommandStatus, MemberResult};
+pub use command::{CommandReason, CommandReport, CommandStatus, MemberResult, ReplyTo};
 pub use event::{
     Availability, AvailabilityState, DeviceEvents, Event, EventBody, EventKind, EventSink, Notice,
     Quality, QualityReason, SeqBook, SeqCounters, Stream, Telemetry,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use servogate_core::{Event, EventBody, RingStats};
+use servogate_core::{Event, EventBody, ReplyTo, RingStats};
 use tokio::sync::Notify;
 
 use crate::payload;
@@ -57,6 +57,9 @@ pub struct Prepared {
     pub kind: Kind,
     pub device: Arc<str>,
     pub seq: u64,
+    /// A command result's MQTT 5 Response Topic (kept in memory only: the result topic
+    /// is the durable record).
+    pub reply: Option<Arc<ReplyTo>>,
 }
 
 impl Prepared {
@@ -68,6 +71,10 @@ impl Prepared {
             kind: Kind::of(&event.body),
             device: event.device.clone(),
             seq: event.seq,
+            reply: match &event.body {
+                EventBody::CommandResult(r) => r.reply.clone(),
+                _ => None,
+            },
         }
     }
 }

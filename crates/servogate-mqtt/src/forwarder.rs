@@ -29,11 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttState, Outgoing, Packet, QoS,
-};
+use rumqttc::QoS;
 use servogate_core::ring::Id;
-use servogate_core::RingStats;
+use servogate_core::{ReplyTo, RingStats};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -43,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::feed::{Feed, Kind, Prepared};
 use crate::payload::{self, DeviceMeta, DeviceTopic};
 use crate::settings::{BrokerUrl, MqttError, MqttSettings};
+use crate::wire::{Client, Conn, Ev, Props, Version, Will};
 
 /// Largest number of publishes handed to rumqttc and not yet acknowledged.
 ///
@@ -69,6 +68,10 @@ pub struct Incoming {
     /// Receipt, wall clock and monotonic.
     pub received: SystemTime,
     pub at: std::time::Instant,
+    /// MQTT 5: the Response Topic and Correlation Data the result also goes to.
+    pub reply: Option<Arc<ReplyTo>>,
+    /// MQTT 5: the Message Expiry left when the broker delivered it.
+    pub expiry: Option<Duration>,
 }
 
 /// Where incoming commands go: the topic filters to subscribe to on every new session,
@@ -93,6 +96,9 @@ pub struct MqttStats {
     republished: AtomicU64,
     control_publishes: AtomicU64,
     refused: AtomicU64,
+    responses: AtomicU64,
+    /// MQTT 5 publishes the broker refused, by reason code name.
+    broker_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A copy of [`MqttStats`].
@@ -115,6 +121,8 @@ pub struct MqttStatsSnapshot {
     /// Ring events that could never be sent (packet larger than `max_packet_size`, or a
     /// device name that makes an invalid topic): logged, counted and removed from the ring.
     pub refused: u64,
+    /// Command results also published on an MQTT 5 Response Topic.
+    pub responses: u64,
 }
 
 impl MqttStats {
@@ -128,7 +136,18 @@ impl MqttStats {
             republished: self.republished.load(Relaxed),
             control_publishes: self.control_publishes.load(Relaxed),
             refused: self.refused.load(Relaxed),
+            responses: self.responses.load(Relaxed),
         }
+    }
+
+    /// MQTT 5 publishes the broker refused (a PUBACK reason code of 0x80 or above), by
+    /// reason: each is logged and, for an event, counted in `refused` too.
+    pub fn broker_refused(&self) -> Vec<(&'static str, u64)> {
+        let m = self
+            .broker_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -157,7 +176,8 @@ pub struct ForwarderReport {
 enum Tracked {
     /// A ring entry: acknowledge it in the ring.
     Ring(Id),
-    /// Birth, meta or a repeated availability: nothing to do on the acknowledgement.
+    /// Birth, meta, a repeated availability or an MQTT 5 response: nothing to do on the
+    /// acknowledgement.
     Control,
     /// The shutdown status (`online:false`): the shutdown waits for it.
     Farewell,
@@ -169,6 +189,8 @@ struct Track {
     connected: bool,
     /// Grows at every CONNACK: the publisher re-sends the birth when it changes.
     epoch: u64,
+    /// The Topic Alias Maximum the broker granted on this connection (MQTT 5).
+    alias_max: u16,
     /// Handed to rumqttc, not yet reported by `Outgoing::Publish`, in order.
     handed: VecDeque<Tracked>,
     /// Written with a packet id, waiting for its PUBACK.
@@ -199,9 +221,9 @@ impl Shared {
     }
 
     /// Applies one event of the event loop (called by the event loop task only).
-    fn apply(&self, t: &mut Track, event: &Event) {
+    fn apply(&self, t: &mut Track, event: &Ev) {
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Ev::OutPublish(pkid) => {
                 let Some(tracked) = t.collided.take().or_else(|| t.handed.pop_front()) else {
                     warn!(pkid, "rumqttc sent a publish the forwarder did not hand it");
                     return;
@@ -212,16 +234,22 @@ impl Shared {
                     t.on_wire.insert(*pkid, tracked);
                 }
             }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            Ev::AwaitAck(pkid) => {
                 debug!(pkid, "packet id collision: rumqttc holds a publish back");
                 t.collided = t.handed.pop_front();
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(tracked) = t.on_wire.remove(&ack.pkid) {
+            Ev::PubAck { pkid, refused } => {
+                if let Some(tracked) = t.on_wire.remove(pkid) {
+                    if let Some(reason) = refused {
+                        self.refused_by_broker(tracked, reason);
+                    }
                     self.complete(t, tracked);
                 }
             }
-            Event::Incoming(Packet::ConnAck(ack)) => {
+            Ev::ConnAck {
+                session_present,
+                alias_max,
+            } => {
                 if t.in_flight() > 0 {
                     // Cannot happen (a lost connection clears everything) but if it did,
                     // those acknowledgements can no longer come.
@@ -229,15 +257,35 @@ impl Shared {
                 }
                 t.connected = true;
                 t.epoch += 1;
+                t.alias_max = *alias_max;
                 self.stats.connected.store(true, Relaxed);
                 self.stats.connects.fetch_add(1, Relaxed);
-                info!(
-                    session_present = ack.session_present,
-                    "connected to the MQTT broker"
-                );
+                info!(session_present, "connected to the MQTT broker");
                 self.wake.notify_one();
             }
             _ => {}
+        }
+    }
+
+    /// The broker refused a message (MQTT 5): retrying would be refused again, so an event
+    /// goes from the feed like one too large to send, logged and counted, never silently.
+    fn refused_by_broker(&self, tracked: Tracked, reason: &'static str) {
+        let n = {
+            let mut m = self
+                .stats
+                .broker_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let n = m.entry(reason).or_default();
+            *n += 1;
+            *n
+        };
+        if let Tracked::Ring(_) = tracked {
+            self.stats.refused.fetch_add(1, Relaxed);
+        }
+        // The 1st, 2nd, 4th, 8th... of each reason: visible, never a flood.
+        if n.is_power_of_two() {
+            error!(reason, count = n, "the broker refused a publish");
         }
     }
 
@@ -317,13 +365,12 @@ impl Identity {
         )
     }
 
-    fn will(&self) -> LastWill {
-        LastWill::new(
-            self.status_topic.clone(),
-            self.status(false),
-            QoS::AtLeastOnce,
-            true,
-        )
+    fn will(&self) -> Will {
+        Will {
+            topic: self.status_topic.clone(),
+            payload: self.status(false),
+            retain: true,
+        }
     }
 }
 
@@ -338,7 +385,7 @@ enum LoopExit {
 
 /// The event loop task: poll, track, and on errors clean up and back off.
 async fn drive(
-    mut eventloop: EventLoop,
+    mut conn: Conn,
     shared: Arc<Shared>,
     identity: Arc<Identity>,
     mut backoff: Backoff,
@@ -351,22 +398,31 @@ async fn drive(
         let polled = tokio::select! {
             biased;
             _ = stop.cancelled() => return LoopExit::Stopped,
-            polled = eventloop.poll() => polled,
+            polled = conn.poll() => polled,
         };
         match polled {
             Ok(event) => {
-                if let Event::Incoming(Packet::ConnAck(_)) = &event {
+                if let Ev::ConnAck { .. } = &event {
                     // A new session: whatever rumqttc still holds from before must not be
                     // sent; the ring re-publishes it.
-                    eventloop.pending.clear();
+                    conn.clear_pending();
                     backoff.reset();
                     was_connected = true;
                     failures = 0;
                 }
-                if let (Event::Incoming(Packet::Publish(p)), Some(intake)) = (&event, &intake) {
-                    take_in(intake, p);
-                }
-                let disconnected = matches!(event, Event::Outgoing(Outgoing::Disconnect));
+                let event = match (event, &intake) {
+                    (Ev::Publish(p), Some(intake)) => {
+                        take_in(intake, p);
+                        continue;
+                    }
+                    (Ev::Unreadable, Some(intake)) => {
+                        intake.dropped.fetch_add(1, Relaxed);
+                        warn!("a message whose topic is not UTF-8 was dropped");
+                        continue;
+                    }
+                    (event, _) => event,
+                };
+                let disconnected = matches!(event, Ev::OutDisconnect);
                 shared.apply(&mut shared.track(), &event);
                 if disconnected {
                     return LoopExit::Disconnected;
@@ -378,37 +434,33 @@ async fn drive(
                 // Visible without flooding the log: a lost connection, the first failed
                 // attempt of a streak (bad credentials, TLS refusal), then every tenth.
                 failures += 1;
+                let error = &err.message;
                 if was_connected {
-                    warn!(error = %err, "MQTT connection lost");
+                    warn!(%error, "MQTT connection lost");
                     failures = 0;
                 } else if failures % 10 == 1 {
-                    warn!(error = %err, attempts = failures, "cannot connect to the MQTT broker");
+                    warn!(%error, attempts = failures, "cannot connect to the MQTT broker");
                 } else {
-                    debug!(error = %err, attempts = failures, "MQTT connect failed");
+                    debug!(%error, attempts = failures, "MQTT connect failed");
                 }
                 was_connected = false;
                 {
                     let mut t = shared.track();
                     // Events rumqttc buffered before failing (PUBACKs read in the same batch)
-                    // are genuine: apply them before forgetting the rest.
-                    let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
-                    for event in &stale {
+                    // are genuine: apply them before forgetting the rest. Under the lock,
+                    // so the publisher cannot add a request after the channel is drained.
+                    for event in &conn.reset() {
                         shared.apply(&mut t, event);
                     }
                     t.connected = false;
-                    // Under the lock, so the publisher cannot add a request after this.
-                    eventloop.clean();
-                    eventloop.pending.clear();
-                    let opts = &eventloop.mqtt_options;
-                    eventloop.state = MqttState::new(opts.inflight(), opts.manual_acks());
                     shared.forget_in_flight(&mut t);
                 }
                 shared.wake.notify_one();
-                if matches!(err, ConnectionError::RequestsDone) {
+                if err.requests_done {
                     return LoopExit::Stopped;
                 }
                 // The will's timestamp says when it was registered: refresh it per attempt.
-                eventloop.mqtt_options.set_last_will(identity.will());
+                conn.set_will(identity.will());
                 tokio::select! {
                     _ = stop.cancelled() => return LoopExit::Stopped,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -420,14 +472,7 @@ async fn drive(
 
 /// Hands an incoming publish to the intake without waiting (this runs in the event loop
 /// task, which must never block).
-fn take_in(intake: &Intake, p: &rumqttc::Publish) {
-    let incoming = Incoming {
-        topic: p.topic.clone(),
-        payload: p.payload.clone(),
-        retain: p.retain,
-        received: SystemTime::now(),
-        at: std::time::Instant::now(),
-    };
+fn take_in(intake: &Intake, incoming: Incoming) {
     if intake.tx.try_send(incoming).is_err() {
         let n = intake.dropped.fetch_add(1, Relaxed) + 1;
         if n.is_power_of_two() {
@@ -447,7 +492,16 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// The publishing side (runs in the `run` future).
 struct Publisher {
-    client: AsyncClient,
+    client: Client,
+    version: Version,
+    /// Topic aliases we may use (MQTT 5; 0: none): the smaller of `[mqtt] topic_aliases`
+    /// and what the broker granted.
+    topic_aliases: u16,
+    /// Aliases given on this connection: the first topics published take them and keep
+    /// them until the connection ends (telemetry topics come first and stay).
+    aliases: HashMap<String, u16>,
+    /// MQTT 5 responses (topic, payload, correlation data) to send, oldest first.
+    responses: VecDeque<(String, Vec<u8>, Option<Vec<u8>>)>,
     shared: Arc<Shared>,
     identity: Arc<Identity>,
     prefix: String,
@@ -475,7 +529,12 @@ struct Msg {
     payload: Vec<u8>,
     qos: QoS,
     retain: bool,
+    correlation: Option<Vec<u8>>,
 }
+
+/// Responses waiting at most: beyond it the oldest goes (logged); its result is on the
+/// result topic all the same.
+const MAX_RESPONSES: usize = 1024;
 
 impl Publisher {
     /// Hands out as much as the window allows, at most [`PUMP_BATCH`]; true if it stopped
@@ -516,6 +575,19 @@ impl Publisher {
             let msg = self.control(topic, payload);
             return self.hand(&mut t, msg, Tracked::Control);
         }
+        if let Some((topic, payload, correlation)) = self.responses.pop_front() {
+            let msg = Msg {
+                topic,
+                payload,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                correlation,
+            };
+            if self.hand(&mut t, msg, Tracked::Control) {
+                self.shared.stats.responses.fetch_add(1, Relaxed);
+            }
+            return true;
+        }
         let Some((id, prepared)) = self.shared.feed.take_next(&self.prefix) else {
             return false;
         };
@@ -525,13 +597,14 @@ impl Publisher {
             kind,
             device,
             seq,
+            reply,
         } = prepared;
         let (qos, retain) = match kind {
             Kind::Telemetry => (self.telemetry_qos, false),
             Kind::Availability => (QoS::AtLeastOnce, true),
             Kind::Notice | Kind::CommandResult => (QoS::AtLeastOnce, false),
         };
-        if let Err(why) = self.sendable(&topic, payload.len(), qos) {
+        if let Err(why) = self.sendable(&topic, payload.len(), qos, &Props::default()) {
             error!(%topic, seq, "event refused: {why}");
             self.shared.stats.refused.fetch_add(1, Relaxed);
             self.shared.feed.ack(id);
@@ -541,11 +614,22 @@ impl Publisher {
             self.availability
                 .insert(device.to_string(), (topic.clone(), payload.clone()));
         }
+        if let Some(reply) = reply.filter(|_| self.version == Version::V5) {
+            // After the result itself: a requester that also watches the result topic
+            // sees the two in that order.
+            if self.responses.len() >= MAX_RESPONSES {
+                self.responses.pop_front();
+                warn!("too many MQTT 5 responses waiting: the oldest was dropped");
+            }
+            self.responses
+                .push_back((reply.topic.clone(), payload.clone(), reply.correlation.clone()));
+        }
         let msg = Msg {
             topic,
             payload,
             qos,
             retain,
+            correlation: None,
         };
         self.hand(&mut t, msg, Tracked::Ring(id))
     }
@@ -556,14 +640,25 @@ impl Publisher {
             payload,
             qos: QoS::AtLeastOnce,
             retain: true,
+            correlation: None,
         }
     }
 
-    fn sendable(&self, topic: &str, payload_len: usize, qos: QoS) -> Result<(), String> {
+    fn sendable(
+        &self,
+        topic: &str,
+        payload_len: usize,
+        qos: QoS,
+        props: &Props,
+    ) -> Result<(), String> {
         if !rumqttc::valid_topic(topic) || topic.contains('\0') {
             return Err("the device name makes an invalid topic".into());
         }
-        let size = payload::publish_packet_size(topic.len(), payload_len, qos as u8);
+        let mut size = payload::publish_packet_size(topic.len(), payload_len, qos as u8);
+        if self.version == Version::V5 {
+            // A v5 PUBLISH carries its properties (a topic alias costs 3 bytes).
+            size += props.wire_len() + 3;
+        }
         if size > self.max_packet_size {
             return Err(format!(
                 "packet of {size} bytes exceeds max_packet_size {}",
@@ -576,16 +671,33 @@ impl Publisher {
     /// Gives one publish to rumqttc under the `Track` lock. `try_publish` never waits: the
     /// window keeps the channel from filling.
     fn hand(&mut self, t: &mut Track, msg: Msg, tracked: Tracked) -> bool {
+        let mut props = Props {
+            alias: None,
+            correlation: msg.correlation,
+        };
         // Ring events were checked (and refused) before; control messages are checked here.
         if !matches!(tracked, Tracked::Ring(_)) {
-            if let Err(why) = self.sendable(&msg.topic, msg.payload.len(), msg.qos) {
+            if let Err(why) = self.sendable(&msg.topic, msg.payload.len(), msg.qos, &props) {
                 error!(topic = %msg.topic, "control message not sent: {why}");
                 return true;
             }
         }
+        let mut topic = msg.topic;
+        let limit = self.topic_aliases.min(t.alias_max);
+        if limit > 0 {
+            if let Some(&alias) = self.aliases.get(&topic) {
+                // Known to the broker on this connection: the alias alone.
+                props.alias = Some(alias);
+                topic = String::new();
+            } else if self.aliases.len() < usize::from(limit) {
+                let alias = self.aliases.len() as u16 + 1;
+                self.aliases.insert(topic.clone(), alias);
+                props.alias = Some(alias);
+            }
+        }
         match self
             .client
-            .try_publish(msg.topic, msg.qos, msg.retain, msg.payload)
+            .try_publish(topic, msg.qos, msg.retain, msg.payload, props)
         {
             Ok(()) => {
                 t.handed.push_back(tracked);
@@ -613,9 +725,11 @@ impl Publisher {
 
     /// A new session: birth, every meta and every known availability go out again, retained.
     fn new_session(&mut self) {
+        // Topic aliases live as long as their connection.
+        self.aliases.clear();
         for f in &self.filters {
             // The request channel keeps room beside the publish window, so this fits.
-            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+            if let Err(e) = self.client.try_subscribe(f.clone()) {
                 error!(filter = %f, error = %e, "cannot subscribe to the command topic");
             }
         }
@@ -778,16 +892,16 @@ impl Forwarder {
     /// Dropping the future (or aborting its task) drops the connection without DISCONNECT,
     /// so the broker publishes the Last Will.
     pub async fn run(self, shutdown: CancellationToken) -> Result<ForwarderReport, MqttError> {
-        let opts =
-            self.settings
-                .mqtt_options(&self.url, self.identity.will(), MAX_IN_FLIGHT as u16)?;
-        let (client, mut eventloop) = AsyncClient::new(opts, CHANNEL_CAPACITY);
+        let (client, mut conn) = self.settings.connect(
+            &self.url,
+            self.identity.will(),
+            MAX_IN_FLIGHT as u16,
+            CHANNEL_CAPACITY,
+        )?;
         // Nagle off: a PUBACK (and with it a command's result) would otherwise wait for
         // the broker's delayed ACK, about 40 ms (BENCHMARKS.md, "Command latency").
         // rumqttc already writes each batch of packets in one go.
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        conn.set_nodelay();
         // Entries an earlier forwarder on this ring handed out and never saw acknowledged
         // (the daemon restarts the forwarder when a reload changes [mqtt]) go out again.
         let requeued = self.feed.requeue_all();
@@ -805,7 +919,7 @@ impl Forwarder {
         });
         let stop = CancellationToken::new();
         let mut event_loop = AbortOnDrop(tokio::spawn(drive(
-            eventloop,
+            conn,
             shared.clone(),
             self.identity.clone(),
             Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max),
@@ -814,6 +928,10 @@ impl Forwarder {
         )));
         let mut publisher = Publisher {
             client: client.clone(),
+            version: self.settings.version,
+            topic_aliases: self.settings.topic_aliases,
+            aliases: HashMap::new(),
+            responses: VecDeque::new(),
             shared: shared.clone(),
             identity: self.identity.clone(),
             prefix: self.settings.topic_prefix.clone(),

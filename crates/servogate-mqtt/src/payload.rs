@@ -506,6 +506,7 @@ mod tests {
             latency: Duration::from_micros(3_100),
             duplicate: false,
             group: Vec::new(),
+            reply: None,
         };
         let text = String::from_utf8(encode_command_result(18, at(1_767_225_600_003), &r)).unwrap();
         assert_eq!(

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::tokio_rustls::rustls;
-use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
+
+use crate::wire::{self, Client, Conn, Version, Will};
 
 /// Everything the forwarder needs to reach the broker.
 #[derive(Debug, Clone)]
@@ -35,6 +37,10 @@ pub struct MqttSettings {
     pub reconnect_max: Duration,
     /// How long a shutdown waits for the broker to acknowledge what is left in the ring.
     pub shutdown_grace: Duration,
+    /// MQTT 3.1.1 (default) or 5.
+    pub version: Version,
+    /// MQTT 5: topic aliases the forwarder may use (0: none). The broker may grant fewer.
+    pub topic_aliases: u16,
 }
 
 impl MqttSettings {
@@ -57,6 +63,8 @@ impl MqttSettings {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            version: Version::V311,
+            topic_aliases: 0,
         }
     }
 }
@@ -188,6 +196,9 @@ impl MqttSettings {
         if !self.keep_alive.is_zero() && self.keep_alive < Duration::from_secs(1) {
             return setting("keep_alive must be 0 (off) or at least 1s".into());
         }
+        if self.topic_aliases > 0 && self.version != Version::V5 {
+            return setting("topic_aliases needs MQTT 5 (version = 5)".into());
+        }
         if self.max_packet_size < MIN_PACKET_SIZE {
             return setting(format!(
                 "max_packet_size must be at least {MIN_PACKET_SIZE} bytes"
@@ -212,16 +223,56 @@ impl MqttSettings {
         Ok(url)
     }
 
-    /// The rumqttc options: clean session (the ring, not the broker, owns delivery), the Last
-    /// Will, packet limits, in-flight window, login and transport. Reads the TLS files.
-    pub(crate) fn mqtt_options(
+    /// The forwarder's connection, in `version`: clean session (the ring, not the broker,
+    /// owns delivery), the Last Will, packet limits, in-flight window, login and transport.
+    /// Reads the TLS files.
+    pub(crate) fn connect(
         &self,
         url: &BrokerUrl,
-        will: LastWill,
+        will: Will,
         inflight: u16,
-    ) -> Result<MqttOptions, MqttError> {
-        let mut opts = self.options(url)?;
-        opts.set_inflight(inflight).set_last_will(will);
+        channel: usize,
+    ) -> Result<(Client, Conn), MqttError> {
+        Ok(match self.version {
+            Version::V311 => {
+                let mut opts = self.options(url)?;
+                opts.set_inflight(inflight).set_last_will(wire::will4(will));
+                let (c, el) = rumqttc::AsyncClient::new(opts, channel);
+                (Client::V4(c), Conn::V4(el))
+            }
+            Version::V5 => {
+                let mut opts = self.options_v5(url)?;
+                opts.set_outgoing_inflight_upper_limit(inflight)
+                    .set_last_will(wire::will5(will));
+                let (c, el) = rumqttc::v5::AsyncClient::new(opts, channel);
+                (Client::V5(c), Conn::V5(el))
+            }
+        })
+    }
+
+    /// MQTT 5 options for a short-lived client of the same broker (the replay answerer):
+    /// the same login and transport, no Last Will.
+    pub fn client_options_v5(&self) -> Result<rumqttc::v5::MqttOptions, MqttError> {
+        self.options_v5(&self.validate()?)
+    }
+
+    /// [`Self::options`], in MQTT 5.
+    fn options_v5(&self, url: &BrokerUrl) -> Result<rumqttc::v5::MqttOptions, MqttError> {
+        let mut opts =
+            rumqttc::v5::MqttOptions::new(self.client_id.clone(), url.host.clone(), url.port);
+        let max = u32::try_from(self.max_packet_size).unwrap_or(u32::MAX);
+        opts.set_clean_start(true)
+            .set_keep_alive(self.keep_alive)
+            .set_max_packet_size(Some(max));
+        if let Some(c) = &self.credentials {
+            opts.set_credentials(c.username.clone(), c.password.clone());
+        }
+        if let Some(files) = &self.tls {
+            let config = tls_client_config(files)?;
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(config),
+            )));
+        }
         Ok(opts)
     }
 

@@ -836,6 +836,8 @@ pub(crate) fn mqtt_settings(cfg: &Config) -> anyhow::Result<servogate_mqtt::Mqtt
         reconnect_min: m.reconnect_min,
         reconnect_max: m.reconnect_max,
         shutdown_grace: m.shutdown_grace,
+        version: m.version,
+        topic_aliases: m.topic_aliases,
     })
 }
 

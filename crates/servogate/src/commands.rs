@@ -29,7 +29,7 @@ use servogate_command::{
 };
 use servogate_core::{
     AvailabilityState, CommandReason, CommandReport, CommandStatus, DeviceEvents, Event, EventBody,
-    EventSink, Histogram, MemberResult, SeqBook,
+    EventSink, Histogram, MemberResult, ReplyTo, SeqBook,
 };
 use servogate_modbus::bus::BusOrder;
 use servogate_mqtt::Incoming;
@@ -243,6 +243,8 @@ struct InFlight {
     at: Instant,
     /// The group command it belongs to (a key of `Desk::groups`).
     group: Option<u64>,
+    /// MQTT 5: where the result goes too.
+    reply: Option<Arc<ReplyTo>>,
 }
 
 /// A group target that passed its checks: device, bus, deadline.
@@ -256,6 +258,7 @@ struct GroupState {
     at: Instant,
     /// Each device's outcome, once known, in payload order.
     members: Vec<(Arc<str>, Option<Outcome>)>,
+    reply: Option<Arc<ReplyTo>>,
 }
 
 /// The desk's state (everything but the channels).
@@ -387,6 +390,7 @@ impl Desk {
                     latency: msg.at.elapsed(),
                     duplicate: false,
                     group: Vec::new(),
+                    reply: msg.reply.clone(),
                 },
             );
         };
@@ -433,6 +437,7 @@ impl Desk {
             Seen::InFlight => return None,
             Seen::Finished(mut r) => {
                 r.duplicate = true;
+                r.reply = msg.reply.clone();
                 self.publish(&device, r);
                 return None;
             }
@@ -458,6 +463,7 @@ impl Desk {
             received: msg.received,
             at: msg.at,
             group: None,
+            reply: msg.reply.clone(),
         };
         let dispatched = self
             .checked(&device, &policy, &cmd, &msg)
@@ -486,6 +492,7 @@ impl Desk {
                 latency: msg.at.elapsed(),
                 duplicate: false,
                 group,
+                reply: msg.reply.clone(),
             }
         };
         let g: GroupCommand = match parse_group(&msg.payload, self.cfg.key.as_ref()) {
@@ -552,6 +559,7 @@ impl Desk {
             Seen::InFlight => return Vec::new(),
             Seen::Finished(mut r) => {
                 r.duplicate = true;
+                r.reply = msg.reply.clone();
                 self.publish(&gkey, r);
                 return Vec::new();
             }
@@ -688,6 +696,7 @@ impl Desk {
                 received: msg.received,
                 at: msg.at,
                 group: Some(key),
+                reply: None,
             };
             out.push((flight, rx));
         }
@@ -699,6 +708,7 @@ impl Desk {
                 received: msg.received,
                 at: msg.at,
                 members,
+                reply: msg.reply.clone(),
             },
         );
         out
@@ -718,7 +728,7 @@ impl Desk {
             rules: &self.cfg.rules,
             received: msg.received,
             now: msg.at,
-            expiry: None,
+            expiry: msg.expiry,
         };
         let rate = self.rates.entry(device.clone()).or_default();
         check(cmd, policy, rate, cx).map_err(|r| match r.reason {
@@ -807,6 +817,7 @@ impl Desk {
             latency: f.at.elapsed(),
             duplicate: false,
             group: Vec::new(),
+            reply: f.reply,
         };
         let waiting = self
             .books
@@ -817,6 +828,9 @@ impl Desk {
         for _ in 0..waiting {
             let mut again = report.clone();
             again.duplicate = true;
+            // The repeats' own Response Topics were not kept (see `IdBook`): their
+            // answer is on the result topic.
+            again.reply = None;
             self.publish(&f.device, again);
         }
     }
@@ -875,6 +889,7 @@ impl Desk {
             latency: g.at.elapsed(),
             duplicate: false,
             group: members,
+            reply: g.reply,
         };
         let gkey: Arc<str> = Arc::from(GROUP);
         self.books

@@ -297,6 +297,7 @@ mod tests {
             kind: servogate_mqtt::Kind::Telemetry,
             device: "axis-3".into(),
             seq: 4,
+            reply: None,
         };
         let mut out = Vec::new();
         write_jsonl(&mut out, &p, "telemetry").unwrap();

@@ -408,8 +408,25 @@ impl Metrics {
         counters(
             e,
             "mqtt_refused",
-            "Events that could never be sent (too large, invalid topic).",
+            "Events that could never be sent (too large, invalid topic, refused by the broker).",
             one(m.refused),
+        )?;
+        counters(
+            e,
+            "mqtt_responses",
+            "Command results also published on an MQTT 5 Response Topic.",
+            one(m.responses),
+        )?;
+        let refusals = self
+            .mqtt
+            .broker_refused()
+            .into_iter()
+            .map(|(reason, n)| (vec![("reason", reason.to_owned())], n));
+        counters(
+            e,
+            "mqtt_broker_refused",
+            "Publishes the broker refused with an MQTT 5 reason code, by reason.",
+            refusals,
         )
     }
 

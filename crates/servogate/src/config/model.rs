@@ -71,6 +71,10 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub shutdown_grace: Duration,
+    /// MQTT 3.1.1 (`version = 3`, the default) or 5.
+    pub version: servogate_mqtt::Version,
+    /// MQTT 5 topic aliases the forwarder may use (0: none).
+    pub topic_aliases: u16,
 }
 
 /// `[buffer]`: the delivery ring.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use servogate_mqtt::Version;
+
 use super::model::MqttConfig;
 use super::raw::RawMqtt;
 use super::source::Source;
@@ -175,6 +177,36 @@ impl Source<'_> {
             "mqtt.shutdown_grace",
             DEFAULT_SHUTDOWN_GRACE,
         )?;
+        let version = match &m.version {
+            None => Version::V311,
+            Some(v) => match v.get_ref() {
+                3 => Version::V311,
+                5 => Version::V5,
+                _ => {
+                    return Err(self.at(
+                        v,
+                        "mqtt.version",
+                        "must be 3 (MQTT 3.1.1, the default) or 5 (MQTT 5)",
+                    ))
+                }
+            },
+        };
+        let topic_aliases = match &m.topic_aliases {
+            None => 0,
+            Some(raw) => {
+                let Ok(n) = u16::try_from(*raw.get_ref()) else {
+                    return Err(self.at(raw, "mqtt.topic_aliases", "must be 0 to 65535"));
+                };
+                if n > 0 && version != Version::V5 {
+                    return Err(self.at(
+                        raw,
+                        "mqtt.topic_aliases",
+                        "topic aliases are an MQTT 5 feature: set mqtt.version = 5",
+                    ));
+                }
+                n
+            }
+        };
         Ok(MqttConfig {
             url,
             tls,
@@ -190,6 +222,8 @@ impl Source<'_> {
             reconnect_min,
             reconnect_max,
             shutdown_grace,
+            version,
+            topic_aliases,
         })
     }
 }

@@ -88,6 +88,8 @@ pub(super) struct RawMqtt {
     pub(super) reconnect_min: Option<S<String>>,
     pub(super) reconnect_max: Option<S<String>>,
     pub(super) shutdown_grace: Option<S<String>>,
+    pub(super) version: Option<S<i64>>,
+    pub(super) topic_aliases: Option<S<i64>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -21,9 +21,15 @@ impl Config {
         let m = &self.mqtt;
         let _ = writeln!(
             s,
-            "mqtt {} as {}, topics {}/..., telemetry qos {}{}{}",
+            "mqtt {} as {} (MQTT {}{}), topics {}/..., telemetry qos {}{}{}",
             m.url,
             m.client_id,
+            m.version.as_str(),
+            if m.topic_aliases > 0 {
+                format!(", up to {} topic aliases", m.topic_aliases)
+            } else {
+                String::new()
+            },
             m.topic_prefix,
             m.qos,
             if m.cert_file.is_some() {

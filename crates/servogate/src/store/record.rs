@@ -62,6 +62,7 @@ pub fn decode(body: &[u8]) -> Option<Prepared> {
         kind,
         device: Arc::from(device),
         seq,
+        reply: None,
     })
 }
 
@@ -83,6 +84,7 @@ mod tests {
             kind: Kind::Availability,
             device: Arc::from("axis-1"),
             seq: 7,
+            reply: None,
         };
         let mut body = Vec::new();
         encode(&p, &mut body);
