@@ -1022,7 +1022,9 @@ pub fn mqtt5(config: &str, aliases: u16) -> String {
 pub struct Reply {
     pub topic: String,
     pub json: Value,
+    pub payload: Vec<u8>,
     pub correlation: Option<Vec<u8>>,
+    pub user: Vec<(String, String)>,
 }
 
 /// An MQTT 5 client as a plant application would use one: it publishes commands with a
@@ -1056,13 +1058,13 @@ impl Requester {
                         let _ = sub_tx.send(true);
                     }
                     Ok(Event5::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.unwrap_or_default();
                         let reply = Reply {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             json: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
-                            correlation: p
-                                .properties
-                                .and_then(|pr| pr.correlation_data)
-                                .map(|c| c.to_vec()),
+                            payload: p.payload.to_vec(),
+                            correlation: props.correlation_data.map(|c| c.to_vec()),
+                            user: props.user_properties,
                         };
                         if tx.send(reply).is_err() {
                             return;
@@ -1093,7 +1095,7 @@ impl Requester {
         use rumqttc::v5::mqttbytes::QoS as Q5;
         let props = PublishProperties {
             response_topic: response_topic.map(str::to_owned),
-            correlation_data: correlation.map(|c| bytes::Bytes::copy_from_slice(c)),
+            correlation_data: correlation.map(bytes::Bytes::copy_from_slice),
             message_expiry_interval: expiry_s,
             ..Default::default()
         };

@@ -1,5 +1,6 @@
 //! The broker dies (SIGKILL, state lost) for 3 s: the ring holds the events, and once the
-//! broker is back every device's `seq` continues without a gap.
+//! broker is back every device's `seq` continues without a gap, on MQTT 3.1.1 and on
+//! MQTT 5 (with topic aliases, which a new connection must establish again).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -8,6 +9,16 @@ use servogate_e2e::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_killed_for_three_seconds_loses_no_event() {
+    broker_killed_for_three_seconds(|c| c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mqtt5_with_topic_aliases_a_broker_killed_for_three_seconds_loses_no_event() {
+    broker_killed_for_three_seconds(|c| mqtt5(&c, 8)).await;
+}
+
+/// The test, with the gateway's config passed through `adapt`.
+async fn broker_killed_for_three_seconds(adapt: impl Fn(String) -> String) {
     let mut broker = Mosquitto::start();
     // The gateway reaches the broker through a gate the test closes while the broker is
     // down and opens once the test's subscriber is back: without it the gateway could
@@ -16,13 +27,13 @@ async fn a_broker_killed_for_three_seconds_loses_no_event() {
     let pty = PtyPair::start();
     let _sim = Servosim::start(&pty.sim, "1-3", &[]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-kill/+/+/telemetry").await;
-    let mut gw = Servogate::start(&config(
+    let mut gw = Servogate::start(&adapt(config(
         "e2e-kill",
         &gate.url(),
         &pty.gateway,
         &[1, 2, 3],
         "",
-    ));
+    )));
     let mut seen: HashMap<String, BTreeSet<u64>> = HashMap::new();
     let mut duplicates = 0u64;
     let mut record = |m: &Msg, seen: &mut HashMap<String, BTreeSet<u64>>| {

@@ -109,20 +109,28 @@ async fn a_v5_command_is_answered_on_its_response_topic_with_its_correlation_dat
 
     // No deadline in the payload: the 5 s Message Expiry is its deadline.
     let reply = r
-        .ask("axis-1", write.clone(), "app/replies/a", b"\x00\xffreq-1", Some(5))
+        .ask(
+            "axis-1",
+            write.clone(),
+            "app/replies/a",
+            b"\x00\xffreq-1",
+            Some(5),
+        )
         .await;
     assert_eq!(reply.json["status"], "done", "{}", reply.json);
     assert_eq!(reply.correlation.as_deref(), Some(&b"\x00\xffreq-1"[..]));
     // The result topic has it too, the same result.
     let on_topic = command_result(&mut r.sub, "axis-1", Some("v5-1")).await;
     assert_eq!(on_topic["seq"], reply.json["seq"]);
-    assert_eq!(writes(&mut r.sim, 1), (1, 1), "the write reached the drive once");
+    assert_eq!(
+        writes(&mut r.sim, 1),
+        (1, 1),
+        "the write reached the drive once"
+    );
 
     // Without an expiry the same command has no deadline at all: refused, nothing sent.
     let bare = json!({"id": "v5-2", "action": "write", "values": {"speed_limit": 78}});
-    let reply = r
-        .ask("axis-1", bare, "app/replies/b", b"req-2", None)
-        .await;
+    let reply = r.ask("axis-1", bare, "app/replies/b", b"req-2", None).await;
     assert_eq!(
         (reply.json["status"].as_str(), reply.json["reason"].as_str()),
         (Some("rejected"), Some("no_deadline")),
@@ -137,7 +145,11 @@ async fn a_v5_command_is_answered_on_its_response_topic_with_its_correlation_dat
         .await;
     assert_eq!(again.json["duplicate"], true, "{}", again.json);
     assert_eq!(again.correlation.as_deref(), Some(&b"req-3"[..]));
-    assert_eq!(writes(&mut r.sim, 1), (1, 1), "nothing more reached the drive");
+    assert_eq!(
+        writes(&mut r.sim, 1),
+        (1, 1),
+        "nothing more reached the drive"
+    );
 
     let text = r.gw.stderr_text();
     assert!(!text.contains("panicked"), "{text}");
@@ -160,7 +172,13 @@ async fn a_v5_command_whose_message_expiry_runs_out_in_the_queue_is_never_execut
     // What one 40 mm move at 20 mm/s (2 s) writes to the drive.
     let before = writes(&mut r.sim, 2);
     let out = r
-        .ask("axis-2", mv("m-1", home + 40.0), "app/replies/m", b"m1", Some(30))
+        .ask(
+            "axis-2",
+            mv("m-1", home + 40.0),
+            "app/replies/m",
+            b"m1",
+            Some(30),
+        )
         .await;
     assert_eq!(out.json["status"], "done", "{}", out.json);
     let one_move = writes(&mut r.sim, 2).0 - before.0;
@@ -179,9 +197,7 @@ async fn a_v5_command_whose_message_expiry_runs_out_in_the_queue_is_never_execut
         )
         .await;
     let late = json!({"id": "e-1", "action": "write", "values": {"speed_limit": 42}});
-    let reply = r
-        .ask("axis-2", late, "app/replies/e", b"e1", Some(1))
-        .await;
+    let reply = r.ask("axis-2", late, "app/replies/e", b"e1", Some(1)).await;
     assert_eq!(
         (reply.json["status"].as_str(), reply.json["reason"].as_str()),
         (Some("expired"), Some("expired")),
@@ -287,6 +303,67 @@ async fn a_publish_the_broker_refuses_is_counted_by_reason_and_the_gateway_goes_
         .ask("axis-3", write("f-2", 61), "app/replies/ok", b"ok", Some(5))
         .await;
     assert_eq!(reply.json["status"], "done", "{}", reply.json);
-    assert_eq!(writes(&mut r.sim, 3), (2, 2), "both writes reached the drive");
+    assert_eq!(
+        writes(&mut r.sim, 3),
+        (2, 2),
+        "both writes reached the drive"
+    );
     assert!(r.gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v5_replay_request_is_answered_on_its_response_topic_byte_for_byte() {
+    let broker = Mosquitto::start();
+    let pty = PtyPair::start();
+    let _sim = Servosim::start(&pty.sim, "1-3", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let prefix = format!("servogate/{ID}");
+    let mut live =
+        Subscriber::start(broker.port, &format!("{prefix}/devices/axis-1/telemetry")).await;
+    let mut req = Requester::start(broker.port, "app/replies/#").await;
+    let config = with_event_log(
+        &mqtt5(&command_config(ID, &broker.url(), &pty.gateway, POLICY), 0),
+        &log,
+        "",
+    );
+    let mut gw = Servogate::start(&config);
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        got.push(live.next().await);
+    }
+    let boot = got[0].json["boot_id"].as_str().unwrap().to_owned();
+    let seq = |i: usize| got[i].json["seq"].as_u64().unwrap();
+
+    let ask = json!({"id": "rp-1", "device": "axis-1", "stream": "telemetry",
+                     "boot_id": boot, "from_seq": seq(3), "to_seq": seq(12)});
+    req.send(
+        &format!("{prefix}/replay"),
+        &ask.to_string(),
+        Some("app/replies/replay"),
+        Some(b"rp"),
+        None,
+    )
+    .await;
+    let mut events = Vec::new();
+    let done = loop {
+        let r = req.next().await;
+        assert_eq!(r.topic, "app/replies/replay");
+        assert_eq!(r.correlation.as_deref(), Some(&b"rp"[..]));
+        if r.json["done"] == true {
+            break r.json;
+        }
+        events.push(r);
+    };
+    assert_eq!(done["count"], 10, "{done}");
+    assert_eq!(events.len(), 10);
+    let topic = format!("{prefix}/devices/axis-1/telemetry");
+    for (e, l) in events.iter().zip(&got[3..=12]) {
+        assert_eq!(e.user, vec![("topic".to_owned(), topic.clone())]);
+        assert_eq!(
+            e.payload, l.payload,
+            "replayed bytes differ from the live ones"
+        );
+    }
+    assert!(gw.stop().success());
 }

@@ -189,7 +189,7 @@ async fn scenario() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_to_another_broker_moves_every_stream_there_without_a_gap() {
+async fn a_reload_to_another_broker_in_mqtt5_moves_every_stream_there_without_a_gap() {
     tokio::time::timeout(4 * DEADLINE, move_broker())
         .await
         .expect("the broker move finished within its deadline");
@@ -211,7 +211,11 @@ async fn move_broker() {
         }
     }
 
-    gw.reload(&config("e2e-move", &b.url(), &pty.gateway, &[1], ""));
+    // To B, and from MQTT 3.1.1 to MQTT 5 with topic aliases in the same reload.
+    gw.reload(&mqtt5(
+        &config("e2e-move", &b.url(), &pty.gateway, &[1], ""),
+        4,
+    ));
     let (mut birth, mut meta, mut on_b) = (false, false, 0);
     while !(birth && meta && on_b >= 20) {
         let m = sub_b.next().await;

@@ -260,7 +260,11 @@ impl Shared {
                 t.alias_max = *alias_max;
                 self.stats.connected.store(true, Relaxed);
                 self.stats.connects.fetch_add(1, Relaxed);
-                info!(session_present, "connected to the MQTT broker");
+                info!(
+                    session_present,
+                    topic_alias_max = alias_max,
+                    "connected to the MQTT broker"
+                );
                 self.wake.notify_one();
             }
             _ => {}
@@ -497,8 +501,8 @@ struct Publisher {
     /// Topic aliases we may use (MQTT 5; 0: none): the smaller of `[mqtt] topic_aliases`
     /// and what the broker granted.
     topic_aliases: u16,
-    /// Aliases given on this connection: the first topics published take them and keep
-    /// them until the connection ends (telemetry topics come first and stay).
+    /// Aliases given on this connection to telemetry topics (the ones repeated many times
+    /// a second), first come first served, until the connection ends.
     aliases: HashMap<String, u16>,
     /// MQTT 5 responses (topic, payload, correlation data) to send, oldest first.
     responses: VecDeque<(String, Vec<u8>, Option<Vec<u8>>)>,
@@ -530,6 +534,8 @@ struct Msg {
     qos: QoS,
     retain: bool,
     correlation: Option<Vec<u8>>,
+    /// May go with a topic alias (telemetry).
+    aliased: bool,
 }
 
 /// Responses waiting at most: beyond it the oldest goes (logged); its result is on the
@@ -582,6 +588,7 @@ impl Publisher {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 correlation,
+                aliased: false,
             };
             if self.hand(&mut t, msg, Tracked::Control) {
                 self.shared.stats.responses.fetch_add(1, Relaxed);
@@ -621,8 +628,11 @@ impl Publisher {
                 self.responses.pop_front();
                 warn!("too many MQTT 5 responses waiting: the oldest was dropped");
             }
-            self.responses
-                .push_back((reply.topic.clone(), payload.clone(), reply.correlation.clone()));
+            self.responses.push_back((
+                reply.topic.clone(),
+                payload.clone(),
+                reply.correlation.clone(),
+            ));
         }
         let msg = Msg {
             topic,
@@ -630,6 +640,7 @@ impl Publisher {
             qos,
             retain,
             correlation: None,
+            aliased: kind == Kind::Telemetry,
         };
         self.hand(&mut t, msg, Tracked::Ring(id))
     }
@@ -641,6 +652,7 @@ impl Publisher {
             qos: QoS::AtLeastOnce,
             retain: true,
             correlation: None,
+            aliased: false,
         }
     }
 
@@ -674,6 +686,7 @@ impl Publisher {
         let mut props = Props {
             alias: None,
             correlation: msg.correlation,
+            user: Vec::new(),
         };
         // Ring events were checked (and refused) before; control messages are checked here.
         if !matches!(tracked, Tracked::Ring(_)) {
@@ -684,7 +697,7 @@ impl Publisher {
         }
         let mut topic = msg.topic;
         let limit = self.topic_aliases.min(t.alias_max);
-        if limit > 0 {
+        if msg.aliased && limit > 0 {
             if let Some(&alias) = self.aliases.get(&topic) {
                 // Known to the broker on this connection: the alias alone.
                 props.alias = Some(alias);

@@ -17,15 +17,15 @@ mod forwarder;
 mod outbox;
 pub mod payload;
 mod settings;
-mod wire;
+pub mod wire;
 
 pub use feed::{Feed, Kind, Prepared};
 pub use forwarder::{
     run, Forwarder, ForwarderReport, Incoming, Intake, MqttStats, MqttStatsSnapshot, MAX_IN_FLIGHT,
 };
 pub use outbox::Outbox;
-pub use wire::Version;
 pub use payload::DeviceMeta;
 pub use settings::{
     parse_url, tls_client_config, BrokerUrl, Credentials, MqttError, MqttSettings, TlsFiles,
 };
+pub use wire::Version;

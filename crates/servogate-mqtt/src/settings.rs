@@ -238,22 +238,36 @@ impl MqttSettings {
                 let mut opts = self.options(url)?;
                 opts.set_inflight(inflight).set_last_will(wire::will4(will));
                 let (c, el) = rumqttc::AsyncClient::new(opts, channel);
-                (Client::V4(c), Conn::V4(el))
+                (Client::V4(c), Conn::V4(Box::new(el)))
             }
             Version::V5 => {
                 let mut opts = self.options_v5(url)?;
                 opts.set_outgoing_inflight_upper_limit(inflight)
                     .set_last_will(wire::will5(will));
                 let (c, el) = rumqttc::v5::AsyncClient::new(opts, channel);
-                (Client::V5(c), Conn::V5(el))
+                (Client::V5(c), Conn::V5(Box::new(el)))
             }
         })
     }
 
-    /// MQTT 5 options for a short-lived client of the same broker (the replay answerer):
-    /// the same login and transport, no Last Will.
-    pub fn client_options_v5(&self) -> Result<rumqttc::v5::MqttOptions, MqttError> {
-        self.options_v5(&self.validate()?)
+    /// A second connection to the same broker in the same version (the replay answerer):
+    /// the same login and transport, client id `client_id`, no Last Will.
+    pub fn session(&self, client_id: &str, channel: usize) -> Result<(Client, Conn), MqttError> {
+        let url = self.validate()?;
+        Ok(match self.version {
+            Version::V311 => {
+                let mut opts = self.options(&url)?;
+                opts.set_client_id(client_id.to_owned());
+                let (c, el) = rumqttc::AsyncClient::new(opts, channel);
+                (Client::V4(c), Conn::V4(Box::new(el)))
+            }
+            Version::V5 => {
+                let mut opts = self.options_v5(&url)?;
+                opts.set_client_id(client_id.to_owned());
+                let (c, el) = rumqttc::v5::AsyncClient::new(opts, channel);
+                (Client::V5(c), Conn::V5(Box::new(el)))
+            }
+        })
     }
 
     /// [`Self::options`], in MQTT 5.

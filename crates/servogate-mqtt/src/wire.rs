@@ -39,7 +39,7 @@ impl Version {
 
 /// What the forwarder acts on, from either version's event loop.
 #[derive(Debug)]
-pub(crate) enum Ev {
+pub enum Ev {
     /// The broker accepted the connection. `alias_max`: the Topic Alias Maximum it
     /// granted (0 on 3.1.1).
     ConnAck {
@@ -68,7 +68,7 @@ pub(crate) enum Ev {
 
 /// A failed poll: the connection is gone (or could not be made).
 #[derive(Debug)]
-pub(crate) struct PollError {
+pub struct PollError {
     pub message: String,
     /// The client side is gone: no request can ever come again.
     pub requests_done: bool,
@@ -76,7 +76,7 @@ pub(crate) struct PollError {
 
 /// The Last Will: always QoS 1.
 #[derive(Debug, Clone)]
-pub(crate) struct Will {
+pub struct Will {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
@@ -84,16 +84,23 @@ pub(crate) struct Will {
 
 /// MQTT 5 properties of one outgoing publish (ignored on 3.1.1).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Props {
+pub struct Props {
     pub alias: Option<u16>,
     pub correlation: Option<Vec<u8>>,
+    /// User Properties, in order.
+    pub user: Vec<(String, String)>,
 }
 
 impl Props {
     /// Bytes these properties add to a v5 PUBLISH, with the property length itself.
     pub fn wire_len(&self) -> usize {
         let props = self.alias.map_or(0, |_| 3)
-            + self.correlation.as_ref().map_or(0, |c| 3 + c.len());
+            + self.correlation.as_ref().map_or(0, |c| 3 + c.len())
+            + self
+                .user
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>();
         props + varint_len(props)
     }
 }
@@ -115,9 +122,18 @@ fn qos5(q: QoS) -> QoS5 {
     }
 }
 
+fn props5(props: Props) -> p5::PublishProperties {
+    p5::PublishProperties {
+        topic_alias: props.alias,
+        correlation_data: props.correlation.map(Bytes::from),
+        user_properties: props.user,
+        ..Default::default()
+    }
+}
+
 /// The request side of a connection.
-#[derive(Clone)]
-pub(crate) enum Client {
+#[derive(Clone, Debug)]
+pub enum Client {
     V4(rumqttc::AsyncClient),
     V5(v5::AsyncClient),
 }
@@ -137,12 +153,32 @@ impl Client {
                 .try_publish(topic, qos, retain, payload)
                 .map_err(|e| e.to_string()),
             Client::V5(c) => {
-                let properties = p5::PublishProperties {
-                    topic_alias: props.alias,
-                    correlation_data: props.correlation.map(Bytes::from),
-                    ..Default::default()
-                };
+                let properties = props5(props);
                 c.try_publish_with_properties(topic, qos5(qos), retain, payload, properties)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Queues a publish, waiting while the request channel is full (for senders that
+    /// must be paced by the connection, such as a replay).
+    pub async fn publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+        props: Props,
+    ) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .publish(topic, qos, retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let properties = props5(props);
+                c.publish_with_properties(topic, qos5(qos), retain, payload, properties)
+                    .await
                     .map_err(|e| e.to_string())
             }
         }
@@ -168,9 +204,11 @@ impl Client {
 }
 
 /// The event loop side of a connection.
-pub(crate) enum Conn {
-    V4(rumqttc::EventLoop),
-    V5(v5::EventLoop),
+/// Both boxed: the event loops are large (about 1 KiB) and of different sizes, and a
+/// `Conn` lives once per connection.
+pub enum Conn {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
 }
 
 impl Conn {
@@ -257,11 +295,11 @@ impl Conn {
     }
 }
 
-pub(crate) fn will4(w: Will) -> rumqttc::LastWill {
+pub fn will4(w: Will) -> rumqttc::LastWill {
     rumqttc::LastWill::new(w.topic, w.payload, QoS::AtLeastOnce, w.retain)
 }
 
-pub(crate) fn will5(w: Will) -> p5::LastWill {
+pub fn will5(w: Will) -> p5::LastWill {
     p5::LastWill::new(w.topic, w.payload, QoS5::AtLeastOnce, w.retain, None)
 }
 
@@ -295,10 +333,7 @@ fn ev5(event: v5::Event) -> Ev {
     match event {
         Event::Incoming(p5::Packet::ConnAck(ack)) => Ev::ConnAck {
             session_present: ack.session_present,
-            alias_max: ack
-                .properties
-                .and_then(|p| p.topic_alias_max)
-                .unwrap_or(0),
+            alias_max: ack.properties.and_then(|p| p.topic_alias_max).unwrap_or(0),
         },
         Event::Incoming(p5::Packet::PubAck(ack)) => Ev::PubAck {
             pkid: ack.pkid,
@@ -428,7 +463,8 @@ mod tests {
         let p = Props {
             alias: Some(4),
             correlation: Some(vec![0; 10]),
+            user: vec![("topic".into(), "a/b".into())],
         };
-        assert_eq!(p.wire_len(), 1 + 3 + 13);
+        assert_eq!(p.wire_len(), 1 + 3 + 13 + 5 + 5 + 3);
     }
 }

@@ -15,6 +15,7 @@ use servogate_core::{
 };
 use servogate_mqtt::{
     DeviceMeta, Forwarder, ForwarderReport, MqttError, MqttSettings, MqttStats, Outbox, TlsFiles,
+    Version,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -547,26 +548,29 @@ async fn tls_with_a_client_certificate_connects_and_a_wrong_ca_never_does() {
     );
     bad.task.abort();
 
-    let mut good = settings(&url, "gw-tls");
-    good.tls = Some(files("ca.crt"));
-    let outbox = outbox(10);
-    let fwd = start(good, "boot-tls", &outbox, vec![]);
-    let birth = sub.next_on(&status, LIMIT).await;
-    assert_eq!(
-        (
-            birth.json["online"].as_bool(),
-            birth.json["boot_id"].as_str()
-        ),
-        (Some(true), Some("boot-tls"))
-    );
-    let mut dev = DeviceEvents::new("axis-1");
-    outbox.push(telemetry(&mut dev, 1.0));
-    assert_eq!(
-        sub.next_on(&topic("axis-1", "telemetry"), LIMIT).await.json["seq"],
-        1
-    );
-    let report = fwd.shutdown().await;
-    assert!(report.clean_disconnect);
+    // The right CA, on MQTT 3.1.1 and on MQTT 5.
+    for (version, boot) in [(Version::V311, "boot-tls"), (Version::V5, "boot-tls5")] {
+        let mut good = settings(&url, boot);
+        good.tls = Some(files("ca.crt"));
+        good.version = version;
+        let outbox = outbox(10);
+        let fwd = start(good, boot, &outbox, vec![]);
+        let birth = loop {
+            let m = sub.next_on(&status, LIMIT).await;
+            if m.json["boot_id"] == boot {
+                break m;
+            }
+        };
+        assert_eq!(birth.json["online"], true, "{version:?}");
+        let mut dev = DeviceEvents::new("axis-1");
+        outbox.push(telemetry(&mut dev, 1.0));
+        assert_eq!(
+            sub.next_on(&topic("axis-1", "telemetry"), LIMIT).await.json["seq"],
+            1
+        );
+        let report = fwd.shutdown().await;
+        assert!(report.clean_disconnect, "{version:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

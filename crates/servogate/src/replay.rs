@@ -23,9 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value};
+use servogate_core::ReplyTo;
 use servogate_log::{Entry, FsDir, Reader};
+use servogate_mqtt::wire::{Client, Ev, Props};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -333,36 +335,35 @@ pub async fn serve(
 ) {
     let prefix = settings.topic_prefix.clone();
     let request_topic = format!("{prefix}/replay");
-    let mut opts = match settings.client_options() {
-        Ok(o) => o,
+    let (client, mut conn) = match settings.session(&format!("{}-replay", settings.client_id), 64) {
+        Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "replay is off: no MQTT client");
             return;
         }
     };
-    opts.set_client_id(format!("{}-replay", settings.client_id));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let running = Arc::new(AtomicUsize::new(0));
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
-            e = eventloop.poll() => e,
+            e = conn.poll() => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if let Err(e) = client.try_subscribe(request_topic.clone(), QoS::AtLeastOnce) {
+            Ok(Ev::ConnAck { .. }) => {
+                if let Err(e) = client.try_subscribe(request_topic.clone()) {
                     warn!(error = %e, "cannot subscribe to the replay topic");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == request_topic => {
+            Ok(Ev::Publish(p)) if p.topic == request_topic => {
                 if p.retain {
                     debug!("a retained replay request is old: ignored");
                     continue;
                 }
+                let to = Answer::to(&prefix, p.reply.clone());
                 let req = match parse(&p.payload) {
                     Ok(r) => r,
                     Err((Some(id), why)) => {
-                        answer_error(&client, &prefix, &id, &why);
+                        answer_error(&client, &to, &id, &why);
                         continue;
                     }
                     Err((None, why)) => {
@@ -373,7 +374,7 @@ pub async fn serve(
                 if running.fetch_add(1, SeqCst) >= MAX_RUNNING {
                     running.fetch_sub(1, SeqCst);
                     let why = format!("busy: {MAX_RUNNING} replays are running; ask again later");
-                    answer_error(&client, &prefix, &req.id, &why);
+                    answer_error(&client, &to, &req.id, &why);
                     continue;
                 }
                 let guard = Running(running.clone());
@@ -382,13 +383,14 @@ pub async fn serve(
                     dir.clone(),
                     feed.written(),
                     prefix.clone(),
+                    to,
                     req,
                     guard,
                 ));
             }
             Ok(_) => {}
             Err(e) => {
-                debug!(error = %e, "replay connection: trying again");
+                debug!(error = %e.message, "replay connection: trying again");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(settings.reconnect_max.min(Duration::from_secs(1))) => {}
@@ -397,6 +399,55 @@ pub async fn serve(
         }
     }
     let _ = client.try_disconnect();
+}
+
+/// Where a request's answer goes: `{prefix}/replay/{id}` (each event below it), or the
+/// MQTT 5 Response Topic the request named (every message on it, with the request's
+/// Correlation Data, each event's own topic in the User Property `topic`).
+#[derive(Debug, Clone)]
+enum Answer {
+    Prefix(String),
+    Response(Arc<ReplyTo>),
+}
+
+impl Answer {
+    fn to(prefix: &str, reply: Option<Arc<ReplyTo>>) -> Self {
+        match reply {
+            Some(r) => Answer::Response(r),
+            None => Answer::Prefix(prefix.to_owned()),
+        }
+    }
+
+    /// Topic and properties of the summary of request `id`.
+    fn summary(&self, id: &str) -> (String, Props) {
+        match self {
+            Answer::Prefix(prefix) => (format!("{prefix}/replay/{id}"), Props::default()),
+            Answer::Response(r) => (r.topic.clone(), self.props(Vec::new())),
+        }
+    }
+
+    /// Topic and properties of one event whose topic below the prefix is `below`.
+    fn event(&self, prefix: &str, id: &str, below: &str) -> (String, Props) {
+        match self {
+            Answer::Prefix(_) => (format!("{prefix}/replay/{id}/{below}"), Props::default()),
+            Answer::Response(r) => (
+                r.topic.clone(),
+                self.props(vec![("topic".to_owned(), format!("{prefix}/{below}"))]),
+            ),
+        }
+    }
+
+    fn props(&self, user: Vec<(String, String)>) -> Props {
+        let correlation = match self {
+            Answer::Response(r) => r.correlation.clone(),
+            Answer::Prefix(_) => None,
+        };
+        Props {
+            alias: None,
+            correlation,
+            user,
+        }
+    }
 }
 
 /// Counts a running replay down when it ends, however it ends.
@@ -408,22 +459,19 @@ impl Drop for Running {
     }
 }
 
-fn answer_error(client: &AsyncClient, prefix: &str, id: &str, why: &str) {
+fn answer_error(client: &Client, to: &Answer, id: &str, why: &str) {
     warn!(id, "replay request refused: {why}");
     let body = json!({"id": id, "done": true, "error": why}).to_string();
-    let _ = client.try_publish(
-        format!("{prefix}/replay/{id}"),
-        QoS::AtLeastOnce,
-        false,
-        body,
-    );
+    let (topic, props) = to.summary(id);
+    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, body.into_bytes(), props);
 }
 
 async fn replay(
-    client: AsyncClient,
+    client: Client,
     dir: FsDir,
     end: u64,
     prefix: String,
+    to: Answer,
     req: Request,
     _running: Running,
 ) {
@@ -436,10 +484,10 @@ async fn replay(
             })
         })
     };
-    let base = format!("{prefix}/replay/{}", req.id);
     while let Some((below, payload)) = rx.recv().await {
+        let (topic, props) = to.event(&prefix, &req.id, &below);
         if client
-            .publish(format!("{base}/{below}"), QoS::AtLeastOnce, false, payload)
+            .publish(topic, QoS::AtLeastOnce, false, payload, props)
             .await
             .is_err()
         {
@@ -454,7 +502,10 @@ async fn replay(
         Err(_) => return,
     };
     info!(id = req.id, "replay answered");
-    let _ = client.publish(base, QoS::AtLeastOnce, false, summary).await;
+    let (topic, props) = to.summary(&req.id);
+    let _ = client
+        .publish(topic, QoS::AtLeastOnce, false, summary, props)
+        .await;
 }
 
 #[cfg(test)]

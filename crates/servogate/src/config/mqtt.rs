@@ -320,6 +320,20 @@ mod tests {
             "mqtt.reconnect_min: reconnect_max (10s) must not be below reconnect_min (20s)"
         ));
         assert!(with("keep_alive = \"500ms\"").contains("mqtt.keep_alive:"));
+        assert!(with("version = 4").starts_with("t.toml:5:11: mqtt.version: must be 3"));
+        assert!(with("topic_aliases = 8").contains(
+            "mqtt.topic_aliases: topic aliases are an MQTT 5 feature: set mqtt.version = 5"
+        ));
+        assert!(with("version = 5\ntopic_aliases = 70000").contains("mqtt.topic_aliases: must be"));
+        let v5 = GOOD.replace(
+            "[profiles.ax]",
+            "[mqtt]\nversion = 5\ntopic_aliases = 16\n\n[profiles.ax]",
+        );
+        let c = parse(&v5, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.mqtt.version, c.mqtt.topic_aliases),
+            (servogate_mqtt::Version::V5, 16)
+        );
         let ok = GOOD.replace(
             "[profiles.ax]",
             "[mqtt]\nurl = \"mqtts://[::1]:8883\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\ntopic_prefix = \"plant/line-1\"\nqos = 0\n\n[profiles.ax]",
