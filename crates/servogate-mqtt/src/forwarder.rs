@@ -39,9 +39,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::feed::{Feed, Kind, Prepared};
-use crate::payload::{self, DeviceMeta, DeviceTopic};
+use crate::payload::{self, DeviceMeta};
+use crate::session::{Control, JsonSession, Session};
 use crate::settings::{BrokerUrl, MqttError, MqttSettings};
-use crate::wire::{Client, Conn, Ev, Props, Version, Will};
+use crate::wire::{Client, Conn, Ev, Props, Version};
 
 /// Largest number of publishes handed to rumqttc and not yet acknowledged.
 ///
@@ -349,33 +350,11 @@ impl Backoff {
     }
 }
 
-/// Identity of this gateway run, for the status topic and the Last Will.
-struct Identity {
-    status_topic: String,
-    boot_id: String,
-    version: String,
-    /// Durable mode: events of earlier boots the log publishes first.
-    recovered: Option<u64>,
-}
+/// The session, shared by the event loop task (its Will) and the publisher.
+type SharedSession = Arc<Mutex<Box<dyn Session>>>;
 
-impl Identity {
-    fn status(&self, online: bool) -> Vec<u8> {
-        payload::encode_status_recovered(
-            online,
-            &self.boot_id,
-            &self.version,
-            SystemTime::now(),
-            self.recovered,
-        )
-    }
-
-    fn will(&self) -> Will {
-        Will {
-            topic: self.status_topic.clone(),
-            payload: self.status(false),
-            retain: true,
-        }
-    }
+fn lock(session: &SharedSession) -> MutexGuard<'_, Box<dyn Session>> {
+    session.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How the event loop task ended.
@@ -391,7 +370,7 @@ enum LoopExit {
 async fn drive(
     mut conn: Conn,
     shared: Arc<Shared>,
-    identity: Arc<Identity>,
+    session: SharedSession,
     mut backoff: Backoff,
     intake: Option<Intake>,
     stop: CancellationToken,
@@ -463,8 +442,8 @@ async fn drive(
                 if err.requests_done {
                     return LoopExit::Stopped;
                 }
-                // The will's timestamp says when it was registered: refresh it per attempt.
-                conn.set_will(identity.will());
+                // The session's Will for the next attempt (a Sparkplug node's bdSeq moves on).
+                conn.set_will(lock(&session).will());
                 tokio::select! {
                     _ = stop.cancelled() => return LoopExit::Stopped,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -507,19 +486,14 @@ struct Publisher {
     /// MQTT 5 responses (topic, payload, correlation data) to send, oldest first.
     responses: VecDeque<(String, Vec<u8>, Option<Vec<u8>>)>,
     shared: Arc<Shared>,
-    identity: Arc<Identity>,
+    session: SharedSession,
     prefix: String,
     telemetry_qos: QoS,
     max_packet_size: usize,
-    /// (topic, payload) of every device's meta, by device name.
-    metas: BTreeMap<String, (String, Vec<u8>)>,
     /// New device lists (a reload), when the daemon gave a channel for them.
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
-    /// Last availability published per device, repeated (same payload and seq) after a
-    /// reconnect so the retained state survives a broker that lost it.
-    availability: BTreeMap<String, (String, Vec<u8>)>,
-    /// Control messages still to send on this connection.
-    preamble: VecDeque<(String, Vec<u8>)>,
+    /// Session messages still to send on this connection.
+    preamble: VecDeque<Control>,
     seen_epoch: u64,
     shutting_down: bool,
     farewell_epoch: Option<u64>,
@@ -536,6 +510,19 @@ struct Msg {
     correlation: Option<Vec<u8>>,
     /// May go with a topic alias (telemetry).
     aliased: bool,
+}
+
+impl Msg {
+    fn control(c: Control) -> Self {
+        Msg {
+            topic: c.topic,
+            payload: c.payload,
+            qos: c.qos,
+            retain: c.retain,
+            correlation: None,
+            aliased: false,
+        }
+    }
 }
 
 /// Responses waiting at most: beyond it the oldest goes (logged); its result is on the
@@ -571,15 +558,11 @@ impl Publisher {
         }
         if self.shutting_down && !t.farewell_acked && self.farewell_epoch != Some(t.epoch) {
             self.farewell_epoch = Some(t.epoch);
-            let msg = self.control(
-                self.identity.status_topic.clone(),
-                self.identity.status(false),
-            );
+            let msg = Msg::control(lock(&self.session).farewell());
             return self.hand(&mut t, msg, Tracked::Farewell);
         }
-        if let Some((topic, payload)) = self.preamble.pop_front() {
-            let msg = self.control(topic, payload);
-            return self.hand(&mut t, msg, Tracked::Control);
+        if let Some(c) = self.preamble.pop_front() {
+            return self.hand(&mut t, Msg::control(c), Tracked::Control);
         }
         if let Some((topic, payload, correlation)) = self.responses.pop_front() {
             let msg = Msg {
@@ -598,11 +581,12 @@ impl Publisher {
         let Some((id, prepared)) = self.shared.feed.take_next(&self.prefix) else {
             return false;
         };
+        lock(&self.session).handed(&prepared);
         let Prepared {
             topic,
             payload,
             kind,
-            device,
+            device: _,
             seq,
             reply,
         } = prepared;
@@ -616,10 +600,6 @@ impl Publisher {
             self.shared.stats.refused.fetch_add(1, Relaxed);
             self.shared.feed.ack(id);
             return true;
-        }
-        if retain {
-            self.availability
-                .insert(device.to_string(), (topic.clone(), payload.clone()));
         }
         if let Some(reply) = reply.filter(|_| self.version == Version::V5) {
             // After the result itself: a requester that also watches the result topic
@@ -643,17 +623,6 @@ impl Publisher {
             aliased: kind == Kind::Telemetry,
         };
         self.hand(&mut t, msg, Tracked::Ring(id))
-    }
-
-    fn control(&self, topic: String, payload: Vec<u8>) -> Msg {
-        Msg {
-            topic,
-            payload,
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            correlation: None,
-            aliased: false,
-        }
     }
 
     fn sendable(
@@ -736,7 +705,8 @@ impl Publisher {
         }
     }
 
-    /// A new session: birth, every meta and every known availability go out again, retained.
+    /// A new session: the commands subscribed again, the session's opening (the birth)
+    /// first in line.
     fn new_session(&mut self) {
         // Topic aliases live as long as their connection.
         self.aliases.clear();
@@ -747,19 +717,10 @@ impl Publisher {
             }
         }
         self.preamble.clear();
-        if !self.shutting_down {
-            self.preamble.push_back((
-                self.identity.status_topic.clone(),
-                self.identity.status(true),
-            ));
-        }
-        self.preamble.extend(self.metas.values().cloned());
-        self.preamble.extend(self.availability.values().cloned());
+        lock(&self.session).opening(self.shutting_down, &mut self.preamble);
     }
 
-    /// Takes a new device list, if one came: a new or changed device's meta goes out
-    /// (retained), and a device no longer listed has its retained meta and availability
-    /// cleared (an empty retained message), so subscribers stop seeing it.
+    /// Takes a new device list, if one came, and lets the session say what it must.
     fn take_meta_update(&mut self) {
         let Some(rx) = self.meta_updates.as_mut() else {
             return;
@@ -767,23 +728,8 @@ impl Publisher {
         if !rx.has_changed().unwrap_or(false) {
             return;
         }
-        let fresh = metas_by_device(&self.prefix, &rx.borrow_and_update());
-        for (name, (topic, _)) in &self.metas {
-            if !fresh.contains_key(name) {
-                info!(device = %name, "device removed: clearing its retained topics");
-                self.preamble.push_back((topic.clone(), Vec::new()));
-                let availability =
-                    payload::device_topic(&self.prefix, name, DeviceTopic::Availability);
-                self.preamble.push_back((availability, Vec::new()));
-                self.availability.remove(name);
-            }
-        }
-        for (name, meta) in &fresh {
-            if self.metas.get(name) != Some(meta) {
-                self.preamble.push_back(meta.clone());
-            }
-        }
-        self.metas = fresh;
+        let list = rx.borrow_and_update().clone();
+        lock(&self.session).devices(&list, &mut self.preamble);
     }
 
     /// All done: the offline status and every ring entry acknowledged.
@@ -797,23 +743,18 @@ impl Publisher {
 pub struct Forwarder {
     settings: MqttSettings,
     url: BrokerUrl,
-    identity: Arc<Identity>,
+    session: SessionKind,
     feed: Arc<dyn Feed>,
-    metas: BTreeMap<String, (String, Vec<u8>)>,
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     stats: Arc<MqttStats>,
     handover: CancellationToken,
     intake: Option<Intake>,
 }
 
-/// (meta topic, meta payload) of each device, by device name.
-fn metas_by_device(prefix: &str, meta: &[DeviceMeta]) -> BTreeMap<String, (String, Vec<u8>)> {
-    meta.iter()
-        .map(|m| {
-            let topic = payload::device_topic(prefix, &m.name, DeviceTopic::Meta);
-            (m.name.clone(), (topic, payload::encode_meta(m)))
-        })
-        .collect()
+/// The JSON contract's session (adjustable until the forwarder runs), or another.
+enum SessionKind {
+    Json(JsonSession),
+    Other(Box<dyn Session>),
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -838,20 +779,12 @@ impl Forwarder {
             // Fail now, naming the file, rather than at the first connect.
             crate::settings::tls_client_config(files)?;
         }
-        let prefix = &settings.topic_prefix;
-        let metas = metas_by_device(prefix, &meta);
-        let identity = Arc::new(Identity {
-            status_topic: payload::status_topic(prefix),
-            boot_id,
-            version,
-            recovered: None,
-        });
+        let session = JsonSession::new(&settings.topic_prefix, boot_id, version, &meta);
         Ok(Self {
             settings,
             url,
-            identity,
+            session: SessionKind::Json(session),
             feed,
-            metas,
             meta_updates: None,
             stats: Arc::default(),
             handover: CancellationToken::new(),
@@ -861,9 +794,16 @@ impl Forwarder {
 
     /// The status says `"recovered":n` (durable mode: events of earlier boots first).
     pub fn with_recovered(mut self, n: u64) -> Self {
-        if let Some(identity) = Arc::get_mut(&mut self.identity) {
-            identity.recovered = Some(n);
+        if let SessionKind::Json(j) = &mut self.session {
+            j.recovered(n);
         }
+        self
+    }
+
+    /// Speaks another contract than JSON: `session` gives the Will, the birth and the
+    /// farewell (a Sparkplug edge node).
+    pub fn with_session(mut self, session: Box<dyn Session>) -> Self {
+        self.session = SessionKind::Other(session);
         self
     }
 
@@ -905,12 +845,14 @@ impl Forwarder {
     /// Dropping the future (or aborting its task) drops the connection without DISCONNECT,
     /// so the broker publishes the Last Will.
     pub async fn run(self, shutdown: CancellationToken) -> Result<ForwarderReport, MqttError> {
-        let (client, mut conn) = self.settings.connect(
-            &self.url,
-            self.identity.will(),
-            MAX_IN_FLIGHT as u16,
-            CHANNEL_CAPACITY,
-        )?;
+        let session: SharedSession = Arc::new(Mutex::new(match self.session {
+            SessionKind::Json(j) => Box::new(j),
+            SessionKind::Other(s) => s,
+        }));
+        let will = lock(&session).will();
+        let (client, mut conn) =
+            self.settings
+                .connect(&self.url, will, MAX_IN_FLIGHT as u16, CHANNEL_CAPACITY)?;
         // Nagle off: a PUBACK (and with it a command's result) would otherwise wait for
         // the broker's delayed ACK, about 40 ms (BENCHMARKS.md, "Command latency").
         // rumqttc already writes each batch of packets in one go.
@@ -934,7 +876,7 @@ impl Forwarder {
         let mut event_loop = AbortOnDrop(tokio::spawn(drive(
             conn,
             shared.clone(),
-            self.identity.clone(),
+            session.clone(),
             Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max),
             self.intake.clone(),
             stop.clone(),
@@ -946,13 +888,11 @@ impl Forwarder {
             aliases: HashMap::new(),
             responses: VecDeque::new(),
             shared: shared.clone(),
-            identity: self.identity.clone(),
+            session,
             prefix: self.settings.topic_prefix.clone(),
             telemetry_qos: self.settings.telemetry_qos(),
             max_packet_size: self.settings.max_packet_size,
-            metas: self.metas,
             meta_updates: self.meta_updates,
-            availability: BTreeMap::new(),
             preamble: VecDeque::new(),
             seen_epoch: 0,
             shutting_down: false,

@@ -16,6 +16,7 @@ mod feed;
 mod forwarder;
 mod outbox;
 pub mod payload;
+mod session;
 mod settings;
 pub mod wire;
 
@@ -25,6 +26,7 @@ pub use forwarder::{
 };
 pub use outbox::Outbox;
 pub use payload::DeviceMeta;
+pub use session::{Control, JsonSession, Session};
 pub use settings::{
     parse_url, tls_client_config, BrokerUrl, Credentials, MqttError, MqttSettings, TlsFiles,
 };
