@@ -1113,3 +1113,153 @@ impl Requester {
             .expect("requester running")
     }
 }
+
+/// One Sparkplug B message as a host application received it.
+#[derive(Debug, Clone)]
+pub struct SpbMsg {
+    pub topic: servogate_sparkplug::Topic,
+    pub raw_topic: String,
+    /// The QoS it was delivered with (the host subscribes at QoS 1, so this is the
+    /// publisher's QoS when it was 0).
+    pub qos: u8,
+    pub retain: bool,
+    pub payload: servogate_sparkplug::Payload,
+    /// A STATE message's JSON (it is not protobuf).
+    pub state: Option<Value>,
+}
+
+impl SpbMsg {
+    /// The message type (`None` for STATE).
+    pub fn kind(&self) -> Option<servogate_sparkplug::MessageType> {
+        match &self.topic {
+            servogate_sparkplug::Topic::Node { kind, .. }
+            | servogate_sparkplug::Topic::Device { kind, .. } => Some(*kind),
+            servogate_sparkplug::Topic::State { .. } => None,
+        }
+    }
+
+    /// The device of a device message.
+    pub fn device(&self) -> Option<&str> {
+        match &self.topic {
+            servogate_sparkplug::Topic::Device { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+
+    /// The metric named `name` (by name; aliases are resolved by [`Host`]).
+    pub fn metric(&self, name: &str) -> Option<&servogate_sparkplug::Metric> {
+        self.payload
+            .metrics
+            .iter()
+            .find(|m| m.name.as_deref() == Some(name))
+    }
+}
+
+/// A Sparkplug host application for the tests: subscribes to `spBv1.0/#`, decodes every
+/// payload with the same protobuf types, and can publish NCMD / DCMD / STATE.
+pub struct Host {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<SpbMsg>,
+}
+
+impl Host {
+    /// Connects and returns once `spBv1.0/#` is subscribed.
+    pub async fn start(port: u16) -> Self {
+        use prost::Message as _;
+        let mut opts = MqttOptions::new(format!("e2e-host-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sub_tx, mut subscribed) = tokio::sync::watch::channel(false);
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        let _ = sub_client.try_subscribe("spBv1.0/#", QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = sub_tx.send(true);
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let topic = servogate_sparkplug::Topic::parse(&p.topic)
+                            .unwrap_or_else(|| panic!("not a Sparkplug topic: {}", p.topic));
+                        let (payload, state) = match topic {
+                            servogate_sparkplug::Topic::State { .. } => (
+                                servogate_sparkplug::Payload::default(),
+                                serde_json::from_slice(&p.payload).ok(),
+                            ),
+                            _ => (
+                                servogate_sparkplug::Payload::decode(p.payload.as_ref())
+                                    .unwrap_or_else(|e| {
+                                        panic!("{}: not a Sparkplug payload: {e}", p.topic)
+                                    }),
+                                None,
+                            ),
+                        };
+                        let msg = SpbMsg {
+                            topic,
+                            raw_topic: p.topic,
+                            qos: p.qos as u8,
+                            retain: p.retain,
+                            payload,
+                            state,
+                        };
+                        if tx.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, subscribed.wait_for(|s| *s))
+            .await
+            .expect("spBv1.0/# subscribed")
+            .expect("host running");
+        Self { client, rx }
+    }
+
+    /// The next message, or a panic after [`DEADLINE`].
+    pub async fn next(&mut self) -> SpbMsg {
+        tokio::time::timeout(DEADLINE, self.rx.recv())
+            .await
+            .expect("a Sparkplug message within the deadline")
+            .expect("host running")
+    }
+
+    /// Skips messages until one satisfies `pred`.
+    pub async fn until(&mut self, mut pred: impl FnMut(&SpbMsg) -> bool) -> SpbMsg {
+        loop {
+            let m = self.next().await;
+            if pred(&m) {
+                return m;
+            }
+        }
+    }
+
+    /// Publishes a Sparkplug payload (QoS 0, as a host does for commands).
+    pub async fn publish(&self, topic: &str, payload: &servogate_sparkplug::Payload) {
+        use prost::Message as _;
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload.encode_to_vec())
+            .await
+            .expect("publish");
+    }
+
+    /// Publishes this host's STATE (retained, QoS 1, JSON as Sparkplug 3.0 has it).
+    pub async fn state(&self, host_id: &str, online: bool) {
+        let body = serde_json::json!({"online": online, "timestamp": 0}).to_string();
+        self.client
+            .publish(
+                format!("spBv1.0/STATE/{host_id}"),
+                QoS::AtLeastOnce,
+                true,
+                body,
+            )
+            .await
+            .expect("publish STATE");
+    }
+}

@@ -17,6 +17,9 @@ pub enum Kind {
     Availability,
     Notice,
     CommandResult,
+    /// A Sparkplug B message: QoS 0, not retained (the specification's rule for every
+    /// message of an edge node but its NDEATH).
+    Sparkplug,
 }
 
 impl Kind {
@@ -35,6 +38,7 @@ impl Kind {
             Kind::Availability => 1,
             Kind::Notice => 2,
             Kind::CommandResult => 3,
+            Kind::Sparkplug => 4,
         }
     }
 
@@ -44,6 +48,7 @@ impl Kind {
             1 => Kind::Availability,
             2 => Kind::Notice,
             3 => Kind::CommandResult,
+            4 => Kind::Sparkplug,
             _ => return None,
         })
     }

@@ -494,6 +494,8 @@ struct Publisher {
     meta_updates: Option<watch::Receiver<Vec<DeviceMeta>>>,
     /// Session messages still to send on this connection.
     preamble: VecDeque<Control>,
+    /// The session asked to be asked what is due ([`Forwarder::nudge`]).
+    nudged: bool,
     seen_epoch: u64,
     shutting_down: bool,
     farewell_epoch: Option<u64>,
@@ -553,6 +555,10 @@ impl Publisher {
             self.new_session();
         }
         self.take_meta_update();
+        if self.nudged {
+            self.nudged = false;
+            lock(&self.session).due(&mut self.preamble);
+        }
         if t.in_flight() >= MAX_IN_FLIGHT {
             return false;
         }
@@ -594,6 +600,7 @@ impl Publisher {
             Kind::Telemetry => (self.telemetry_qos, false),
             Kind::Availability => (QoS::AtLeastOnce, true),
             Kind::Notice | Kind::CommandResult => (QoS::AtLeastOnce, false),
+            Kind::Sparkplug => (QoS::AtMostOnce, false),
         };
         if let Err(why) = self.sendable(&topic, payload.len(), qos, &Props::default()) {
             error!(%topic, seq, "event refused: {why}");
@@ -620,7 +627,7 @@ impl Publisher {
             qos,
             retain,
             correlation: None,
-            aliased: kind == Kind::Telemetry,
+            aliased: matches!(kind, Kind::Telemetry | Kind::Sparkplug),
         };
         self.hand(&mut t, msg, Tracked::Ring(id))
     }
@@ -749,6 +756,7 @@ pub struct Forwarder {
     stats: Arc<MqttStats>,
     handover: CancellationToken,
     intake: Option<Intake>,
+    nudge: Arc<tokio::sync::Notify>,
 }
 
 /// The JSON contract's session (adjustable until the forwarder runs), or another.
@@ -789,6 +797,7 @@ impl Forwarder {
             stats: Arc::default(),
             handover: CancellationToken::new(),
             intake: None,
+            nudge: Arc::default(),
         })
     }
 
@@ -801,9 +810,15 @@ impl Forwarder {
     }
 
     /// Speaks another contract than JSON: `session` gives the Will, the birth and the
-    /// farewell (a Sparkplug edge node).
-    pub fn with_session(mut self, session: Box<dyn Session>) -> Self {
+    /// farewell (a Sparkplug edge node). Notifying `nudge` makes the publisher ask the
+    /// session what is due ([`Session::due`]).
+    pub fn with_session(
+        mut self,
+        session: Box<dyn Session>,
+        nudge: Arc<tokio::sync::Notify>,
+    ) -> Self {
         self.session = SessionKind::Other(session);
+        self.nudge = nudge;
         self
     }
 
@@ -894,6 +909,7 @@ impl Forwarder {
             max_packet_size: self.settings.max_packet_size,
             meta_updates: self.meta_updates,
             preamble: VecDeque::new(),
+            nudged: false,
             seen_epoch: 0,
             shutting_down: false,
             farewell_epoch: None,
@@ -933,6 +949,7 @@ impl Forwarder {
             tokio::select! {
                 _ = self.feed.notify().notified() => {}
                 _ = shared.wake.notified() => {}
+                _ = self.nudge.notified() => publisher.nudged = true,
                 _ = shutdown.cancelled(), if deadline.is_none() => {}
                 _ = self.handover.cancelled(), if deadline.is_none() => {}
                 changed = async { meta_wake.as_mut()?.changed().await.ok() },

@@ -48,6 +48,8 @@ pub trait Session: Send {
     fn devices(&mut self, list: &[DeviceMeta], out: &mut VecDeque<Control>);
     /// A feed message was handed to the broker.
     fn handed(&mut self, _message: &Prepared) {}
+    /// Asked after the forwarder's nudge was notified: what is due now (a rebirth).
+    fn due(&mut self, _out: &mut VecDeque<Control>) {}
     /// The last message of a clean shutdown (the forwarder waits for its acknowledgement).
     fn farewell(&mut self) -> Control;
 }

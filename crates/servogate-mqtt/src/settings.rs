@@ -11,7 +11,7 @@ use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
 use crate::wire::{self, Client, Conn, Version, Will};
 
 /// Everything the forwarder needs to reach the broker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttSettings {
     /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (default 8883).
     /// Credentials do not go in the url: see [`credentials`](Self::credentials).

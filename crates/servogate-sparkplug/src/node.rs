@@ -104,6 +104,14 @@ pub struct Aliases {
 
 impl Aliases {
     /// The alias of `metric` of `device` (`""`: the node itself), given on first use.
+    /// The metric of `device` (`""`: the node) that `alias` stands for.
+    pub fn name_of(&self, device: &str, alias: u64) -> Option<&str> {
+        self.by_metric
+            .iter()
+            .find(|((d, _), a)| d == device && **a == alias)
+            .map(|((_, m), _)| m.as_str())
+    }
+
     pub fn of(&mut self, device: &str, metric: &str) -> u64 {
         let key = (device.to_owned(), metric.to_owned());
         if let Some(a) = self.by_metric.get(&key) {

@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::commands::{self, CommandStats, DeskConfig, DeskDevice, DeviceViews};
 use crate::config::{self, Config, DeviceAddress};
 use crate::metrics::{self, Metrics, Observed};
+use crate::sparkplug::{self, NodeParts};
 use crate::store::{LogMetrics, Store};
 use crate::{logging, systemd};
 
@@ -72,6 +73,8 @@ struct Shared {
     intake: mpsc::Sender<servogate_mqtt::Incoming>,
     /// The desk's devices, policies and bus inboxes (replaced on a reload).
     desk: watch::Sender<DeskConfig>,
+    /// The Sparkplug edge node, when the contract publishes Sparkplug.
+    node: Option<(NodeParts, watch::Sender<sparkplug::NodeSettings>)>,
 }
 
 pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
@@ -129,6 +132,13 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let (intake, intake_rx) = mpsc::channel(commands::INTAKE_CAPACITY);
     let (desk, desk_rx) = watch::channel(DeskConfig::default());
     let cmd_stats = metrics.commands();
+    let node = match &cfg.sparkplug {
+        Some(sp) => Some((
+            node_parts(&cfg, sp, &version, &boot_id, &outbox, &observed),
+            watch::channel(node_settings(&cfg)?).0,
+        )),
+        None => None,
+    };
     let shared = Shared {
         boot_id,
         version,
@@ -143,11 +153,15 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         cmd_stats,
         intake,
         desk,
+        node,
     };
 
     // Checked (url, TLS files, credentials, the metrics port) before any bus starts: a
     // bad setting stops the start with nothing opened.
-    let forwarder = build_forwarder(&cfg, &shared).context("MQTT settings")?;
+    let forwarder = match cfg.mqtt.contract.json() {
+        true => Some(build_forwarder(&cfg, &shared).context("MQTT settings")?),
+        false => None,
+    };
     let mut endpoint = match &cfg.metrics {
         Some(m) => Some(
             Endpoint::start(m.listen, shared.metrics.clone())
@@ -171,7 +185,24 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
         shared.cmd_stats.clone(),
         desk_stop.clone(),
     ));
-    let mut forwarder = RunningForwarder::spawn(forwarder, mqtt_fingerprint(&cfg));
+    let mut forwarder = forwarder.map(|f| RunningForwarder::spawn(f, mqtt_fingerprint(&cfg)));
+    // The Sparkplug edge node, on a connection of its own.
+    let node_stop = CancellationToken::new();
+    let node_task = shared.node.as_ref().map(|(parts, settings)| {
+        let run = sparkplug::NodeRun {
+            parts: parts.clone(),
+            boot_id: shared.boot_id.clone(),
+            version: shared.version.clone(),
+            meta: shared.meta.clone(),
+            desk: shared.intake.clone(),
+        };
+        tokio::spawn(sparkplug::run_node(
+            run,
+            settings.subscribe(),
+            node_stop.clone(),
+            cfg.mqtt.shutdown_grace,
+        ))
+    });
     // Replay from the log, on a connection of its own (it follows [mqtt] of the start).
     let replay_stop = CancellationToken::new();
     let replay_task = match &store {
@@ -261,7 +292,13 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     if let Some(t) = replay_task {
         let _ = t.await;
     }
-    forwarder.stop(cfg.mqtt.shutdown_grace).await;
+    node_stop.cancel();
+    if let Some(t) = node_task {
+        let _ = t.await;
+    }
+    if let Some(f) = forwarder.as_mut() {
+        f.stop(cfg.mqtt.shutdown_grace).await;
+    }
     if let Some(store) = store {
         let unacked = shared.feed.unacked();
         match store.stop() {
@@ -326,14 +363,14 @@ async fn reload(
     current: Config,
     shared: &Shared,
     buses: &mut Buses,
-    forwarder: &mut RunningForwarder,
+    forwarder: &mut Option<RunningForwarder>,
     endpoint: &mut Option<Endpoint>,
 ) -> Config {
     info!(file = %current.file.display(), "SIGHUP: reloading the config");
     if let Err(e) = systemd::reloading() {
         warn!(error = %e, "cannot notify systemd");
     }
-    let new = match config::load(&current.file) {
+    let mut new = match config::load(&current.file) {
         Ok(new) => new,
         Err(e) => {
             error!("reload refused, the running config stays in force: {e}");
@@ -355,23 +392,49 @@ async fn reload(
              unacknowledged events is not resized while running)"
         );
     }
+    if new.mqtt.contract != current.mqtt.contract
+        || new.sparkplug.is_some() != current.sparkplug.is_some()
+    {
+        warn!(
+            contract = ?current.mqtt.contract,
+            "mqtt.contract changed: it takes effect at the next restart"
+        );
+        new.mqtt.contract = current.mqtt.contract;
+        new.sparkplug = current.sparkplug.clone();
+    }
     // The forwarder first: if the new [mqtt] cannot be used (a TLS file unreadable), the
     // old connection stays and so does the rest of the old config's broker settings.
     let fingerprint = mqtt_fingerprint(&new);
-    if fingerprint != forwarder.fingerprint {
-        match build_forwarder(&new, shared) {
-            Ok(f) => {
-                info!(url = %new.mqtt.url, "[mqtt] changed: reconnecting");
-                forwarder.hand_over().await;
-                *forwarder = RunningForwarder::spawn(f, fingerprint);
+    if let Some(forwarder) = forwarder.as_mut() {
+        if fingerprint != forwarder.fingerprint {
+            match build_forwarder(&new, shared) {
+                Ok(f) => {
+                    info!(url = %new.mqtt.url, "[mqtt] changed: reconnecting");
+                    forwarder.hand_over().await;
+                    *forwarder = RunningForwarder::spawn(f, fingerprint);
+                }
+                Err(e) => error!("[mqtt] change not applied, the old connection stays: {e:#}"),
             }
-            Err(e) => error!("[mqtt] change not applied, the old connection stays: {e:#}"),
         }
     }
     if let Err(e) = buses.apply(&new).await {
         error!("reload: {e:#}");
     }
     shared.observed.set_devices(device_buses(&new));
+    if let Some((parts, settings)) = &shared.node {
+        // The node's device table first: the device list below makes it say what changed.
+        parts.node.set_devices(node_devices(&new));
+        match node_settings(&new) {
+            Ok(s) => {
+                settings.send_if_modified(|old| {
+                    let changed = *old != s;
+                    *old = s;
+                    changed
+                });
+            }
+            Err(e) => error!("Sparkplug settings not applied: {e:#}"),
+        }
+    }
     shared.meta.send_replace(device_metas(&new));
     // A changed policy applies to the next command.
     shared.desk.send_replace(desk_config(&new, buses));
@@ -713,6 +776,77 @@ fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
         }));
     }
     Ok(forwarder)
+}
+
+/// The Sparkplug edge node's parts: its node state, and what it publishes from (a ring of
+/// its own beside the JSON contract's, or the one ring when it is the only contract).
+fn node_parts(
+    cfg: &Config,
+    sp: &config::Sparkplug,
+    version: &str,
+    boot_id: &str,
+    outbox: &Arc<Outbox>,
+    observed: &Observed,
+) -> NodeParts {
+    let nudge = Arc::new(tokio::sync::Notify::new());
+    let own_ring = cfg.mqtt.contract.json();
+    let ring = match own_ring {
+        true => Outbox::new(cfg.buffer.capacity, cfg.buffer.on_full),
+        false => outbox.clone(),
+    };
+    let node = sparkplug::Node::new(sp, version, boot_id, ring.clone(), nudge.clone());
+    node.set_devices(node_devices(cfg));
+    let feed = Arc::new(sparkplug::NodeFeed::new(ring.clone(), node.clone()));
+    let seen = node.clone();
+    observed.set_tap(metrics::Tap(Box::new(move |e| {
+        seen.observe(e);
+        if own_ring {
+            ring.push(e.clone());
+        }
+    })));
+    NodeParts {
+        node,
+        feed,
+        nudge,
+        stats: Arc::default(),
+        unreadable: Arc::default(),
+    }
+}
+
+/// Each device as a Sparkplug device: its metrics, and whether it takes commands.
+fn node_devices(
+    cfg: &Config,
+) -> Vec<(Arc<str>, Vec<servogate_sparkplug::device::MetricSpec>, bool)> {
+    cfg.devices
+        .iter()
+        .map(|d| {
+            (
+                Arc::from(d.name.as_str()),
+                sparkplug::device_specs(cfg, d),
+                d.commands.is_some(),
+            )
+        })
+        .collect()
+}
+
+/// The edge node connection's settings: `[mqtt]` (its own client id beside the JSON
+/// contract's connection) and `[sparkplug]`.
+fn node_settings(cfg: &Config) -> anyhow::Result<sparkplug::NodeSettings> {
+    let sp = cfg.sparkplug.clone().context("no [sparkplug] table")?;
+    let mut mqtt = mqtt_settings(cfg)?;
+    if cfg.mqtt.contract.json() {
+        mqtt.client_id = format!("{}-spb", mqtt.client_id);
+    }
+    Ok(sparkplug::NodeSettings {
+        mqtt,
+        sparkplug: sp,
+        prefix: cfg.mqtt.topic_prefix.clone(),
+        commands: cfg
+            .devices
+            .iter()
+            .filter_map(|d| Some((d.name.clone(), d.commands.as_ref()?.max_age)))
+            .collect(),
+    })
 }
 
 /// What each device's retained `meta` topic says.

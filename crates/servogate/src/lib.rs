@@ -21,5 +21,6 @@ pub mod flight;
 pub mod logging;
 pub mod metrics;
 pub mod replay;
+pub mod sparkplug;
 pub mod store;
 pub mod systemd;

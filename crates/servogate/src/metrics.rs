@@ -654,6 +654,17 @@ pub struct Observed {
     state: Mutex<ObservedState>,
     /// What the command policy reads of each device (availability, last telemetry).
     views: Arc<DeviceViews>,
+    /// Sees every event too (the Sparkplug edge node).
+    tap: std::sync::OnceLock<Tap>,
+}
+
+/// A function that sees every event as it is acquired.
+pub struct Tap(pub Box<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -670,7 +681,13 @@ impl Observed {
             inner,
             state: Mutex::default(),
             views: Arc::default(),
+            tap: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `tap` sees every event from now on (set once).
+    pub fn set_tap(&self, tap: Tap) {
+        let _ = self.tap.set(tap);
     }
 
     /// The live per-device view the command policy reads.
@@ -722,6 +739,9 @@ impl EventSink for Observed {
                 }
             }
             EventBody::Telemetry(_) | EventBody::CommandResult(_) => {}
+        }
+        if let Some(tap) = self.tap.get() {
+            (tap.0)(&event);
         }
         self.inner.push(event);
     }

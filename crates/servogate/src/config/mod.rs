@@ -49,6 +49,7 @@ mod mqtt;
 mod profiles;
 mod raw;
 mod source;
+mod sparkplug;
 mod summary;
 
 use std::path::Path;
@@ -56,8 +57,8 @@ use std::path::Path;
 pub use commands::Commands;
 pub use error::ConfigError;
 pub use model::{
-    Buffer, Bus, BusKind, CanBus, CanDevice, Config, Device, DeviceAddress, Gateway, LogSettings,
-    Metrics, MqttConfig, RtuBus, CIA402,
+    Buffer, Bus, BusKind, CanBus, CanDevice, Config, Contract, Device, DeviceAddress, Gateway,
+    LogSettings, Metrics, MqttConfig, RtuBus, Sparkplug, CIA402,
 };
 
 use error::friendly;

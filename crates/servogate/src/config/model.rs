@@ -35,6 +35,44 @@ pub struct Config {
     pub metrics: Option<Metrics>,
     /// `[commands]`: gateway-wide command rules.
     pub commands: super::commands::Commands,
+    /// `[sparkplug]`: set when `mqtt.contract` is `sparkplug` or `both`.
+    pub sparkplug: Option<Sparkplug>,
+}
+
+/// `[sparkplug]`: the gateway as a Sparkplug B edge node (DESIGN.md section 10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sparkplug {
+    pub group_id: String,
+    /// Default `gateway.id`.
+    pub edge_node_id: String,
+    /// Wait for this host's STATE `online` before NBIRTH.
+    pub primary_host_id: Option<String>,
+    /// Metric aliases in births and data (unique across the node).
+    pub aliases: bool,
+    /// Rebirth requests (NCMD) closer together than this make one rebirth.
+    pub rebirth_interval: Duration,
+}
+
+/// What the gateway publishes (`[mqtt] contract`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Contract {
+    /// The JSON topics of DESIGN.md section 3 (the default).
+    #[default]
+    Json,
+    /// Sparkplug B only.
+    Sparkplug,
+    /// Both, each on a connection of its own.
+    Both,
+}
+
+impl Contract {
+    pub fn json(self) -> bool {
+        self != Contract::Sparkplug
+    }
+
+    pub fn sparkplug(self) -> bool {
+        self != Contract::Json
+    }
 }
 
 /// `[gateway]`.
@@ -75,6 +113,7 @@ pub struct MqttConfig {
     pub version: servogate_mqtt::Version,
     /// MQTT 5 topic aliases the forwarder may use (0: none).
     pub topic_aliases: u16,
+    pub contract: Contract,
 }
 
 /// `[buffer]`: the delivery ring.

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use servogate_mqtt::Version;
 
-use super::model::MqttConfig;
+use super::model::{Contract, MqttConfig};
 use super::raw::RawMqtt;
 use super::source::Source;
 use super::ConfigError;
@@ -207,6 +207,21 @@ impl Source<'_> {
                 n
             }
         };
+        let contract = match &m.contract {
+            None => Contract::Json,
+            Some(c) => match c.get_ref().as_str() {
+                "json" => Contract::Json,
+                "sparkplug" => Contract::Sparkplug,
+                "both" => Contract::Both,
+                _ => {
+                    return Err(self.at(
+                        c,
+                        "mqtt.contract",
+                        "must be \"json\" (the default), \"sparkplug\" or \"both\"",
+                    ))
+                }
+            },
+        };
         Ok(MqttConfig {
             url,
             tls,
@@ -224,6 +239,7 @@ impl Source<'_> {
             shutdown_grace,
             version,
             topic_aliases,
+            contract,
         })
     }
 }

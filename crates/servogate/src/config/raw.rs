@@ -63,6 +63,17 @@ pub(super) struct RawConfig {
     pub(super) devices: Vec<S<RawDevice>>,
     pub(super) metrics: Option<RawMetrics>,
     pub(super) commands: Option<S<super::commands::RawCommands>>,
+    pub(super) sparkplug: Option<S<RawSparkplug>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSparkplug {
+    pub(super) group_id: S<String>,
+    pub(super) edge_node_id: Option<S<String>>,
+    pub(super) primary_host_id: Option<S<String>>,
+    pub(super) aliases: Option<S<bool>>,
+    pub(super) rebirth_interval: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +101,7 @@ pub(super) struct RawMqtt {
     pub(super) shutdown_grace: Option<S<String>>,
     pub(super) version: Option<S<i64>>,
     pub(super) topic_aliases: Option<S<i64>>,
+    pub(super) contract: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]

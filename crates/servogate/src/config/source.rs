@@ -124,6 +124,8 @@ impl<'a> Source<'a> {
     /// section's checks live in its own file.
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let gateway = self.gateway(&raw.gateway)?;
+        // Kept for its position: a missing [sparkplug] is reported at the contract.
+        let contract_at = raw.mqtt.contract.clone();
         let mqtt = self.mqtt(raw.mqtt, &gateway.id)?;
         let buffer = self.buffer(raw.buffer)?;
         let profiles = self.profiles(raw.profiles)?;
@@ -134,6 +136,17 @@ impl<'a> Source<'a> {
             None => None,
             Some(m) => Some(self.metrics(m)?),
         };
+        if let (super::Contract::Sparkplug, Some(_), Some(at)) =
+            (mqtt.contract, &buffer.log, &contract_at)
+        {
+            return Err(self.at(
+                at,
+                "mqtt.contract",
+                "the event log on disk ([buffer] path) keeps the JSON contract's messages: \
+                 use \"both\", or no path (Sparkplug's store and forward is in memory)",
+            ));
+        }
+        let sparkplug = self.sparkplug(raw.sparkplug, contract_at, &mqtt, &gateway.id)?;
         Ok(Config {
             file: self.file.to_owned(),
             gateway,
@@ -144,6 +157,7 @@ impl<'a> Source<'a> {
             devices,
             metrics,
             commands,
+            sparkplug,
         })
     }
 }

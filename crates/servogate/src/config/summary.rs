@@ -43,6 +43,31 @@ impl Config {
                 ""
             },
         );
+        if let Some(sp) = &self.sparkplug {
+            let _ = writeln!(
+                s,
+                "sparkplug B edge node {g}/{n} ({json}): births on spBv1.0/{g}/NBIRTH/{n}, \
+                 each device on spBv1.0/{g}/DDATA/{n}/<device>, commands on DCMD; {aliases}{host}",
+                g = sp.group_id,
+                n = sp.edge_node_id,
+                json = if m.contract.json() {
+                    "beside the JSON topics"
+                } else {
+                    "instead of the JSON topics"
+                },
+                aliases = if sp.aliases {
+                    "metric aliases on"
+                } else {
+                    "metric names in every message"
+                },
+                host = sp
+                    .primary_host_id
+                    .as_ref()
+                    .map_or(String::new(), |h| format!(
+                        "; waits for primary host {h} (spBv1.0/STATE/{h}) before its birth"
+                    )),
+            );
+        }
         let _ = writeln!(
             s,
             "buffer {} events, {}",

@@ -1,0 +1,1051 @@
+//! The gateway as a Sparkplug B 3.0 edge node (DESIGN.md section 10), on the forwarder of
+//! `servogate-mqtt` with a contract of its own:
+//!
+//! - [`NodeSession`] (a [`Session`]): the Will is an NDEATH with the connection's bdSeq
+//!   (a new bdSeq at every connection attempt), a new session opens with NBIRTH (seq 0,
+//!   the same bdSeq, `Node Control/Rebirth`, the node's own metrics) and a DBIRTH for every
+//!   device online, a clean stop says NDEATH; a rebirth request (NCMD) births everything
+//!   again on the same connection, at most once per `rebirth_interval`.
+//! - [`NodeFeed`] (a [`Feed`]): the events, in order, as Sparkplug messages: telemetry as
+//!   DDATA, a device coming online as DBIRTH (with its current values), going offline as
+//!   DDEATH, a command's outcome as DDATA of its `Command/*` metrics. Events acquired
+//!   before the connection was made go out after the births, their metrics marked
+//!   `is_historical`. Notices have no Sparkplug form and are passed over.
+//! - [`Node`]: what both share under one lock: the sequence number (0-255 across every
+//!   message of the node, so it is taken when a message is handed to the broker, in wire
+//!   order), bdSeq, the metric aliases, and each device's metrics and latest values.
+//!
+//! Every Sparkplug message but NDEATH goes at QoS 0, not retained (the specification's
+//! rule); NDEATH at QoS 1.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use rumqttc::QoS;
+use servogate_core::{AvailabilityState, CommandReport, Event, EventBody, RingStats, Telemetry};
+use servogate_mqtt::wire::Will;
+use servogate_mqtt::{
+    Control, DeviceMeta, Feed, Forwarder, Incoming, Kind, Outbox, Prepared, Session,
+};
+use servogate_sparkplug::device::{birth_metrics, sample_values, MetricSpec, Raw};
+use servogate_sparkplug::node::{self as spb, BirthMetric};
+use servogate_sparkplug::{Aliases, BdSeq, DataType, MessageType, Sequence, Topic, Value};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, Device, Sparkplug};
+
+/// A device's command metrics (devices with a policy): the last command's id, status and
+/// reason, in the DDATA that follows its outcome.
+pub const COMMAND_ID: &str = "Command/Id";
+pub const COMMAND_STATUS: &str = "Command/Status";
+pub const COMMAND_REASON: &str = "Command/Reason";
+
+/// The metrics of a device: one per profile field, with its type, unit and scale.
+pub fn device_specs(cfg: &Config, d: &Device) -> Vec<MetricSpec> {
+    if let Some(c) = &d.canopen {
+        use servogate_canopen::objects::ObjType as T;
+        return c
+            .objects
+            .iter()
+            .map(|o| MetricSpec {
+                name: o.name.clone(),
+                raw: match o.ty {
+                    T::Bool => Raw::Bool,
+                    T::F32 => Raw::Float,
+                    T::I8 | T::I16 | T::I32 | T::I64 => Raw::Int {
+                        bits: o.ty.bits(),
+                        signed: true,
+                    },
+                    T::U8 | T::U16 | T::U32 | T::U64 => Raw::Int {
+                        bits: o.ty.bits(),
+                        signed: false,
+                    },
+                },
+                scale: o.scale,
+                offset: o.offset,
+                unit: o.unit.clone(),
+            })
+            .collect();
+    }
+    use servogate_modbus::profile::DataType as T;
+    cfg.fields(d)
+        .iter()
+        .flat_map(|f| f.iter())
+        .map(|f| MetricSpec {
+            name: f.name.clone(),
+            raw: match f.data_type {
+                T::Bool => Raw::Bool,
+                T::F32 | T::F64 => Raw::Float,
+                T::I16 => Raw::Int {
+                    bits: 16,
+                    signed: true,
+                },
+                T::U16 => Raw::Int {
+                    bits: 16,
+                    signed: false,
+                },
+                T::I32 => Raw::Int {
+                    bits: 32,
+                    signed: true,
+                },
+                T::U32 => Raw::Int {
+                    bits: 32,
+                    signed: false,
+                },
+                T::I64 => Raw::Int {
+                    bits: 64,
+                    signed: true,
+                },
+                T::U64 => Raw::Int {
+                    bits: 64,
+                    signed: false,
+                },
+            },
+            scale: f.scale,
+            offset: f.offset,
+            unit: f.unit.clone(),
+        })
+        .collect()
+}
+
+/// One device of the node.
+#[derive(Debug)]
+struct Dev {
+    specs: Arc<[MetricSpec]>,
+    /// Takes commands: its births carry the `Command/*` metrics.
+    commands: bool,
+    /// The newest sample acquired (whatever has been published): a birth's values.
+    latest: Option<Telemetry>,
+    /// The last availability seen.
+    online: bool,
+    /// A DBIRTH went out on this session (and no DDEATH since).
+    born: bool,
+}
+
+/// What the session and the feed share.
+#[derive(Debug)]
+struct State {
+    group: String,
+    node: String,
+    version: String,
+    boot_id: String,
+    seq: Sequence,
+    bd_seq: BdSeq,
+    /// Wills handed out: the first connection keeps bdSeq 0, each later one takes the next.
+    wills: u64,
+    aliases: Option<Aliases>,
+    devices: BTreeMap<Arc<str>, Dev>,
+    /// When the session's births went out; events acquired before are historical.
+    born_at: Option<SystemTime>,
+    /// A rebirth was asked for and not yet done.
+    rebirth_pending: bool,
+    last_rebirth: Option<Instant>,
+    rebirth_interval: Duration,
+    /// Births the primary host must see first: false until its STATE says online (always
+    /// true without a primary host).
+    host_online: bool,
+}
+
+/// The edge node's shared state.
+#[derive(Debug)]
+pub struct Node {
+    state: Mutex<State>,
+    /// The ring the node's metrics report on.
+    ring: Arc<Outbox>,
+    /// Wakes the forwarder's publisher for a rebirth or a host coming online.
+    nudge: Arc<Notify>,
+    /// A rebirth (or a first birth) is due: checked by the session's `due`.
+    due: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    ms(SystemTime::now())
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    pub fn new(
+        sp: &Sparkplug,
+        version: &str,
+        boot_id: &str,
+        ring: Arc<Outbox>,
+        nudge: Arc<Notify>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                group: sp.group_id.clone(),
+                node: sp.edge_node_id.clone(),
+                version: version.to_owned(),
+                boot_id: boot_id.to_owned(),
+                seq: Sequence::default(),
+                bd_seq: BdSeq::default(),
+                wills: 0,
+                aliases: sp.aliases.then(Aliases::default),
+                devices: BTreeMap::new(),
+                born_at: None,
+                rebirth_pending: false,
+                last_rebirth: None,
+                rebirth_interval: sp.rebirth_interval,
+                host_online: sp.primary_host_id.is_none(),
+            }),
+            ring,
+            nudge,
+            due: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The devices configured now: a kept device keeps its values and birth.
+    pub fn set_devices(&self, devices: Vec<(Arc<str>, Vec<MetricSpec>, bool)>) {
+        let mut st = self.lock();
+        let mut old = std::mem::take(&mut st.devices);
+        for (name, specs, commands) in devices {
+            let dev = match old.remove(&name) {
+                Some(mut d) => {
+                    if *d.specs != *specs {
+                        // Other metrics: the host must be told with a new birth.
+                        d.born = false;
+                    }
+                    d.specs = specs.into();
+                    d.commands = commands;
+                    d
+                }
+                None => Dev {
+                    specs: specs.into(),
+                    commands,
+                    latest: None,
+                    online: false,
+                    born: false,
+                },
+            };
+            st.devices.insert(name, dev);
+        }
+    }
+
+    /// Sees every event as it is acquired (before any queue): the newest values and
+    /// availability, for births.
+    pub fn observe(&self, e: &Event) {
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                if let Some(d) = self.lock().devices.get_mut(&e.device) {
+                    d.latest = Some(t.clone());
+                }
+            }
+            EventBody::Availability(a) => {
+                if let Some(d) = self.lock().devices.get_mut(&e.device) {
+                    d.online = a.state == AvailabilityState::Online;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A rebirth was asked for (NCMD `Node Control/Rebirth`): done at once, or at the end
+    /// of the current `rebirth_interval` when one was done just before, so a storm of
+    /// requests makes one rebirth.
+    pub fn request_rebirth(self: &Arc<Self>) {
+        let wait = {
+            let mut st = self.lock();
+            if st.rebirth_pending {
+                return;
+            }
+            st.rebirth_pending = true;
+            st.last_rebirth
+                .map(|t| st.rebirth_interval.saturating_sub(t.elapsed()))
+                .unwrap_or_default()
+        };
+        let node = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            node.due.store(true, Relaxed);
+            node.nudge.notify_one();
+        });
+    }
+
+    /// The primary host's STATE: births wait for it to be online. True when the host
+    /// went from online to offline while the node was born: the session must end.
+    pub fn host_state(&self, online: bool) -> bool {
+        let (was, born) = {
+            let mut st = self.lock();
+            let was = st.host_online;
+            st.host_online = online;
+            (was, st.born_at.is_some())
+        };
+        if online && !was {
+            self.due.store(true, Relaxed);
+            self.nudge.notify_one();
+        }
+        // A retained offline STATE on a new session is no news: the births just wait.
+        was && !online && born
+    }
+
+    /// The metric of `device` (`""`: the node) that `alias` stands for.
+    fn alias_name(&self, device: &str, alias: u64) -> Option<String> {
+        let st = self.lock();
+        st.aliases
+            .as_ref()?
+            .name_of(device, alias)
+            .map(str::to_owned)
+    }
+
+    /// The node's own metrics in NBIRTH.
+    fn own_metrics(&self, st: &State) -> Vec<BirthMetric> {
+        let ring = self.ring.stats();
+        let s = |name: &str, v: &str| BirthMetric {
+            name: name.to_owned(),
+            datatype: DataType::String,
+            value: Some(Value::Str(v.to_owned())),
+            properties: None,
+        };
+        let u = |name: &str, v: u64| BirthMetric {
+            name: name.to_owned(),
+            datatype: DataType::UInt64,
+            value: Some(Value::UInt(v, DataType::UInt64)),
+            properties: None,
+        };
+        vec![
+            s("Node Info/Version", &st.version),
+            s("Node Info/Boot ID", &st.boot_id),
+            u("Ring/Capacity", self.ring.capacity() as u64),
+            u("Ring/Events", ring.len as u64),
+            u("Ring/Dropped", ring.dropped),
+        ]
+    }
+}
+
+fn topic_node(st: &State, kind: MessageType) -> String {
+    Topic::node(&st.group, kind, &st.node).to_string()
+}
+
+fn topic_device(st: &State, kind: MessageType, device: &str) -> String {
+    Topic::device(&st.group, kind, &st.node, device).to_string()
+}
+
+/// A message at QoS 0, not retained (every Sparkplug message but NDEATH).
+fn qos0(topic: String, payload: spb_proto::Payload) -> Control {
+    Control {
+        topic,
+        payload: payload.encode_to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+    }
+}
+
+use servogate_sparkplug::proto as spb_proto;
+
+/// A device's birth metrics: its fields, `state`, `quality`, and the command metrics.
+fn dev_birth(d: &Dev) -> Vec<BirthMetric> {
+    let mut m = birth_metrics(&d.specs, d.latest.as_ref());
+    if d.commands {
+        for name in [COMMAND_ID, COMMAND_STATUS, COMMAND_REASON] {
+            m.push(BirthMetric {
+                name: name.to_owned(),
+                datatype: DataType::String,
+                value: None,
+                properties: None,
+            });
+        }
+    }
+    m
+}
+
+impl State {
+    fn dbirth(&mut self, device: &Arc<str>, now: u64) -> Option<Control> {
+        let d = self.devices.get(device)?;
+        let metrics = dev_birth(d);
+        let topic = topic_device(self, MessageType::DBirth, device);
+        let payload = spb::dbirth(&mut self.seq, self.aliases.as_mut(), device, &metrics, now);
+        if let Some(d) = self.devices.get_mut(device) {
+            d.born = true;
+        }
+        Some(qos0(topic, payload))
+    }
+
+    fn ddeath(&mut self, device: &Arc<str>, now: u64) -> Control {
+        let topic = topic_device(self, MessageType::DDeath, device);
+        if let Some(d) = self.devices.get_mut(device) {
+            d.born = false;
+        }
+        qos0(topic, spb::ddeath(&mut self.seq, now))
+    }
+
+    /// NBIRTH and the DBIRTH of every device online.
+    fn births(&mut self, own: Vec<BirthMetric>, out: &mut VecDeque<Control>) {
+        let now = now_ms();
+        let topic = topic_node(self, MessageType::NBirth);
+        let nbirth = spb::nbirth(
+            &mut self.seq,
+            &self.bd_seq,
+            self.aliases.as_mut(),
+            &own,
+            now,
+        );
+        out.push_back(qos0(topic, nbirth));
+        let names: Vec<Arc<str>> = self.devices.keys().cloned().collect();
+        for name in names {
+            let online = self.devices.get(&name).is_some_and(|d| d.online);
+            if online {
+                if let Some(c) = self.dbirth(&name, now) {
+                    out.push_back(c);
+                }
+            } else if let Some(d) = self.devices.get_mut(&name) {
+                d.born = false;
+            }
+        }
+        self.born_at = Some(SystemTime::now());
+        self.rebirth_pending = false;
+        self.last_rebirth = Some(Instant::now());
+    }
+}
+
+/// The edge node's side of its connection.
+pub struct NodeSession(pub Arc<Node>);
+
+impl Session for NodeSession {
+    fn will(&mut self) -> Will {
+        let mut st = self.0.lock();
+        if st.wills > 0 {
+            st.bd_seq.next_session();
+        }
+        st.wills += 1;
+        // Nothing is born on the next connection until its NBIRTH.
+        st.born_at = None;
+        Will {
+            topic: topic_node(&st, MessageType::NDeath),
+            payload: spb::ndeath(&st.bd_seq, now_ms()).encode_to_vec(),
+            retain: false,
+        }
+    }
+
+    fn opening(&mut self, closing: bool, out: &mut VecDeque<Control>) {
+        let mut st = self.0.lock();
+        for d in st.devices.values_mut() {
+            d.born = false;
+        }
+        st.born_at = None;
+        if closing || !st.host_online {
+            // A primary host not online yet: the births wait for its STATE.
+            return;
+        }
+        let own = self.0.own_metrics(&st);
+        st.births(own, out);
+        info!(bd_seq = st.bd_seq.current(), "Sparkplug NBIRTH");
+    }
+
+    fn devices(&mut self, list: &[DeviceMeta], out: &mut VecDeque<Control>) {
+        // The node's device table was set by the daemon before this list was sent: a
+        // device gone dies, a device with other metrics is born again.
+        let mut st = self.0.lock();
+        if st.born_at.is_none() {
+            return;
+        }
+        let now = now_ms();
+        let listed: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
+        let names: Vec<Arc<str>> = st.devices.keys().cloned().collect();
+        for name in names {
+            let (online, born) = st
+                .devices
+                .get(&name)
+                .map_or((false, false), |d| (d.online, d.born));
+            if !listed.contains(&&*name) {
+                if born {
+                    out.push_back(st.ddeath(&name, now));
+                }
+                st.devices.remove(&name);
+            } else if online && !born {
+                if let Some(c) = st.dbirth(&name, now) {
+                    out.push_back(c);
+                }
+            }
+        }
+    }
+
+    fn due(&mut self, out: &mut VecDeque<Control>) {
+        if !self.0.due.swap(false, Relaxed) {
+            return;
+        }
+        let mut st = self.0.lock();
+        if !st.host_online {
+            return;
+        }
+        let first = st.born_at.is_none();
+        if !first && !st.rebirth_pending {
+            return;
+        }
+        let own = self.0.own_metrics(&st);
+        st.births(own, out);
+        info!(
+            bd_seq = st.bd_seq.current(),
+            first, "Sparkplug NBIRTH (rebirth)"
+        );
+    }
+
+    fn farewell(&mut self) -> Control {
+        let st = self.0.lock();
+        Control {
+            topic: topic_node(&st, MessageType::NDeath),
+            payload: spb::ndeath(&st.bd_seq, now_ms()).encode_to_vec(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        }
+    }
+}
+
+/// An event waiting for its birth to go first.
+#[derive(Debug)]
+struct Held {
+    id: u64,
+    event: Event,
+}
+
+/// Ids of messages the feed made itself (births before their data): nothing to ack.
+const OWN: u64 = 1 << 63;
+
+/// The events as Sparkplug messages (see the module doc).
+#[derive(Debug)]
+pub struct NodeFeed {
+    ring: Arc<Outbox>,
+    node: Arc<Node>,
+    /// An event whose device's DBIRTH was just handed: it goes next.
+    held: Mutex<Option<Held>>,
+}
+
+impl NodeFeed {
+    pub fn new(ring: Arc<Outbox>, node: Arc<Node>) -> Self {
+        Self {
+            ring,
+            node,
+            held: Mutex::new(None),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn prepared(topic: String, payload: spb_proto::Payload, e: &Event) -> Prepared {
+        Prepared {
+            topic,
+            payload: payload.encode_to_vec(),
+            kind: Kind::Sparkplug,
+            device: e.device.clone(),
+            seq: e.seq,
+            reply: None,
+        }
+    }
+
+    /// The message of `e`, if it has one; a DBIRTH first when its device is not born.
+    fn encode(&self, st: &mut State, e: &Event) -> Encoded {
+        let Some(born_at) = st.born_at else {
+            // Not born on this connection (a primary host not online): nothing goes.
+            return Encoded::NotNow;
+        };
+        let Some(dev) = st.devices.get(&e.device) else {
+            return Encoded::Skip;
+        };
+        let now = now_ms();
+        let historical = e.ts < born_at;
+        match &e.body {
+            EventBody::Telemetry(t) => {
+                if !dev.born {
+                    return Encoded::BirthFirst;
+                }
+                let values = sample_values(&dev.specs, t);
+                // Only what the birth named (a field the profile does not list never
+                // reaches here, but a host must never see an unborn metric).
+                let birth: Vec<String> = dev_birth(dev).into_iter().map(|m| m.name).collect();
+                let values: Vec<(&str, Value)> = values
+                    .iter()
+                    .filter(|(n, _)| birth.iter().any(|b| b == &**n))
+                    .map(|(n, v)| (&**n, v.clone()))
+                    .collect();
+                let topic = topic_device(st, MessageType::DData, &e.device);
+                let payload = spb::ddata(
+                    &mut st.seq,
+                    st.aliases.as_mut(),
+                    &e.device,
+                    &values,
+                    ms(e.ts),
+                    now,
+                    historical,
+                );
+                Encoded::Message(Self::prepared(topic, payload, e))
+            }
+            EventBody::Availability(a) => match (a.state, dev.born) {
+                (AvailabilityState::Online, false) => match st.dbirth(&e.device, now) {
+                    Some(c) => Encoded::Message(Prepared {
+                        topic: c.topic,
+                        payload: c.payload,
+                        kind: Kind::Sparkplug,
+                        device: e.device.clone(),
+                        seq: e.seq,
+                        reply: None,
+                    }),
+                    None => Encoded::Skip,
+                },
+                (AvailabilityState::Offline, true) => {
+                    let c = st.ddeath(&e.device, now);
+                    Encoded::Message(Prepared {
+                        topic: c.topic,
+                        payload: c.payload,
+                        kind: Kind::Sparkplug,
+                        device: e.device.clone(),
+                        seq: e.seq,
+                        reply: None,
+                    })
+                }
+                _ => Encoded::Skip,
+            },
+            EventBody::CommandResult(r) if dev.commands => {
+                if !dev.born {
+                    return Encoded::Skip;
+                }
+                let values = command_values(r);
+                let values: Vec<(&str, Value)> =
+                    values.iter().map(|(n, v)| (*n, v.clone())).collect();
+                let topic = topic_device(st, MessageType::DData, &e.device);
+                let payload = spb::ddata(
+                    &mut st.seq,
+                    st.aliases.as_mut(),
+                    &e.device,
+                    &values,
+                    ms(e.ts),
+                    now,
+                    historical,
+                );
+                Encoded::Message(Self::prepared(topic, payload, e))
+            }
+            _ => Encoded::Skip,
+        }
+    }
+}
+
+/// What one event becomes.
+enum Encoded {
+    Message(Prepared),
+    /// Its device must be born first: a DBIRTH goes, the event right after.
+    BirthFirst,
+    /// No Sparkplug form (a notice, an unknown device): passed over.
+    Skip,
+    /// Not now: the node is not born on this connection.
+    NotNow,
+}
+
+fn command_values(r: &CommandReport) -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            COMMAND_ID,
+            Value::Str(r.id.as_deref().unwrap_or("").to_owned()),
+        ),
+        (COMMAND_STATUS, Value::Str(r.status.as_str().to_owned())),
+        (
+            COMMAND_REASON,
+            Value::Str(r.reason.map_or("", |x| x.as_str()).to_owned()),
+        ),
+    ]
+}
+
+impl Feed for NodeFeed {
+    fn take_next(&self, _prefix: &str) -> Option<(u64, Prepared)> {
+        let mut held = self.held();
+        let mut st = self.node.lock();
+        if let Some(h) = held.take() {
+            return match self.encode(&mut st, &h.event) {
+                Encoded::Message(p) => Some((h.id, p)),
+                Encoded::NotNow => {
+                    *held = Some(h);
+                    None
+                }
+                Encoded::Skip | Encoded::BirthFirst => {
+                    // Cannot be born (removed meanwhile): passed over.
+                    self.ring.lock().ack(h.id);
+                    drop(st);
+                    drop(held);
+                    self.take_next(_prefix)
+                }
+            };
+        }
+        // Not born on this connection yet: nothing goes before the births.
+        st.born_at?;
+        loop {
+            let (id, event) = {
+                let mut ring = self.ring.lock();
+                let (id, e) = ring.take_next()?;
+                (id, e.clone())
+            };
+            match self.encode(&mut st, &event) {
+                Encoded::Message(p) => return Some((id, p)),
+                Encoded::Skip => {
+                    self.ring.lock().ack(id);
+                }
+                Encoded::NotNow => {
+                    self.ring.lock().requeue(id);
+                    return None;
+                }
+                Encoded::BirthFirst => {
+                    let now = now_ms();
+                    let Some(c) = st.dbirth(&event.device, now) else {
+                        self.ring.lock().ack(id);
+                        continue;
+                    };
+                    debug!(device = %event.device, "DBIRTH before the device's first data");
+                    let birth = Prepared {
+                        topic: c.topic,
+                        payload: c.payload,
+                        kind: Kind::Sparkplug,
+                        device: event.device.clone(),
+                        seq: event.seq,
+                        reply: None,
+                    };
+                    *held = Some(Held { id, event });
+                    return Some((OWN, birth));
+                }
+            }
+        }
+    }
+
+    fn ack(&self, id: u64) {
+        if id & OWN == 0 {
+            self.ring.lock().ack(id);
+        }
+    }
+
+    fn requeue(&self, id: u64) {
+        if id & OWN == 0 {
+            self.ring.lock().requeue(id);
+        }
+    }
+
+    fn requeue_all(&self) -> usize {
+        // A held event was handed by the ring: it goes back with the rest.
+        self.held().take();
+        self.ring.lock().requeue_all()
+    }
+
+    fn unacked(&self) -> usize {
+        self.ring.stats().unacked
+    }
+
+    fn notify(&self) -> &Notify {
+        self.ring.notify()
+    }
+
+    fn stats(&self) -> RingStats {
+        self.ring.stats()
+    }
+}
+
+/// What the edge node's connection is built from; a change (a reload) reconnects it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSettings {
+    pub mqtt: servogate_mqtt::MqttSettings,
+    pub sparkplug: Sparkplug,
+    /// `{prefix}` of the JSON command topics the desk reads.
+    pub prefix: String,
+    /// Devices that take commands, with their `max_age` (a DCMD's time to live).
+    pub commands: BTreeMap<String, Option<Duration>>,
+}
+
+/// The parts of the edge node that live as long as the process.
+#[derive(Debug, Clone)]
+pub struct NodeParts {
+    pub node: Arc<Node>,
+    pub feed: Arc<NodeFeed>,
+    pub nudge: Arc<Notify>,
+    /// The edge node connection's counters (across reconnects and reloads).
+    pub stats: Arc<servogate_mqtt::MqttStats>,
+    /// Sparkplug messages that could not be read (bad protobuf, bad STATE).
+    pub unreadable: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The topics the edge node subscribes to: its NCMD, its devices' DCMD, and the primary
+/// host's STATE. Subscribed before the NBIRTH of every session (the forwarder sends
+/// SUBSCRIBE ahead of the session's opening).
+pub fn filters(sp: &Sparkplug) -> Vec<String> {
+    let ns = servogate_sparkplug::topic::NAMESPACE;
+    let (g, n) = (&sp.group_id, &sp.edge_node_id);
+    let mut f = vec![format!("{ns}/{g}/NCMD/{n}"), format!("{ns}/{g}/DCMD/{n}/+")];
+    if let Some(h) = &sp.primary_host_id {
+        f.push(format!("{ns}/STATE/{h}"));
+    }
+    f
+}
+
+/// A forwarder of the edge node, running.
+struct Running {
+    task:
+        tokio::task::JoinHandle<Result<servogate_mqtt::ForwarderReport, servogate_mqtt::MqttError>>,
+    stop: CancellationToken,
+    handover: CancellationToken,
+}
+
+impl Running {
+    async fn end(mut self, token_of: fn(&Self) -> &CancellationToken, grace: Duration) {
+        token_of(&self).cancel();
+        let grace = grace + Duration::from_secs(2);
+        match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => warn!("Sparkplug forwarder stopped with an error: {e}"),
+            Ok(Err(e)) => warn!("Sparkplug forwarder task failed: {e}"),
+            Err(_) => {
+                warn!("Sparkplug forwarder did not stop within {grace:?}");
+                self.task.abort();
+            }
+        }
+    }
+}
+
+/// Everything [`run_node`] needs besides its settings.
+pub struct NodeRun {
+    pub parts: NodeParts,
+    pub boot_id: String,
+    pub version: String,
+    /// Device lists (a reload): DBIRTH for a new device, DDEATH for a removed one.
+    pub meta: watch::Sender<Vec<DeviceMeta>>,
+    /// The command desk's intake: a DCMD becomes a command there.
+    pub desk: mpsc::Sender<Incoming>,
+}
+
+/// Runs the edge node until `stop`: its connection (restarted when `settings` change or
+/// the primary host goes offline), and what arrives on its subscriptions.
+pub async fn run_node(
+    run: NodeRun,
+    mut settings: watch::Receiver<NodeSettings>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    let (tx, mut rx) = mpsc::channel::<Incoming>(INTAKE);
+    let mut current = settings.borrow_and_update().clone();
+    let start = |s: &NodeSettings| -> Option<Running> {
+        let forwarder = match Forwarder::new(
+            s.mqtt.clone(),
+            run.boot_id.clone(),
+            run.version.clone(),
+            run.parts.feed.clone(),
+            Vec::new(),
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                error!("the Sparkplug edge node cannot connect: {e}");
+                return None;
+            }
+        };
+        let forwarder = forwarder
+            .with_session(
+                Box::new(NodeSession(run.parts.node.clone())),
+                run.parts.nudge.clone(),
+            )
+            .with_stats(run.parts.stats.clone())
+            .with_meta_updates(run.meta.subscribe())
+            .with_intake(servogate_mqtt::Intake {
+                filters: filters(&s.sparkplug),
+                tx: tx.clone(),
+                dropped: run.parts.unreadable.clone(),
+            });
+        let stop = CancellationToken::new();
+        let handover = forwarder.handover_token();
+        let task = tokio::spawn(forwarder.run(stop.clone()));
+        Some(Running {
+            task,
+            stop,
+            handover,
+        })
+    };
+    let mut running = start(&current);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let new = settings.borrow_and_update().clone();
+                if new != current {
+                    info!("Sparkplug settings changed: the edge node reconnects");
+                    if let Some(r) = running.take() {
+                        r.end(|r| &r.handover, Duration::ZERO).await;
+                    }
+                    current = new;
+                    running = start(&current);
+                }
+            }
+            Some(msg) = rx.recv() => {
+                if take(&run, &current, msg) == Next::Reconnect {
+                    // The primary host went offline: NDEATH, then a new session whose
+                    // births wait for the host (Sparkplug 3.0, host application state).
+                    info!("primary host offline: NDEATH and a new session");
+                    if let Some(r) = running.take() {
+                        r.end(|r| &r.handover, Duration::ZERO).await;
+                    }
+                    running = start(&current);
+                }
+            }
+            ended = async { (&mut running.as_mut()?.task).await.ok() }, if running.is_some() => {
+                warn!(?ended, "the Sparkplug forwarder ended: starting it again");
+                tokio::time::sleep(current.mqtt.reconnect_min).await;
+                running = start(&current);
+            }
+        }
+    }
+    if let Some(r) = running.take() {
+        r.end(|r| &r.stop, grace).await;
+    }
+}
+
+/// Messages from the edge node's subscriptions waiting to be read.
+const INTAKE: usize = 256;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Go,
+    Reconnect,
+}
+
+/// One message on the node's subscriptions.
+fn take(run: &NodeRun, s: &NodeSettings, msg: Incoming) -> Next {
+    let topic = msg.topic.clone();
+    let bad = |why: &str| {
+        let n = run.parts.unreadable.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(%topic, count = n, "Sparkplug message ignored: {why}");
+        }
+    };
+    match Topic::parse(&topic) {
+        Some(Topic::State { host }) => {
+            if s.sparkplug.primary_host_id.as_deref() != Some(host.as_str()) {
+                return Next::Go;
+            }
+            let online = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.get("online").and_then(serde_json::Value::as_bool));
+            match online {
+                Some(true) => {
+                    info!(host, "primary host online");
+                    run.parts.node.host_state(true);
+                }
+                Some(false) => {
+                    info!(host, "primary host offline");
+                    if run.parts.node.host_state(false) {
+                        return Next::Reconnect;
+                    }
+                }
+                None => bad("a STATE payload without \"online\""),
+            }
+        }
+        Some(Topic::Node {
+            kind: MessageType::NCmd,
+            ..
+        }) => {
+            let Ok(p) = spb_proto::Payload::decode(msg.payload.as_ref()) else {
+                bad("not a Sparkplug B payload");
+                return Next::Go;
+            };
+            for m in &p.metrics {
+                let name = m.name.clone().or_else(|| {
+                    let alias = m.alias?;
+                    run.parts.node.alias_name("", alias)
+                });
+                match (name.as_deref(), &m.value) {
+                    (Some(spb::REBIRTH), Some(spb_proto::MetricValue::BooleanValue(true))) => {
+                        info!("rebirth requested (NCMD)");
+                        run.parts.node.request_rebirth();
+                    }
+                    _ => bad("an NCMD metric the node does not have"),
+                }
+            }
+        }
+        Some(Topic::Device {
+            kind: MessageType::DCmd,
+            device,
+            ..
+        }) => dcmd(run, s, &device, msg, &bad),
+        _ => bad("a topic the node does not answer"),
+    }
+    Next::Go
+}
+
+/// A DCMD: a write of each metric, as a `write` command of section 7 through the desk,
+/// so the device's policy decides (allow, writable, limits, deadline, dedup). Its id is
+/// made from the DCMD's timestamp and bytes (a repeated DCMD is the same command), its
+/// deadline is the DCMD's timestamp plus the device's `max_age`.
+fn dcmd(run: &NodeRun, s: &NodeSettings, device: &str, msg: Incoming, bad: &dyn Fn(&str)) {
+    let Some(max_age) = s.commands.get(device) else {
+        bad("a DCMD for a device that takes no commands");
+        return;
+    };
+    let Ok(p) = spb_proto::Payload::decode(msg.payload.as_ref()) else {
+        bad("not a Sparkplug B payload");
+        return;
+    };
+    let mut values = serde_json::Map::new();
+    for m in &p.metrics {
+        let name = m
+            .name
+            .clone()
+            .or_else(|| run.parts.node.alias_name(device, m.alias?));
+        let (Some(name), Some(v)) = (name, m.value.as_ref().and_then(|v| number(m.datatype, v)))
+        else {
+            bad("a DCMD metric without a name or a number");
+            return;
+        };
+        values.insert(name, v);
+    }
+    let ts = p.timestamp.unwrap_or_else(now_ms);
+    let mut cmd = serde_json::json!({
+        "id": format!("dcmd-{ts}-{:016x}", fnv1a(&msg.payload)),
+        "action": "write",
+        "values": values,
+    });
+    if let Some(age) = max_age {
+        cmd["ts"] = serde_json::json!(servogate_mqtt::payload::rfc3339_millis(
+            UNIX_EPOCH + Duration::from_millis(ts)
+        ));
+        cmd["ttl_ms"] = serde_json::json!(age.as_millis() as u64);
+    }
+    let incoming = Incoming {
+        topic: format!("{}/devices/{device}/cmd", s.prefix),
+        payload: cmd.to_string().into_bytes().into(),
+        ..msg
+    };
+    if run.desk.try_send(incoming).is_err() {
+        bad("the command intake is full");
+    }
+}
+
+/// A metric's value as a JSON number (integers by their Sparkplug type's sign).
+fn number(datatype: Option<u32>, v: &spb_proto::MetricValue) -> Option<serde_json::Value> {
+    use spb_proto::MetricValue as V;
+    let signed = matches!(
+        datatype.and_then(|d| DataType::try_from(d as i32).ok()),
+        Some(DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64)
+    );
+    Some(match *v {
+        V::IntValue(i) if signed => serde_json::json!(i as i32),
+        V::IntValue(i) => serde_json::json!(i),
+        V::LongValue(l) if signed => serde_json::json!(l as i64),
+        V::LongValue(l) => serde_json::json!(l),
+        V::FloatValue(f) => serde_json::Number::from_f64(f64::from(f))?.into(),
+        V::DoubleValue(d) => serde_json::Number::from_f64(d)?.into(),
+        V::BooleanValue(b) => serde_json::json!(u8::from(b)),
+        _ => return None,
+    })
+}
+
+/// 64-bit FNV-1a: a DCMD's identity in its command id.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
