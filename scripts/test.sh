@@ -13,6 +13,9 @@ command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 # mkfs.ext4: the power-cut test formats the VM's virtual disk.
 command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+# python3 with venv: the Sparkplug interop test's third-party host (pysparkplug, PyPI).
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> installing ${missing[*]}"
@@ -27,6 +30,18 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The packaged broker must not hold port 1883 or a pid file the tests do not expect.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop mosquitto >/dev/null 2>&1 || true; fi
+
+# --- Python packages --------------------------------------------------------------------
+# pysparkplug, pinned, in a venv of our own under target/ (tests/tests/sparkplug_interop.rs
+# finds it there): a Sparkplug host we did not write reads what the gateway publishes.
+venv=target/interop-venv
+if ! "$venv/bin/python" -c "import pysparkplug" >/dev/null 2>&1; then
+    echo "==> pysparkplug into $venv (tests/interop/requirements.txt)"
+    mkdir -p target
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/interop/requirements.txt
+fi
+export SERVOGATE_INTEROP_PYTHON="$PWD/$venv/bin/python"
 
 # --- Rust components ---------------------------------------------------------------------
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then

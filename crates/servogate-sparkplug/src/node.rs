@@ -18,7 +18,9 @@ pub const BD_SEQ: &str = "bdSeq";
 pub enum Value {
     Double(f64),
     Float(f32),
-    /// Int8, Int16, Int32 or Int64 (`ty`); sent as its two's complement bits.
+    /// Int8, Int16, Int32 or Int64 (`ty`); sent as the two's complement bits of its own
+    /// width (an Int16 of -5 is 0xFFFB, not 0xFFFFFFFB): Eclipse Tahu reads both by
+    /// truncating, pysparkplug refuses the sign-extended form.
     Int(i64, DataType),
     /// UInt8, UInt16, UInt32 or UInt64 (`ty`).
     UInt(u64, DataType),
@@ -45,6 +47,8 @@ impl Value {
             Value::Double(v) => MetricValue::DoubleValue(*v),
             Value::Float(v) => MetricValue::FloatValue(*v),
             Value::Int(v, t) if wide(t) => MetricValue::LongValue(*v as u64),
+            Value::Int(v, DataType::Int8) => MetricValue::IntValue(u32::from(*v as i8 as u8)),
+            Value::Int(v, DataType::Int16) => MetricValue::IntValue(u32::from(*v as i16 as u16)),
             Value::Int(v, _) => MetricValue::IntValue(*v as i32 as u32),
             Value::UInt(v, t) if wide(t) => MetricValue::LongValue(*v),
             Value::UInt(v, _) => MetricValue::IntValue(*v as u32),
@@ -358,9 +362,17 @@ mod tests {
     }
 
     #[test]
-    fn integers_go_in_the_field_their_datatype_names_as_twos_complement() {
+    fn integers_go_in_the_field_their_datatype_names_as_twos_complement_of_their_width() {
         assert_eq!(
             Value::Int(-5, DataType::Int16).to_proto(),
+            MetricValue::IntValue(0xFFFB)
+        );
+        assert_eq!(
+            Value::Int(-5, DataType::Int8).to_proto(),
+            MetricValue::IntValue(0xFB)
+        );
+        assert_eq!(
+            Value::Int(-5, DataType::Int32).to_proto(),
             MetricValue::IntValue(0xFFFF_FFFB)
         );
         assert_eq!(
@@ -380,7 +392,7 @@ mod tests {
         );
         let back = Metric::decode(m.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back.datatype, Some(DataType::Int16 as u32));
-        assert_eq!(back.value, Some(MetricValue::IntValue(0xFFFF_FFFB)));
+        assert_eq!(back.value, Some(MetricValue::IntValue(0xFFFB)));
     }
 
     #[test]

@@ -1027,18 +1027,19 @@ fn dcmd(run: &NodeRun, s: &NodeSettings, device: &str, msg: Incoming, bad: &dyn 
 /// A metric's value as a JSON number (integers by their Sparkplug type's sign).
 fn number(datatype: Option<u32>, v: &spb_proto::MetricValue) -> Option<serde_json::Value> {
     use spb_proto::MetricValue as V;
-    let signed = matches!(
-        datatype.and_then(|d| DataType::try_from(d as i32).ok()),
-        Some(DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64)
-    );
-    Some(match *v {
-        V::IntValue(i) if signed => serde_json::json!(i as i32),
-        V::IntValue(i) => serde_json::json!(i),
-        V::LongValue(l) if signed => serde_json::json!(l as i64),
-        V::LongValue(l) => serde_json::json!(l),
-        V::FloatValue(f) => serde_json::Number::from_f64(f64::from(f))?.into(),
-        V::DoubleValue(d) => serde_json::Number::from_f64(d)?.into(),
-        V::BooleanValue(b) => serde_json::json!(u8::from(b)),
+    let ty = datatype.and_then(|d| DataType::try_from(d as i32).ok());
+    Some(match (v, ty) {
+        // Signed values by their own width: a host may send an Int16 of -5 as 0xFFFB
+        // or sign-extended as 0xFFFFFFFB; both are -5.
+        (V::IntValue(i), Some(DataType::Int8)) => serde_json::json!(*i as u8 as i8),
+        (V::IntValue(i), Some(DataType::Int16)) => serde_json::json!(*i as u16 as i16),
+        (V::IntValue(i), Some(DataType::Int32)) => serde_json::json!(*i as i32),
+        (V::LongValue(l), Some(DataType::Int64)) => serde_json::json!(*l as i64),
+        (V::IntValue(i), _) => serde_json::json!(i),
+        (V::LongValue(l), _) => serde_json::json!(l),
+        (V::FloatValue(f), _) => serde_json::Number::from_f64(f64::from(*f))?.into(),
+        (V::DoubleValue(d), _) => serde_json::Number::from_f64(*d)?.into(),
+        (V::BooleanValue(b), _) => serde_json::json!(u8::from(*b)),
         _ => return None,
     })
 }
@@ -1048,4 +1049,40 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spb_proto::MetricValue as V;
+
+    #[test]
+    fn a_dcmd_int16_of_minus_five_reads_the_same_in_either_width() {
+        let int16 = Some(DataType::Int16 as u32);
+        assert_eq!(
+            number(int16, &V::IntValue(0xFFFB)),
+            Some(serde_json::json!(-5))
+        );
+        assert_eq!(
+            number(int16, &V::IntValue(0xFFFF_FFFB)),
+            Some(serde_json::json!(-5))
+        );
+        let uint16 = Some(DataType::UInt16 as u32);
+        assert_eq!(
+            number(uint16, &V::IntValue(0xFFFB)),
+            Some(serde_json::json!(65531))
+        );
+        assert_eq!(
+            number(Some(DataType::Double as u32), &V::DoubleValue(f64::NAN)),
+            None,
+            "not a number a command can carry"
+        );
+        assert_eq!(number(None, &V::StringValue("x".into())), None);
+    }
+
+    #[test]
+    fn a_dcmd_id_is_the_same_for_the_same_bytes() {
+        assert_eq!(fnv1a(b"abc"), fnv1a(b"abc"));
+        assert_ne!(fnv1a(b"abc"), fnv1a(b"abd"));
+    }
 }
