@@ -10,6 +10,12 @@
 # between servosim and servogate, for DURATION seconds (default 10). DURABLE=1 runs the
 # gateway in durable mode (`[buffer] path`, the event log on disk, sync "batch" 10 ms)
 # and also prints the log's bytes per event.
+#
+# Instant mode also takes CONTRACT=json|sparkplug|both (what the gateway publishes, DESIGN.md
+# section 10; default json), MQTT=5 (MQTT 5 instead of 3.1.1), and FIELDS=N (a profile of N
+# u16 registers instead of the 8-field drive profile), POLL=DURATION (each device's poll
+# interval, default 1us: flat out): it then prints points/s, a point being one field of one
+# sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: bench.sh faithful N | instant UNITS}
@@ -27,6 +33,9 @@ if [ "$mode" = faithful ]; then
     profile="first = { address = 0, type = \"u16\" }
 last = { address = $last, type = \"u16\" }"
     # A real line: servogate keeps its own t3.5 (1.75 ms at 115200 baud).
+elif [ -n "${FIELDS:-}" ]; then
+    units=$arg; n=$FIELDS; simopts=(); t35='t35 = "0ms"'
+    profile=$(for i in $(seq 0 $((FIELDS - 1))); do printf 'f%s = { address = %s, type = "u16" }\n' "$i" "$i"; done)
 else
     units=$arg; n=10; simopts=(); t35='t35 = "0ms"'
     profile='position = { address = 0x0000, type = "i32", scale = 0.001, unit = "mm" }
@@ -46,11 +55,14 @@ for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && 
 
 {
     printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n' "$port"
+    printf 'contract = "%s"\n' "${CONTRACT:-json}"
+    if [ "${MQTT:-}" = 5 ]; then printf 'version = 5\n'; fi
+    if [ "${CONTRACT:-json}" != json ]; then printf '[sparkplug]\ngroup_id = "bench"\n'; fi
     if [ -n "${DURABLE:-}" ]; then printf '[buffer]\npath = "%s/log"\n' "$work"; fi
     printf '[profiles.p]\n%s\n' "$profile"
     printf '[[buses]]\nname = "b"\nprotocol = "modbus-rtu"\nport = "%s"\nbaud = 115200\ntimeout = "100ms"\nmax_gap = 125\n%s\n' "$work/gw.pty" "$t35"
     for u in $(seq "$units"); do
-        printf '[[devices]]\nname = "axis-%s"\nbus = "b"\nunit = %s\nprofile = "p"\npoll = "1us"\nlate_after = "1s"\n' "$u" "$u"
+        printf '[[devices]]\nname = "axis-%s"\nbus = "b"\nunit = %s\nprofile = "p"\npoll = "%s"\nlate_after = "1s"\n' "$u" "$u" "${POLL:-1us}"
     done
 } >"$work/bench.toml"
 target/release/servogate run --config "$work/bench.toml" 2>"$work/gw.err" & gw=$!; pids+=($gw)
@@ -73,10 +85,12 @@ sleep "$duration"
 s1=$(served); c1=$(cpu_ticks); t1=$(date +%s.%N)
 hz=$(getconf CLK_TCK)
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
-python3 - "$mode" "$n" "$units" "$s0" "$s1" "$t0" "$t1" "$c0" "$c1" "$hz" "$rss" <<'PY'
+fields=$(printf '%s\n' "$profile" | grep -c '=')
+python3 - "$mode" "$n" "$units" "$s0" "$s1" "$t0" "$t1" "$c0" "$c1" "$hz" "$rss" "$fields" "${CONTRACT:-json}" <<'PY'
 import sys
 mode, n, units = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s0, s1, t0, t1, c0, c1, hz, rss = map(float, sys.argv[4:])
+s0, s1, t0, t1, c0, c1, hz, rss, fields = map(float, sys.argv[4:13])
+contract = sys.argv[13]
 tx = s1 - s0; secs = t1 - t0; rate = tx / secs
 cpu_ms = (c1 - c0) / hz * 1000
 print(f"mode={mode} units={units} registers={n} transactions={tx:.0f} seconds={secs:.2f}")
@@ -87,6 +101,9 @@ if mode == "faithful":
     print(f"physical limit = {limit:.1f}/s; achieved {100 * rate / limit:.1f} %")
 print(f"servogate CPU = {cpu_ms:.0f} ms over {secs:.1f} s = {cpu_ms / max(tx, 1) * 1000:.1f} us per transaction")
 print(f"servogate peak RSS = {rss / 1024:.1f} MiB")
+if mode == "instant":
+    print(f"contract {contract}: {fields:.0f} points per sample, {rate * fields:,.0f} points/s, "
+          f"{cpu_ms / 1000 / secs:.3f} cores, {cpu_ms / max(tx * fields, 1) * 1000:.2f} us per point")
 PY
 if [ -n "${DURABLE:-}" ]; then
     bytes=$(cat "$work"/log/*.log | wc -c)
