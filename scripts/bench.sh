@@ -14,7 +14,8 @@
 # Instant mode also takes CONTRACT=json|sparkplug|both (what the gateway publishes, DESIGN.md
 # section 10; default json), MQTT=5 (MQTT 5 instead of 3.1.1), and FIELDS=N (a profile of N
 # u16 registers instead of the 8-field drive profile), POLL=DURATION (each device's poll
-# interval, default 1us: flat out): it then prints points/s, a point being one field of one
+# interval, default 1us: flat out), BATCH=N (up to N samples of a device per message,
+# [mqtt] batch_max): it then prints points/s, a point being one field of one
 # sample.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,7 @@ for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && 
     printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n' "$port"
     printf 'contract = "%s"\n' "${CONTRACT:-json}"
     if [ "${MQTT:-}" = 5 ]; then printf 'version = 5\n'; fi
+    if [ -n "${BATCH:-}" ]; then printf 'batch_max = %s\n' "$BATCH"; fi
     if [ "${CONTRACT:-json}" != json ]; then printf '[sparkplug]\ngroup_id = "bench"\n'; fi
     if [ -n "${DURABLE:-}" ]; then printf '[buffer]\npath = "%s/log"\n' "$work"; fi
     printf '[profiles.p]\n%s\n' "$profile"

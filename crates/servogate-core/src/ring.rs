@@ -184,6 +184,68 @@ impl<T> Ring<T> {
         None
     }
 
+    /// The entry [`take_next`](Self::take_next) would return, left unsent.
+    pub fn peek_next(&mut self) -> Option<(Id, &T)> {
+        self.cursor = self.cursor.max(self.front);
+        let start = (self.cursor - self.front) as usize;
+        let found = self
+            .slots
+            .iter()
+            .skip(start)
+            .position(|s| s.state == SlotState::Unsent)?;
+        let idx = start + found;
+        // Every entry before it is handed or acknowledged: the cursor may move up to it.
+        self.cursor = self.front + idx as Id;
+        Some((self.cursor, &self.slots[idx].item))
+    }
+
+    /// Up to `max` more unsent entries after `after`, looking at most `scan` entries
+    /// past it, that `take` accepts (it sees each unsent one and returns whether it is
+    /// taken); the taken ones become `Handed`. Entries passed over stay unsent, in their
+    /// place: a batch of one device's samples leaves the others for the next take.
+    pub fn take_after(
+        &mut self,
+        after: Id,
+        scan: usize,
+        max: usize,
+        mut take: impl FnMut(Id, &T) -> bool,
+    ) -> usize {
+        let Some(start) = after.checked_sub(self.front).map(|d| d as usize + 1) else {
+            return 0;
+        };
+        let mut taken = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate().skip(start).take(scan) {
+            if taken == max {
+                break;
+            }
+            if slot.state == SlotState::Unsent && take(self.front + i as Id, &slot.item) {
+                slot.state = SlotState::Handed;
+                taken += 1;
+            }
+        }
+        taken
+    }
+
+    /// Unsent entries among the `scan` after `after` that `pred` accepts (at most `max`).
+    pub fn count_after(
+        &self,
+        after: Id,
+        scan: usize,
+        max: usize,
+        mut pred: impl FnMut(&T) -> bool,
+    ) -> usize {
+        let Some(start) = after.checked_sub(self.front).map(|d| d as usize + 1) else {
+            return 0;
+        };
+        self.slots
+            .iter()
+            .skip(start)
+            .take(scan)
+            .filter(|s| s.state == SlotState::Unsent && pred(&s.item))
+            .take(max)
+            .count()
+    }
+
     /// True when [`take_next`](Self::take_next) would return an entry.
     pub fn has_unsent(&self) -> bool {
         let start = self.cursor.max(self.front);
@@ -276,6 +338,36 @@ impl<T> Ring<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_takes_one_kind_after_the_head_and_leaves_the_others_in_order() {
+        let mut r = Ring::new(NonZeroUsize::new(16).unwrap(), OnFull::DropOldest);
+        for v in [1, 20, 2, 21, 3, 22, 4] {
+            r.push(v);
+        }
+        let (head, &first) = r.peek_next().unwrap();
+        assert_eq!((head, first), (0, 1));
+        assert_eq!(r.count_after(head, 16, 10, |v| *v < 10), 3);
+        assert_eq!(r.take_next().map(|(i, v)| (i, *v)), Some((0, 1)));
+        let mut got = Vec::new();
+        let n = r.take_after(head, 16, 2, |id, v| {
+            let take = *v < 10;
+            if take {
+                got.push((id, *v));
+            }
+            take
+        });
+        assert_eq!(n, 2);
+        assert_eq!(got, [(2, 2), (4, 3)]);
+        // The others come next, in order, then what the batch left of its kind.
+        let rest: Vec<i32> = std::iter::from_fn(|| r.take_next().map(|(_, v)| *v)).collect();
+        assert_eq!(rest, [20, 21, 22, 4]);
+        // Acknowledged out of order, the ring still empties.
+        for id in 0..7 {
+            r.ack(id);
+        }
+        assert!(r.is_empty());
+    }
     use proptest::prelude::*;
 
     #[test]

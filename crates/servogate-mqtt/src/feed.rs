@@ -100,4 +100,12 @@ pub trait Feed: Send + Sync + std::fmt::Debug {
     fn notify(&self) -> &Notify;
     /// Counters for the forwarder's report.
     fn stats(&self) -> RingStats;
+    /// When a batch that is filling is due (`take_next` said nothing although entries
+    /// wait): the forwarder asks again then. Taken: a second call says `None`.
+    fn wake_at(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// `true`: from now on nothing waits for a batch to fill (shutting down, handing
+    /// over); `false`: batches fill again (a forwarder starts).
+    fn flush(&self, _on: bool) {}
 }

@@ -874,6 +874,7 @@ impl Forwarder {
         conn.set_nodelay();
         // Entries an earlier forwarder on this ring handed out and never saw acknowledged
         // (the daemon restarts the forwarder when a reload changes [mqtt]) go out again.
+        self.feed.flush(false);
         let requeued = self.feed.requeue_all();
         if requeued > 0 {
             debug!(
@@ -929,10 +930,13 @@ impl Forwarder {
                 // A reload moves us to other broker settings: no drain, the next
                 // forwarder publishes whatever this one leaves unacknowledged.
                 info!("handing over: publishing offline status and disconnecting");
+                self.feed.flush(true);
                 deadline = Some(Instant::now());
                 publisher.shutting_down = true;
             } else if deadline.is_none() && shutdown.is_cancelled() {
                 info!("shutting down: publishing offline status and draining the ring");
+                // No batch waits to fill any more: everything goes.
+                self.feed.flush(true);
                 deadline = Some(Instant::now() + self.settings.shutdown_grace);
                 publisher.shutting_down = true;
             }
@@ -946,7 +950,11 @@ impl Forwarder {
                 tokio::task::yield_now().await;
                 continue;
             }
+            // A batch filling in the feed: ask again when it is due, if no push comes first.
+            let batch_due = self.feed.wake_at();
             tokio::select! {
+                _ = tokio::time::sleep_until(batch_due.map_or_else(Instant::now, Instant::from_std)),
+                    if batch_due.is_some() => {}
                 _ = self.feed.notify().notified() => {}
                 _ = shared.wake.notified() => {}
                 _ = self.nudge.notified() => publisher.nudged = true,

@@ -12,6 +12,7 @@
 //! - [`MqttSettings`]: url, TLS files, credentials and limits, validated up front.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 mod feed;
 mod forwarder;
 mod outbox;
@@ -20,6 +21,7 @@ mod session;
 mod settings;
 pub mod wire;
 
+pub use batch::Batching;
 pub use feed::{Feed, Kind, Prepared};
 pub use forwarder::{
     run, Forwarder, ForwarderReport, Incoming, Intake, MqttStats, MqttStatsSnapshot, MAX_IN_FLIGHT,

@@ -1,12 +1,16 @@
 //! The delivery ring shared by the bus tasks (producers) and the forwarder (consumer).
 
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Instant, SystemTime};
 
 use servogate_core::{Event, EventSink, OnFull, Ring, RingStats};
 use tokio::sync::Notify;
 
+use crate::batch::{self, Batches, Batching, Take};
 use crate::feed::{Feed, Prepared};
+use crate::payload;
 
 /// The bounded ring of events waiting for the broker, behind a short `std` mutex.
 ///
@@ -23,6 +27,12 @@ pub struct Outbox {
     notify: Notify,
     /// A thread to unpark at every push, when one drains the ring (the event log).
     thread: OnceLock<std::thread::Thread>,
+    /// The throughput mode: several samples of a device per message.
+    batching: Mutex<Batching>,
+    /// Every id of a batch by its first (what the forwarder acknowledges).
+    batches: Batches,
+    flushing: AtomicBool,
+    wake: Mutex<Option<Instant>>,
 }
 
 impl Outbox {
@@ -32,7 +42,17 @@ impl Outbox {
             ring: Mutex::new(Ring::new(capacity, on_full)),
             notify: Notify::new(),
             thread: OnceLock::new(),
+            batching: Mutex::default(),
+            batches: Batches::default(),
+            flushing: AtomicBool::new(false),
+            wake: Mutex::new(None),
         })
+    }
+
+    /// Telemetry goes in batches of up to `b.max` samples of one device (a JSON array of
+    /// the samples' objects on the device's telemetry topic).
+    pub fn set_batching(&self, b: Batching) {
+        *self.batching.lock().unwrap_or_else(PoisonError::into_inner) = b;
     }
 
     /// Counters of the ring: pushed, dropped (each one a gap in `seq`), acked, requeued, and
@@ -60,21 +80,74 @@ impl Outbox {
 
 impl Feed for Outbox {
     fn take_next(&self, prefix: &str) -> Option<(u64, Prepared)> {
+        let b = *self.batching.lock().unwrap_or_else(PoisonError::into_inner);
         let mut ring = self.lock();
-        ring.take_next()
-            .map(|(id, event)| (id, Prepared::of_event(prefix, event)))
+        if !b.on() {
+            return ring
+                .take_next()
+                .map(|(id, event)| (id, Prepared::of_event(prefix, event)));
+        }
+        let mut built: Option<Prepared> = None;
+        let mut several = false;
+        let flush = self.flushing.load(Relaxed);
+        let taken = batch::take(&mut ring, b, flush, SystemTime::now(), |_, e| {
+            match built.as_mut() {
+                None => built = Some(Prepared::of_event(prefix, e)),
+                Some(p) => {
+                    if !several {
+                        p.payload.insert(0, b'[');
+                        several = true;
+                    }
+                    p.payload.push(b',');
+                    p.payload.extend_from_slice(&payload::encode_event(e));
+                }
+            }
+        });
+        match taken {
+            Take::Empty => None,
+            Take::WaitUntil(at) => {
+                *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                None
+            }
+            Take::Taken(ids) => {
+                let mut p = built?;
+                if several {
+                    p.payload.push(b']');
+                }
+                let first = ids[0];
+                self.batches.insert(ids);
+                Some((first, p))
+            }
+        }
     }
 
     fn ack(&self, id: u64) {
-        self.lock().ack(id);
+        let ids = self.batches.take(id);
+        let mut ring = self.lock();
+        for id in ids {
+            ring.ack(id);
+        }
     }
 
     fn requeue(&self, id: u64) {
-        self.lock().requeue(id);
+        let ids = self.batches.take(id);
+        let mut ring = self.lock();
+        for id in ids {
+            ring.requeue(id);
+        }
     }
 
     fn requeue_all(&self) -> usize {
+        self.batches.clear();
         self.lock().requeue_all()
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        self.wake.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn flush(&self, on: bool) {
+        self.flushing.store(on, Relaxed);
     }
 
     fn unacked(&self) -> usize {

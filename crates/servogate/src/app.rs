@@ -761,6 +761,8 @@ fn build_forwarder(cfg: &Config, shared: &Shared) -> anyhow::Result<Forwarder> {
         shared.feed.clone(),
         device_metas(cfg),
     )?;
+    // Memory mode: the ring is what the forwarder publishes from (a batch is its samples).
+    shared.outbox.set_batching(cfg.mqtt.batching);
     let mut forwarder = forwarder
         .with_stats(shared.mqtt_stats.clone())
         .with_meta_updates(shared.meta.subscribe());
@@ -846,6 +848,7 @@ fn node_settings(cfg: &Config) -> anyhow::Result<sparkplug::NodeSettings> {
             .iter()
             .filter_map(|d| Some((d.name.clone(), d.commands.as_ref()?.max_age)))
             .collect(),
+        batching: cfg.mqtt.batching,
     })
 }
 

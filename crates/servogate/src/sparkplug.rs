@@ -27,8 +27,9 @@ use prost::Message as _;
 use rumqttc::QoS;
 use servogate_core::{AvailabilityState, CommandReport, Event, EventBody, RingStats, Telemetry};
 use servogate_mqtt::wire::Will;
+use servogate_mqtt::batch::{self, Batches, Take};
 use servogate_mqtt::{
-    Control, DeviceMeta, Feed, Forwarder, Incoming, Kind, Outbox, Prepared, Session,
+    Batching, Control, DeviceMeta, Feed, Forwarder, Incoming, Kind, Outbox, Prepared, Session,
 };
 use servogate_sparkplug::device::{birth_metrics, sample_values, MetricSpec, Raw};
 use servogate_sparkplug::node::{self as spb, BirthMetric};
@@ -520,6 +521,11 @@ pub struct NodeFeed {
     node: Arc<Node>,
     /// An event whose device's DBIRTH was just handed: it goes next.
     held: Mutex<Option<Held>>,
+    /// Several samples of a device per DDATA (`[mqtt] batch_max`).
+    batching: Mutex<Batching>,
+    batches: Batches,
+    flushing: AtomicBool,
+    wake: Mutex<Option<std::time::Instant>>,
 }
 
 impl NodeFeed {
@@ -528,7 +534,57 @@ impl NodeFeed {
             ring,
             node,
             held: Mutex::new(None),
+            batching: Mutex::default(),
+            batches: Batches::default(),
+            flushing: AtomicBool::new(false),
+            wake: Mutex::new(None),
         }
+    }
+
+    /// Telemetry of one device goes in DDATA of up to `b.max` samples.
+    pub fn set_batching(&self, b: Batching) {
+        *self.batching.lock().unwrap_or_else(PoisonError::into_inner) = b;
+    }
+
+    /// A batch of samples of one born device as one DDATA: each metric with its sample's
+    /// timestamp, in order.
+    fn batch_ddata(&self, st: &mut State, events: &[Event]) -> Option<Prepared> {
+        let first = events.first()?;
+        let born_at = st.born_at?;
+        let dev = st.devices.get(&first.device)?;
+        let birth: Vec<String> = dev_birth(dev).into_iter().map(|m| m.name).collect();
+        let mut metrics = Vec::new();
+        let mut scratch = Sequence::default();
+        let now = now_ms();
+        for e in events {
+            let EventBody::Telemetry(t) = &e.body else {
+                continue;
+            };
+            let values = sample_values(&dev.specs, t);
+            let values: Vec<(&str, Value)> = values
+                .iter()
+                .filter(|(n, _)| birth.iter().any(|b| b == &**n))
+                .map(|(n, v)| (&**n, v.clone()))
+                .collect();
+            let one = spb::ddata(
+                &mut scratch,
+                st.aliases.as_mut(),
+                &e.device,
+                &values,
+                ms(e.ts),
+                now,
+                e.ts < born_at,
+            );
+            metrics.extend(one.metrics);
+        }
+        let payload = spb_proto::Payload {
+            timestamp: Some(now),
+            metrics,
+            seq: Some(st.seq.take()),
+            ..Default::default()
+        };
+        let topic = topic_device(st, MessageType::DData, &first.device);
+        Some(Self::prepared(topic, payload, first))
     }
 
     fn held(&self) -> MutexGuard<'_, Option<Held>> {
@@ -679,7 +735,35 @@ impl Feed for NodeFeed {
         }
         // Not born on this connection yet: nothing goes before the births.
         st.born_at?;
+        let batching = *self.batching.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
+            if batching.on() {
+                let mut ring = self.ring.lock();
+                let (_, head) = ring.peek_next()?;
+                let born = matches!(head.body, EventBody::Telemetry(_))
+                    && st.devices.get(&head.device).is_some_and(|d| d.born);
+                if born {
+                    let mut events = Vec::new();
+                    let flush = self.flushing.load(Relaxed);
+                    let taken = batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
+                        events.push(e.clone())
+                    });
+                    drop(ring);
+                    return match taken {
+                        Take::Empty => None,
+                        Take::WaitUntil(at) => {
+                            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                            None
+                        }
+                        Take::Taken(ids) => {
+                            let p = self.batch_ddata(&mut st, &events)?;
+                            let first = ids[0];
+                            self.batches.insert(ids);
+                            Some((first, p))
+                        }
+                    };
+                }
+            }
             let (id, event) = {
                 let mut ring = self.ring.lock();
                 let (id, e) = ring.take_next()?;
@@ -718,20 +802,37 @@ impl Feed for NodeFeed {
 
     fn ack(&self, id: u64) {
         if id & OWN == 0 {
-            self.ring.lock().ack(id);
+            let ids = self.batches.take(id);
+            let mut ring = self.ring.lock();
+            for id in ids {
+                ring.ack(id);
+            }
         }
     }
 
     fn requeue(&self, id: u64) {
         if id & OWN == 0 {
-            self.ring.lock().requeue(id);
+            let ids = self.batches.take(id);
+            let mut ring = self.ring.lock();
+            for id in ids {
+                ring.requeue(id);
+            }
         }
     }
 
     fn requeue_all(&self) -> usize {
         // A held event was handed by the ring: it goes back with the rest.
         self.held().take();
+        self.batches.clear();
         self.ring.lock().requeue_all()
+    }
+
+    fn wake_at(&self) -> Option<std::time::Instant> {
+        self.wake.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    fn flush(&self, on: bool) {
+        self.flushing.store(on, Relaxed);
     }
 
     fn unacked(&self) -> usize {
@@ -756,6 +857,8 @@ pub struct NodeSettings {
     pub prefix: String,
     /// Devices that take commands, with their `max_age` (a DCMD's time to live).
     pub commands: BTreeMap<String, Option<Duration>>,
+    /// Samples of a device per DDATA.
+    pub batching: Batching,
 }
 
 /// The parts of the edge node that live as long as the process.
@@ -829,6 +932,7 @@ pub async fn run_node(
     let (tx, mut rx) = mpsc::channel::<Incoming>(INTAKE);
     let mut current = settings.borrow_and_update().clone();
     let start = |s: &NodeSettings| -> Option<Running> {
+        run.parts.feed.set_batching(s.batching);
         let forwarder = match Forwarder::new(
             s.mqtt.clone(),
             run.boot_id.clone(),

@@ -114,6 +114,9 @@ pub struct MqttConfig {
     /// MQTT 5 topic aliases the forwarder may use (0: none).
     pub topic_aliases: u16,
     pub contract: Contract,
+    /// Telemetry samples of one device per message (1: no batching) and how long the
+    /// oldest may wait for its batch to fill.
+    pub batching: servogate_mqtt::Batching,
 }
 
 /// `[buffer]`: the delivery ring.

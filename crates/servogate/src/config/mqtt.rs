@@ -23,6 +23,11 @@ const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Not below `DEFAULT_RECONNECT_MIN` (the check of the pair relies on it).
 const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(10);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Samples per batched message at most.
+const MAX_BATCH: usize = 1000;
+/// How long a batch may wait to fill, by default and at most.
+const DEFAULT_BATCH_WAIT: Duration = Duration::from_millis(20);
+const MAX_BATCH_WAIT: Duration = Duration::from_secs(1);
 
 /// `{prefix}` of every topic when the file gives none.
 fn default_topic_prefix(gateway_id: &str) -> String {
@@ -222,6 +227,25 @@ impl Source<'_> {
                 }
             },
         };
+        let batch_max = match &m.batch_max {
+            None => 1,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(v @ 1..=MAX_BATCH) => v,
+                _ => {
+                    return Err(self.at(
+                        n,
+                        "mqtt.batch_max",
+                        format!("must be 1 (no batching) to {MAX_BATCH}"),
+                    ))
+                }
+            },
+        };
+        let batch_wait = self.positive(&m.batch_wait, "mqtt.batch_wait", DEFAULT_BATCH_WAIT)?;
+        if let Some(w) = &m.batch_wait {
+            if batch_wait > MAX_BATCH_WAIT {
+                return Err(self.at(w, "mqtt.batch_wait", "must be at most \"1s\""));
+            }
+        }
         Ok(MqttConfig {
             url,
             tls,
@@ -240,6 +264,10 @@ impl Source<'_> {
             version,
             topic_aliases,
             contract,
+            batching: servogate_mqtt::Batching {
+                max: batch_max,
+                wait: batch_wait,
+            },
         })
     }
 }
@@ -337,6 +365,13 @@ mod tests {
         ));
         assert!(with("keep_alive = \"500ms\"").contains("mqtt.keep_alive:"));
         assert!(with("version = 4").starts_with("t.toml:5:11: mqtt.version: must be 3"));
+        assert!(with("batch_max = 0").contains("mqtt.batch_max: must be 1 (no batching) to 1000"));
+        assert!(with("batch_max = 1001").contains("mqtt.batch_max: must be 1"));
+        assert!(with("batch_wait = \"2s\"").contains("mqtt.batch_wait: must be at most"));
+        let durable = GOOD
+            .replace("[profiles.ax]", "[mqtt]\nbatch_max = 10\n\n[profiles.ax]")
+            .replacen("[gateway]", "[buffer]\npath = \"/tmp/x\"\n\n[gateway]", 1);
+        assert!(err(&durable).contains("mqtt.batch_max: the JSON contract is batched in memory mode only"));
         assert!(with("topic_aliases = 8").contains(
             "mqtt.topic_aliases: topic aliases are an MQTT 5 feature: set mqtt.version = 5"
         ));

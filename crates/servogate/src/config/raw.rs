@@ -102,6 +102,8 @@ pub(super) struct RawMqtt {
     pub(super) version: Option<S<i64>>,
     pub(super) topic_aliases: Option<S<i64>>,
     pub(super) contract: Option<S<String>>,
+    pub(super) batch_max: Option<S<i64>>,
+    pub(super) batch_wait: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]

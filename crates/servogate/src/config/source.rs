@@ -126,6 +126,7 @@ impl<'a> Source<'a> {
         let gateway = self.gateway(&raw.gateway)?;
         // Kept for its position: a missing [sparkplug] is reported at the contract.
         let contract_at = raw.mqtt.contract.clone();
+        let batch_at = raw.mqtt.batch_max.clone();
         let mqtt = self.mqtt(raw.mqtt, &gateway.id)?;
         let buffer = self.buffer(raw.buffer)?;
         let profiles = self.profiles(raw.profiles)?;
@@ -144,6 +145,19 @@ impl<'a> Source<'a> {
                 "mqtt.contract",
                 "the event log on disk ([buffer] path) keeps the JSON contract's messages: \
                  use \"both\", or no path (Sparkplug's store and forward is in memory)",
+            ));
+        }
+        if let (true, true, Some(_), Some(at)) = (
+            mqtt.batching.on(),
+            mqtt.contract.json(),
+            &buffer.log,
+            &batch_at,
+        ) {
+            return Err(self.at(
+                at,
+                "mqtt.batch_max",
+                "the JSON contract is batched in memory mode only: the event log ([buffer] \
+                 path) keeps and publishes each sample on its own",
             ));
         }
         let sparkplug = self.sparkplug(raw.sparkplug, contract_at, &mqtt, &gateway.id)?;

@@ -21,12 +21,21 @@ impl Config {
         let m = &self.mqtt;
         let _ = writeln!(
             s,
-            "mqtt {} as {} (MQTT {}{}), topics {}/..., telemetry qos {}{}{}",
+            "mqtt {} as {} (MQTT {}{}{}), topics {}/..., telemetry qos {}{}{}",
             m.url,
             m.client_id,
             m.version.as_str(),
             if m.topic_aliases > 0 {
                 format!(", up to {} topic aliases", m.topic_aliases)
+            } else {
+                String::new()
+            },
+            if m.batching.on() {
+                format!(
+                    ", telemetry in batches of up to {} samples per device, waiting at most {}",
+                    m.batching.max,
+                    d(m.batching.wait)
+                )
             } else {
                 String::new()
             },
