@@ -37,7 +37,11 @@ async fn batched_json_telemetry_is_an_array_of_every_sample_in_seq_order() {
         let Value::Array(batch) = &m.json else {
             panic!("not a batch: {}", m.json)
         };
-        assert!(!batch.is_empty() && batch.len() <= 8, "{} samples", batch.len());
+        assert!(
+            !batch.is_empty() && batch.len() <= 8,
+            "{} samples",
+            batch.len()
+        );
         largest = largest.max(batch.len());
         for s in batch {
             assert_matches_truth(device, s);
@@ -50,7 +54,10 @@ async fn batched_json_telemetry_is_an_array_of_every_sample_in_seq_order() {
         messages += 1;
     }
     assert!(largest > 1, "samples were batched");
-    assert!(messages < samples, "{messages} messages for {samples} samples");
+    assert!(
+        messages < samples,
+        "{messages} messages for {samples} samples"
+    );
 
     // Sparkplug: DDATA carrying several samples, each metric with its sample's time.
     let mut batches = 0;
@@ -81,7 +88,12 @@ async fn batched_json_telemetry_is_an_array_of_every_sample_in_seq_order() {
             .collect();
         assert_eq!(t.len(), positions.len());
         assert!(t.windows(2).all(|w| w[0] < w[1]), "samples in order: {t:?}");
-        let unit: u8 = m.device().unwrap().trim_start_matches("axis-").parse().unwrap();
+        let unit: u8 = m
+            .device()
+            .unwrap()
+            .trim_start_matches("axis-")
+            .parse()
+            .unwrap();
         for (t, p) in t.iter().zip(&positions) {
             let want = truth(unit, *t as u32)[0];
             assert!((p - want).abs() < 1e-6);

@@ -102,7 +102,7 @@ impl Quality {
 }
 
 /// Servo telemetry in canonical fields, already scaled to the profile's units.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Telemetry {
     pub quality: Quality,
     pub position: Option<f64>,
@@ -116,6 +116,38 @@ pub struct Telemetry {
     pub fault_code: Option<u16>,
     /// Other named readings the profile defines, in profile order.
     pub values: Vec<(Arc<str>, f64)>,
+}
+
+impl Clone for Telemetry {
+    fn clone(&self) -> Self {
+        Self {
+            quality: self.quality,
+            position: self.position,
+            velocity: self.velocity,
+            torque: self.torque,
+            current: self.current,
+            temperature: self.temperature,
+            statusword: self.statusword,
+            state: self.state,
+            fault_code: self.fault_code,
+            values: self.values.clone(),
+        }
+    }
+
+    /// Reuses `values`' storage: a copy kept per sample (the Sparkplug node's latest
+    /// values) allocates nothing once it has its size.
+    fn clone_from(&mut self, source: &Self) {
+        self.quality = source.quality;
+        self.position = source.position;
+        self.velocity = source.velocity;
+        self.torque = source.torque;
+        self.current = source.current;
+        self.temperature = source.temperature;
+        self.statusword = source.statusword;
+        self.state = source.state;
+        self.fault_code = source.fault_code;
+        self.values.clone_from(&source.values);
+    }
 }
 
 impl Telemetry {

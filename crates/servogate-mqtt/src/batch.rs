@@ -151,21 +151,35 @@ mod tests {
             wait: Duration::from_secs(1),
         };
         let mut seen = Vec::new();
-        let t = take(&mut r, b, false, now, |_, e| seen.push((e.device.to_string(), e.seq)));
+        let t = take(&mut r, b, false, now, |_, e| {
+            seen.push((e.device.to_string(), e.seq))
+        });
         assert!(matches!(t, Take::Taken(ref ids) if ids.len() == 4));
         assert_eq!(
             seen,
-            [("a".into(), 1), ("a".into(), 2), ("a".into(), 3), ("a".into(), 4)]
+            [
+                ("a".into(), 1),
+                ("a".into(), 2),
+                ("a".into(), 3),
+                ("a".into(), 4)
+            ]
         );
         // b's first batch comes next, then a's last sample waits for its batch to fill.
         seen.clear();
-        take(&mut r, b, false, now, |_, e| seen.push((e.device.to_string(), e.seq)));
+        take(&mut r, b, false, now, |_, e| {
+            seen.push((e.device.to_string(), e.seq))
+        });
         assert_eq!(seen[0], ("b".into(), 1));
         take(&mut r, b, false, now, |_, _| {});
-        assert!(matches!(take(&mut r, b, false, now, |_, _| {}), Take::WaitUntil(_)));
+        assert!(matches!(
+            take(&mut r, b, false, now, |_, _| {}),
+            Take::WaitUntil(_)
+        ));
         // Flushing takes what there is.
         seen.clear();
-        take(&mut r, b, true, now, |_, e| seen.push((e.device.to_string(), e.seq)));
+        take(&mut r, b, true, now, |_, e| {
+            seen.push((e.device.to_string(), e.seq))
+        });
         assert_eq!(seen, [("a".into(), 5)]);
     }
 
@@ -179,6 +193,9 @@ mod tests {
         };
         let t = take(&mut r, b, false, SystemTime::now(), |_, _| {});
         assert!(matches!(t, Take::Taken(ref ids) if ids.len() == 2));
-        assert_eq!(take(&mut r, b, false, SystemTime::now(), |_, _| {}), Take::Empty);
+        assert_eq!(
+            take(&mut r, b, false, SystemTime::now(), |_, _| {}),
+            Take::Empty
+        );
     }
 }

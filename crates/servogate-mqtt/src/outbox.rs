@@ -143,7 +143,10 @@ impl Feed for Outbox {
     }
 
     fn wake_at(&self) -> Option<Instant> {
-        self.wake.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     fn flush(&self, on: bool) {

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 use rumqttc::QoS;
 use servogate_core::{AvailabilityState, CommandReport, Event, EventBody, RingStats, Telemetry};
-use servogate_mqtt::wire::Will;
 use servogate_mqtt::batch::{self, Batches, Take};
+use servogate_mqtt::wire::Will;
 use servogate_mqtt::{
     Batching, Control, DeviceMeta, Feed, Forwarder, Incoming, Kind, Outbox, Prepared, Session,
 };
@@ -118,6 +118,8 @@ pub fn device_specs(cfg: &Config, d: &Device) -> Vec<MetricSpec> {
 #[derive(Debug)]
 struct Dev {
     specs: Arc<[MetricSpec]>,
+    /// The metric names of its birth: data names no other (kept, not rebuilt per sample).
+    names: std::collections::HashSet<String>,
     /// Takes commands: its births carry the `Command/*` metrics.
     commands: bool,
     /// The newest sample acquired (whatever has been published): a birth's values.
@@ -225,12 +227,15 @@ impl Node {
                 }
                 None => Dev {
                     specs: specs.into(),
+                    names: Default::default(),
                     commands,
                     latest: None,
                     online: false,
                     born: false,
                 },
             };
+            let mut dev = dev;
+            dev.names = dev_birth(&dev).into_iter().map(|m| m.name).collect();
             st.devices.insert(name, dev);
         }
     }
@@ -241,7 +246,11 @@ impl Node {
         match &e.body {
             EventBody::Telemetry(t) => {
                 if let Some(d) = self.lock().devices.get_mut(&e.device) {
-                    d.latest = Some(t.clone());
+                    // In place: the sample's storage is reused from the last one.
+                    match &mut d.latest {
+                        Some(l) => l.clone_from(t),
+                        None => d.latest = Some(t.clone()),
+                    }
                 }
             }
             EventBody::Availability(a) => {
@@ -552,7 +561,6 @@ impl NodeFeed {
         let first = events.first()?;
         let born_at = st.born_at?;
         let dev = st.devices.get(&first.device)?;
-        let birth: Vec<String> = dev_birth(dev).into_iter().map(|m| m.name).collect();
         let mut metrics = Vec::new();
         let mut scratch = Sequence::default();
         let now = now_ms();
@@ -560,12 +568,8 @@ impl NodeFeed {
             let EventBody::Telemetry(t) = &e.body else {
                 continue;
             };
-            let values = sample_values(&dev.specs, t);
-            let values: Vec<(&str, Value)> = values
-                .iter()
-                .filter(|(n, _)| birth.iter().any(|b| b == &**n))
-                .map(|(n, v)| (&**n, v.clone()))
-                .collect();
+            let mut values = sample_values(&dev.specs, t);
+            values.retain(|(n, _)| dev.names.contains(*n));
             let one = spb::ddata(
                 &mut scratch,
                 st.aliases.as_mut(),
@@ -618,15 +622,10 @@ impl NodeFeed {
                 if !dev.born {
                     return Encoded::BirthFirst;
                 }
-                let values = sample_values(&dev.specs, t);
                 // Only what the birth named (a field the profile does not list never
                 // reaches here, but a host must never see an unborn metric).
-                let birth: Vec<String> = dev_birth(dev).into_iter().map(|m| m.name).collect();
-                let values: Vec<(&str, Value)> = values
-                    .iter()
-                    .filter(|(n, _)| birth.iter().any(|b| b == &**n))
-                    .map(|(n, v)| (&**n, v.clone()))
-                    .collect();
+                let mut values = sample_values(&dev.specs, t);
+                values.retain(|(n, _)| dev.names.contains(*n));
                 let topic = topic_device(st, MessageType::DData, &e.device);
                 let payload = spb::ddata(
                     &mut st.seq,
@@ -745,9 +744,10 @@ impl Feed for NodeFeed {
                 if born {
                     let mut events = Vec::new();
                     let flush = self.flushing.load(Relaxed);
-                    let taken = batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
-                        events.push(e.clone())
-                    });
+                    let taken =
+                        batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
+                            events.push(e.clone())
+                        });
                     drop(ring);
                     return match taken {
                         Take::Empty => None,
@@ -828,7 +828,10 @@ impl Feed for NodeFeed {
     }
 
     fn wake_at(&self) -> Option<std::time::Instant> {
-        self.wake.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     fn flush(&self, on: bool) {

@@ -371,7 +371,8 @@ mod tests {
         let durable = GOOD
             .replace("[profiles.ax]", "[mqtt]\nbatch_max = 10\n\n[profiles.ax]")
             .replacen("[gateway]", "[buffer]\npath = \"/tmp/x\"\n\n[gateway]", 1);
-        assert!(err(&durable).contains("mqtt.batch_max: the JSON contract is batched in memory mode only"));
+        assert!(err(&durable)
+            .contains("mqtt.batch_max: the JSON contract is batched in memory mode only"));
         assert!(with("topic_aliases = 8").contains(
             "mqtt.topic_aliases: topic aliases are an MQTT 5 feature: set mqtt.version = 5"
         ));
