@@ -261,12 +261,14 @@ async fn tck_a_connection_loss_makes_ndeath_then_nbirth_with_the_next_bdseq_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tck_rebirth_ncmd_keeps_bdseq_restarts_seq_at_0_and_a_storm_of_requests_makes_one_rebirth()
 {
+    let metrics = free_port();
     let mut r = rig(|url, pty| {
-        spb(
-            config(ID, url, pty, &[1, 2, 3], ""),
-            "sparkplug",
-            "rebirth_interval = \"500ms\"",
-        )
+        let base = config(ID, url, pty, &[1, 2, 3], "").replacen(
+            "[buffer]",
+            &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\n[buffer]"),
+            1,
+        );
+        spb(base, "sparkplug", "rebirth_interval = \"500ms\"")
     })
     .await;
     let first = r.host.until(|m| m.kind() == Some(T::NBirth)).await;
@@ -311,6 +313,13 @@ async fn tck_rebirth_ncmd_keeps_bdseq_restarts_seq_at_0_and_a_storm_of_requests_
         births += usize::from(m.kind() == Some(T::NBirth));
     }
     assert_eq!(births, 0, "twenty requests made more than one rebirth");
+    // The metrics say so too: twenty requests, two NBIRTHs (the session's and the rebirth).
+    let text = scrape_until(metrics, "the requests counted", |t| {
+        sample(t, "servogate_sparkplug_rebirth_requests_total") == Some(20.0)
+    })
+    .await;
+    assert_eq!(sample(&text, "servogate_sparkplug_births_total"), Some(2.0));
+    assert_eq!(sample(&text, "servogate_sparkplug_connected"), Some(1.0));
     assert!(r.gw.stop().success());
 }
 

@@ -133,10 +133,11 @@ pub async fn run(cfg: Config, options: Options) -> anyhow::Result<()> {
     let (desk, desk_rx) = watch::channel(DeskConfig::default());
     let cmd_stats = metrics.commands();
     let node = match &cfg.sparkplug {
-        Some(sp) => Some((
-            node_parts(&cfg, sp, &version, &boot_id, &outbox, &observed),
-            watch::channel(node_settings(&cfg)?).0,
-        )),
+        Some(sp) => {
+            let parts = node_parts(&cfg, sp, &version, &boot_id, &outbox, &observed);
+            metrics.set_sparkplug(parts.clone());
+            Some((parts, watch::channel(node_settings(&cfg)?).0))
+        }
         None => None,
     };
     let shared = Shared {

@@ -53,6 +53,8 @@ pub struct Metrics {
     /// Durable mode: the event log's figures and its feed (set once at start-up), or
     /// `Err(())` when `[buffer] path` is set but the log could not be opened.
     log: std::sync::OnceLock<Result<LogHandles, ()>>,
+    /// The Sparkplug edge node, when the contract publishes Sparkplug (set once).
+    sparkplug: std::sync::OnceLock<crate::sparkplug::NodeParts>,
 }
 
 /// The event log's figures and the forwarder's feed from it.
@@ -86,6 +88,7 @@ impl Metrics {
             reloads_failed: AtomicU64::new(0),
             commands: Arc::default(),
             log: std::sync::OnceLock::new(),
+            sparkplug: std::sync::OnceLock::new(),
         }
     }
 
@@ -93,6 +96,62 @@ impl Metrics {
     /// it could not be opened; `servogate_log_healthy` is 0).
     pub fn set_log(&self, log: Option<LogHandles>) {
         let _ = self.log.set(log.ok_or(()));
+    }
+
+    /// The Sparkplug edge node's figures from now on.
+    pub fn set_sparkplug(&self, parts: crate::sparkplug::NodeParts) {
+        let _ = self.sparkplug.set(parts);
+    }
+
+    fn encode_sparkplug(&self, e: &mut DescriptorEncoder) -> fmt::Result {
+        let Some(p) = self.sparkplug.get() else {
+            return Ok(());
+        };
+        let one = |v: u64| [(Labels::new(), v)];
+        let m = p.stats.snapshot();
+        let n = p.node.figures();
+        gauges(
+            e,
+            "sparkplug_connected",
+            "1 while the Sparkplug edge node is connected to the broker.",
+            one(u64::from(m.connected)),
+        )?;
+        gauges(
+            e,
+            "sparkplug_bd_seq",
+            "The bdSeq of the edge node's current (or next) session.",
+            one(n.bd_seq),
+        )?;
+        counters(
+            e,
+            "sparkplug_births",
+            "NBIRTHs sent: one per session, and one per rebirth.",
+            one(n.births),
+        )?;
+        counters(
+            e,
+            "sparkplug_rebirth_requests",
+            "Rebirths asked for by a host (NCMD Node Control/Rebirth), before coalescing.",
+            one(n.rebirth_requests),
+        )?;
+        counters(
+            e,
+            "sparkplug_messages",
+            "DBIRTH, DDATA and DDEATH messages handed to the broker.",
+            one(m.publishes),
+        )?;
+        counters(
+            e,
+            "sparkplug_connects",
+            "Sessions of the edge node the broker accepted.",
+            one(m.connects),
+        )?;
+        counters(
+            e,
+            "sparkplug_unreadable",
+            "NCMD, DCMD and STATE messages ignored: not readable, or for nothing the node has.",
+            one(p.unreadable.load(Relaxed)),
+        )
     }
 
     fn encode_log(&self, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -589,6 +648,7 @@ impl Collector for Metrics {
         self.encode_ring(&mut e)?;
         self.encode_log(&mut e)?;
         self.encode_mqtt(&mut e)?;
+        self.encode_sparkplug(&mut e)?;
         self.encode_devices(&mut e)?;
         self.encode_rtu(&mut e, &running)?;
         self.encode_can(&mut e, &running)

@@ -19,7 +19,7 @@
 //! rule); NDEATH at QoS 1.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -164,6 +164,16 @@ pub struct Node {
     nudge: Arc<Notify>,
     /// A rebirth (or a first birth) is due: checked by the session's `due`.
     due: AtomicBool,
+    births: AtomicU64,
+    rebirth_requests: AtomicU64,
+}
+
+/// What the metrics show of the node.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    pub bd_seq: u64,
+    pub births: u64,
+    pub rebirth_requests: u64,
 }
 
 fn now_ms() -> u64 {
@@ -203,7 +213,17 @@ impl Node {
             ring,
             nudge,
             due: AtomicBool::new(false),
+            births: AtomicU64::new(0),
+            rebirth_requests: AtomicU64::new(0),
         })
+    }
+
+    pub fn figures(&self) -> Figures {
+        Figures {
+            bd_seq: self.lock().bd_seq.current(),
+            births: self.births.load(Relaxed),
+            rebirth_requests: self.rebirth_requests.load(Relaxed),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -266,6 +286,7 @@ impl Node {
     /// of the current `rebirth_interval` when one was done just before, so a storm of
     /// requests makes one rebirth.
     pub fn request_rebirth(self: &Arc<Self>) {
+        self.rebirth_requests.fetch_add(1, Relaxed);
         let wait = {
             let mut st = self.lock();
             if st.rebirth_pending {
@@ -451,6 +472,7 @@ impl Session for NodeSession {
         }
         let own = self.0.own_metrics(&st);
         st.births(own, out);
+        self.0.births.fetch_add(1, Relaxed);
         info!(bd_seq = st.bd_seq.current(), "Sparkplug NBIRTH");
     }
 
@@ -496,6 +518,7 @@ impl Session for NodeSession {
         }
         let own = self.0.own_metrics(&st);
         st.births(own, out);
+        self.0.births.fetch_add(1, Relaxed);
         info!(
             bd_seq = st.bd_seq.current(),
             first, "Sparkplug NBIRTH (rebirth)"
