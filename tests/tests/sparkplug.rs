@@ -190,14 +190,20 @@ async fn tck_ndeath_is_the_will_with_the_nbirth_bdseq_and_the_broker_sends_it_wh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tck_a_connection_loss_makes_ndeath_then_nbirth_with_the_next_bdseq_and_historical_data_follows_the_births(
+async fn tck_a_connection_loss_makes_ndeath_then_nbirth_with_a_new_bdseq_and_held_data_goes_out_historical_behind_live_data(
 ) {
     let broker = Mosquitto::start();
     let gate = Gate::start(broker.port).await;
     let pty = PtyPair::start();
     let _sim = Servosim::start(&pty.sim, "1-3", &[]);
     let mut host = Host::start(broker.port).await;
-    let mut gw = Servogate::start(&plain(&gate.url(), &pty.gateway));
+    // Held data at 200 messages a second: a 500 ms backlog takes longer than that to go.
+    let cfg = spb(
+        config(ID, &gate.url(), &pty.gateway, &[1, 2, 3], ""),
+        "sparkplug",
+        "historical_rate = 200",
+    );
+    let mut gw = Servogate::start(&cfg);
     let first = host.until(|m| m.kind() == Some(T::NBirth)).await;
     host.until(|m| m.kind() == Some(T::DData)).await;
 
@@ -224,19 +230,24 @@ async fn tck_a_connection_loss_makes_ndeath_then_nbirth_with_the_next_bdseq_and_
     );
     assert_eq!(second.payload.seq, Some(0));
     let born_ms = second.payload.timestamp.unwrap();
-    // Births, then what was held while away as historical DDATA, in order, then live.
-    let mut historical = 0;
-    let mut live = 0;
+    // Births, then live data first and what was held while away behind it, paced: the
+    // held samples flagged historical, in order, all acquired before the birth.
+    let (mut historical, mut live, mut births) = (0, 0, 0);
     let mut last_hist_ts = 0;
-    while live < 30 {
+    let (mut first_live, mut last_hist) = (None, 0);
+    let mut index = 0;
+    while live < 300 {
         let m = host.next().await;
+        index += 1;
         match m.kind() {
-            Some(T::DBirth) => assert_eq!(historical + live, 0, "births come first"),
+            Some(T::DBirth) => {
+                assert_eq!(historical + live, 0, "births come first");
+                births += 1;
+            }
             Some(T::DData) => {
                 let hist = m.payload.metrics[0].is_historical == Some(true);
                 let ts = m.payload.metrics[0].timestamp.unwrap();
                 if hist {
-                    assert_eq!(live, 0, "no historical data after live data");
                     assert!(
                         ts < born_ms,
                         "a historical sample was acquired before the birth"
@@ -244,13 +255,20 @@ async fn tck_a_connection_loss_makes_ndeath_then_nbirth_with_the_next_bdseq_and_
                     assert!(ts >= last_hist_ts, "historical data in order");
                     last_hist_ts = ts;
                     historical += 1;
+                    last_hist = index;
                 } else {
+                    first_live.get_or_insert(index);
                     live += 1;
                 }
             }
             other => panic!("unexpected {other:?}"),
         }
     }
+    assert_eq!(births, 3);
+    assert!(
+        first_live.is_some_and(|f| f < last_hist),
+        "live data flowed while the backlog went out (first live at {first_live:?}, last held at {last_hist})"
+    );
     assert!(
         historical > 10,
         "{historical} historical samples after a 500 ms cut"

@@ -184,6 +184,11 @@ impl<T> Ring<T> {
         None
     }
 
+    /// The id the next push gets.
+    pub fn next_id(&self) -> Id {
+        self.front + self.slots.len() as Id
+    }
+
     /// The entry [`take_next`](Self::take_next) would return, left unsent.
     pub fn peek_next(&mut self) -> Option<(Id, &T)> {
         self.cursor = self.cursor.max(self.front);

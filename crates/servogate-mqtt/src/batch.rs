@@ -13,7 +13,7 @@ use servogate_core::{Event, EventBody, Ring};
 
 /// How many entries past the head a batch looks at for its device's samples (bounds the
 /// work of one take on a long backlog).
-const SCAN: usize = 4096;
+pub const SCAN: usize = 4096;
 
 /// Several samples of one device per message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

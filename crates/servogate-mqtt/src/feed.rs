@@ -96,6 +96,10 @@ pub trait Feed: Send + Sync + std::fmt::Debug {
     fn requeue_all(&self) -> usize;
     /// Messages held and not yet acknowledged.
     fn unacked(&self) -> usize;
+    /// Messages not handed out yet.
+    fn has_unsent(&self) -> bool {
+        self.unacked() > 0
+    }
     /// Notified when a message arrives.
     fn notify(&self) -> &Notify;
     /// Counters for the forwarder's report.

@@ -496,6 +496,10 @@ struct Publisher {
     preamble: VecDeque<Control>,
     /// The session asked to be asked what is due ([`Forwarder::nudge`]).
     nudged: bool,
+    /// The session's farewell goes after everything else, and nothing after it.
+    farewell_last: bool,
+    /// Handing over: the farewell now, not after a drain.
+    hurry: bool,
     seen_epoch: u64,
     shutting_down: bool,
     farewell_epoch: Option<u64>,
@@ -562,7 +566,15 @@ impl Publisher {
         if t.in_flight() >= MAX_IN_FLIGHT {
             return false;
         }
-        if self.shutting_down && !t.farewell_acked && self.farewell_epoch != Some(t.epoch) {
+        if self.shutting_down && self.farewell_last && self.farewell_epoch == Some(t.epoch) {
+            // The farewell was the session's last word (a Sparkplug NDEATH): nothing after.
+            return false;
+        }
+        if self.shutting_down
+            && !t.farewell_acked
+            && self.farewell_epoch != Some(t.epoch)
+            && (!self.farewell_last || self.hurry || !self.shared.feed.has_unsent())
+        {
             self.farewell_epoch = Some(t.epoch);
             let msg = Msg::control(lock(&self.session).farewell());
             return self.hand(&mut t, msg, Tracked::Farewell);
@@ -864,7 +876,10 @@ impl Forwarder {
             SessionKind::Json(j) => Box::new(j),
             SessionKind::Other(s) => s,
         }));
-        let will = lock(&session).will();
+        let (will, farewell_last) = {
+            let mut s = lock(&session);
+            (s.will(), s.farewell_last())
+        };
         let (client, mut conn) =
             self.settings
                 .connect(&self.url, will, MAX_IN_FLIGHT as u16, CHANNEL_CAPACITY)?;
@@ -911,6 +926,8 @@ impl Forwarder {
             meta_updates: self.meta_updates,
             preamble: VecDeque::new(),
             nudged: false,
+            farewell_last,
+            hurry: false,
             seen_epoch: 0,
             shutting_down: false,
             farewell_epoch: None,
@@ -933,6 +950,7 @@ impl Forwarder {
                 self.feed.flush(true);
                 deadline = Some(Instant::now());
                 publisher.shutting_down = true;
+                publisher.hurry = true;
             } else if deadline.is_none() && shutdown.is_cancelled() {
                 info!("shutting down: publishing offline status and draining the ring");
                 // No batch waits to fill any more: everything goes.
@@ -942,7 +960,16 @@ impl Forwarder {
             }
             let more = publisher.pump();
             if let Some(d) = deadline {
-                if publisher.drained() || Instant::now() >= d {
+                if publisher.drained() {
+                    break;
+                }
+                if Instant::now() >= d {
+                    if !publisher.hurry {
+                        // Out of time: one more turn hands a farewell still waiting for
+                        // the feed to drain, then we go.
+                        publisher.hurry = true;
+                        continue;
+                    }
                     break;
                 }
             }

@@ -52,6 +52,12 @@ pub trait Session: Send {
     fn due(&mut self, _out: &mut VecDeque<Control>) {}
     /// The last message of a clean shutdown (the forwarder waits for its acknowledgement).
     fn farewell(&mut self) -> Control;
+    /// The farewell goes after the feed drained (at once when handing over) and nothing
+    /// goes after it (a Sparkplug NDEATH). Otherwise it goes first and the feed drains
+    /// behind it (the JSON contract's `online:false`).
+    fn farewell_last(&self) -> bool {
+        false
+    }
 }
 
 /// The JSON contract: a retained `status` (birth, Will, farewell), each device's retained

@@ -152,6 +152,8 @@ struct State {
     /// Births the primary host must see first: false until its STATE says online (always
     /// true without a primary host).
     host_online: bool,
+    /// Messages a second of data held while away, at most.
+    historical_rate: f64,
 }
 
 /// The edge node's shared state.
@@ -209,6 +211,7 @@ impl Node {
                 last_rebirth: None,
                 rebirth_interval: sp.rebirth_interval,
                 host_online: sp.primary_host_id.is_none(),
+                historical_rate: f64::from(sp.historical_rate),
             }),
             ring,
             nudge,
@@ -525,6 +528,10 @@ impl Session for NodeSession {
         );
     }
 
+    fn farewell_last(&self) -> bool {
+        true
+    }
+
     fn farewell(&mut self) -> Control {
         let st = self.0.lock();
         Control {
@@ -558,6 +565,7 @@ pub struct NodeFeed {
     batches: Batches,
     flushing: AtomicBool,
     wake: Mutex<Option<std::time::Instant>>,
+    pace: Mutex<Pace>,
 }
 
 impl NodeFeed {
@@ -570,6 +578,13 @@ impl NodeFeed {
             batches: Batches::default(),
             flushing: AtomicBool::new(false),
             wake: Mutex::new(None),
+            pace: Mutex::new(Pace {
+                born_at: None,
+                live_from: 0,
+                live_cursor: 0,
+                tokens: 0.0,
+                refilled: std::time::Instant::now(),
+            }),
         }
     }
 
@@ -710,6 +725,103 @@ impl NodeFeed {
     }
 }
 
+impl NodeFeed {
+    /// The next message from the front of the ring (a batch when batching is on).
+    fn take_in_order(&self, st: &mut State, held: &mut Option<Held>) -> Option<(u64, Prepared)> {
+        let batching = *self.batching.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if batching.on() {
+                let mut ring = self.ring.lock();
+                let (_, head) = ring.peek_next()?;
+                let born = matches!(head.body, EventBody::Telemetry(_))
+                    && st.devices.get(&head.device).is_some_and(|d| d.born);
+                if born {
+                    let mut events = Vec::new();
+                    let flush = self.flushing.load(Relaxed);
+                    let taken =
+                        batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
+                            events.push(e.clone())
+                        });
+                    drop(ring);
+                    return match taken {
+                        Take::Empty => None,
+                        Take::WaitUntil(at) => {
+                            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                            None
+                        }
+                        Take::Taken(ids) => {
+                            let p = self.batch_ddata(st, &events)?;
+                            let first = ids[0];
+                            self.batches.insert(ids);
+                            Some((first, p))
+                        }
+                    };
+                }
+            }
+            let (id, event) = {
+                let mut ring = self.ring.lock();
+                let (id, e) = ring.take_next()?;
+                (id, e.clone())
+            };
+            if let Some(out) = self.one(st, held, id, event) {
+                return out;
+            }
+        }
+    }
+
+    /// The message of one taken event; `None`: it had none (acknowledged), take another.
+    fn one(
+        &self,
+        st: &mut State,
+        held: &mut Option<Held>,
+        id: u64,
+        event: Event,
+    ) -> Option<Option<(u64, Prepared)>> {
+        match self.encode(st, &event) {
+            Encoded::Message(p) => Some(Some((id, p))),
+            Encoded::Skip => {
+                self.ring.lock().ack(id);
+                None
+            }
+            Encoded::NotNow => {
+                self.ring.lock().requeue(id);
+                Some(None)
+            }
+            Encoded::BirthFirst => {
+                let Some(c) = st.dbirth(&event.device, now_ms()) else {
+                    self.ring.lock().ack(id);
+                    return None;
+                };
+                debug!(device = %event.device, "DBIRTH before the device's first data");
+                let birth = Prepared {
+                    topic: c.topic,
+                    payload: c.payload,
+                    kind: Kind::Sparkplug,
+                    device: event.device.clone(),
+                    seq: event.seq,
+                    reply: None,
+                };
+                *held = Some(Held { id, event });
+                Some(Some((OWN, birth)))
+            }
+        }
+    }
+}
+
+/// Pacing of what was held while the node was away (see [`NodeFeed`]).
+#[derive(Debug)]
+struct Pace {
+    /// The session (or rebirth) this split belongs to.
+    born_at: Option<SystemTime>,
+    /// Ring ids from here on were queued after the births: live.
+    live_from: u64,
+    /// Where the next live entry is looked for.
+    live_cursor: u64,
+    /// A token bucket of `historical_rate` messages a second.
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
 /// What one event becomes.
 enum Encoded {
     Message(Prepared),
@@ -756,71 +868,59 @@ impl Feed for NodeFeed {
             };
         }
         // Not born on this connection yet: nothing goes before the births.
-        st.born_at?;
-        let batching = *self.batching.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if batching.on() {
-                let mut ring = self.ring.lock();
-                let (_, head) = ring.peek_next()?;
-                let born = matches!(head.body, EventBody::Telemetry(_))
-                    && st.devices.get(&head.device).is_some_and(|d| d.born);
-                if born {
-                    let mut events = Vec::new();
-                    let flush = self.flushing.load(Relaxed);
-                    let taken =
-                        batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
-                            events.push(e.clone())
-                        });
-                    drop(ring);
-                    return match taken {
-                        Take::Empty => None,
-                        Take::WaitUntil(at) => {
-                            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
-                            None
-                        }
-                        Take::Taken(ids) => {
-                            let p = self.batch_ddata(&mut st, &events)?;
-                            let first = ids[0];
-                            self.batches.insert(ids);
-                            Some((first, p))
-                        }
-                    };
-                }
-            }
-            let (id, event) = {
-                let mut ring = self.ring.lock();
-                let (id, e) = ring.take_next()?;
-                (id, e.clone())
+        let born_at = st.born_at?;
+        let mut pace = self.pace.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self.ring.lock();
+        if pace.born_at != Some(born_at) {
+            // A new session (or a rebirth): what is queued now was acquired before it.
+            let next = ring.next_id();
+            *pace = Pace {
+                born_at: Some(born_at),
+                live_from: next,
+                live_cursor: next,
+                tokens: 1.0,
+                refilled: std::time::Instant::now(),
             };
-            match self.encode(&mut st, &event) {
-                Encoded::Message(p) => return Some((id, p)),
-                Encoded::Skip => {
-                    self.ring.lock().ack(id);
-                }
-                Encoded::NotNow => {
-                    self.ring.lock().requeue(id);
-                    return None;
-                }
-                Encoded::BirthFirst => {
-                    let now = now_ms();
-                    let Some(c) = st.dbirth(&event.device, now) else {
-                        self.ring.lock().ack(id);
-                        continue;
-                    };
-                    debug!(device = %event.device, "DBIRTH before the device's first data");
-                    let birth = Prepared {
-                        topic: c.topic,
-                        payload: c.payload,
-                        kind: Kind::Sparkplug,
-                        device: event.device.clone(),
-                        seq: event.seq,
-                        reply: None,
-                    };
-                    *held = Some(Held { id, event });
-                    return Some((OWN, birth));
-                }
+        }
+        let backlog = ring.peek_next().is_some_and(|(id, _)| id < pace.live_from);
+        if !backlog {
+            drop(ring);
+            drop(pace);
+            return self.take_in_order(&mut st, &mut held);
+        }
+        // Held events of the outage go out behind live data, at most `historical_rate`
+        // messages a second, so a long backlog never holds the present back.
+        drop(ring);
+        loop {
+            let mut live = None;
+            let from = pace.live_cursor;
+            self.ring
+                .lock()
+                .take_after(from.saturating_sub(1), batch::SCAN, 1, |id, e| {
+                    live = Some((id, e.clone()));
+                    true
+                });
+            let Some((id, event)) = live else {
+                break;
+            };
+            pace.live_cursor = id + 1;
+            if let Some(out) = self.one(&mut st, &mut held, id, event) {
+                return out;
             }
         }
+        let rate = st.historical_rate;
+        let now = std::time::Instant::now();
+        pace.tokens = (pace.tokens + now.duration_since(pace.refilled).as_secs_f64() * rate)
+            .min(rate.max(1.0) / 10.0 + 1.0);
+        pace.refilled = now;
+        if pace.tokens < 1.0 && !self.flushing.load(Relaxed) {
+            let wait = Duration::from_secs_f64((1.0 - pace.tokens) / rate.max(1e-3));
+            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(now + wait);
+            return None;
+        }
+        pace.tokens -= 1.0;
+        drop(pace);
+        self.take_in_order(&mut st, &mut held)
     }
 
     fn ack(&self, id: u64) {
@@ -863,6 +963,13 @@ impl Feed for NodeFeed {
 
     fn unacked(&self) -> usize {
         self.ring.stats().unacked
+    }
+
+    fn has_unsent(&self) -> bool {
+        // Not born: nothing can go, so nothing waits to.
+        let held = self.held().is_some();
+        let born = self.node.lock().born_at.is_some();
+        born && (held || self.ring.lock().has_unsent())
     }
 
     fn notify(&self) -> &Notify {

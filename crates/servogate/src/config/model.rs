@@ -51,6 +51,8 @@ pub struct Sparkplug {
     pub aliases: bool,
     /// Rebirth requests (NCMD) closer together than this make one rebirth.
     pub rebirth_interval: Duration,
+    /// Messages a second of data held while the node was away, at most (live data first).
+    pub historical_rate: u32,
 }
 
 /// What the gateway publishes (`[mqtt] contract`).

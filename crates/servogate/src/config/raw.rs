@@ -74,6 +74,7 @@ pub(super) struct RawSparkplug {
     pub(super) primary_host_id: Option<S<String>>,
     pub(super) aliases: Option<S<bool>>,
     pub(super) rebirth_interval: Option<S<String>>,
+    pub(super) historical_rate: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -12,6 +12,8 @@ use super::ConfigError;
 
 /// Rebirth requests closer together than this make one rebirth.
 const DEFAULT_REBIRTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Messages a second of held data after a reconnect.
+const DEFAULT_HISTORICAL_RATE: u32 = 1000;
 
 impl Source<'_> {
     /// `[sparkplug]`, required when the contract publishes Sparkplug, refused otherwise.
@@ -59,12 +61,26 @@ impl Source<'_> {
             "sparkplug.rebirth_interval",
             DEFAULT_REBIRTH_INTERVAL,
         )?;
+        let historical_rate = match &raw.historical_rate {
+            None => DEFAULT_HISTORICAL_RATE,
+            Some(r) => match u32::try_from(*r.get_ref()) {
+                Ok(v @ 1..=1_000_000) => v,
+                _ => {
+                    return Err(self.at(
+                        r,
+                        "sparkplug.historical_rate",
+                        "must be 1 to 1000000 messages a second",
+                    ))
+                }
+            },
+        };
         Ok(Some(Sparkplug {
             group_id,
             edge_node_id,
             primary_host_id,
             aliases: raw.aliases.map(|a| a.into_inner()).unwrap_or(false),
             rebirth_interval,
+            historical_rate,
         }))
     }
 }
