@@ -554,3 +554,49 @@ async fn a_dcmd_write_goes_through_the_policy_its_outcome_shows_in_ddata_and_on_
     );
     assert!(r.gw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_device_kills_it_and_a_changed_sparkplug_table_makes_a_new_session()
+{
+    let mut r = rig(plain).await;
+    let first = r.host.until(|m| m.kind() == Some(T::NBirth)).await;
+    r.host.until(|m| m.kind() == Some(T::DData)).await;
+    let url = r.broker.url();
+    // axis-3 goes: DDEATH on the running session (no NDEATH, no new NBIRTH).
+    r.gw.reload(&spb(
+        config(ID, &url, &r._pty.gateway, &[1, 2], ""),
+        "sparkplug",
+        "",
+    ));
+    let death = r
+        .host
+        .until(|m| {
+            assert!(
+                !matches!(m.kind(), Some(T::NDeath | T::NBirth)),
+                "a device list change keeps the session"
+            );
+            m.kind() == Some(T::DDeath)
+        })
+        .await;
+    assert_eq!(death.device(), Some("axis-3"));
+    // Its data stops; the others' goes on.
+    let mut others = 0;
+    while others < 20 {
+        let m = r.host.next().await;
+        assert_ne!(m.device(), Some("axis-3"), "{}", m.raw_topic);
+        others += usize::from(m.kind() == Some(T::DData));
+    }
+    // [sparkplug] changes (aliases on): NDEATH, then a new session with a new bdSeq.
+    r.gw.reload(&spb(
+        config(ID, &url, &r._pty.gateway, &[1, 2], ""),
+        "sparkplug",
+        "aliases = true",
+    ));
+    let ndeath = r.host.until(|m| m.kind() == Some(T::NDeath)).await;
+    assert_eq!(bd_seq(&ndeath), bd_seq(&first));
+    let again = r.host.until(|m| m.kind() == Some(T::NBirth)).await;
+    assert_eq!(bd_seq(&again), bd_seq(&first) + 1);
+    let dbirth = r.host.until(|m| m.kind() == Some(T::DBirth)).await;
+    assert!(dbirth.payload.metrics.iter().all(|m| m.alias.is_some()));
+    assert!(r.gw.stop().success());
+}

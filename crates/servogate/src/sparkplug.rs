@@ -128,6 +128,8 @@ struct Dev {
     online: bool,
     /// A DBIRTH went out on this session (and no DDEATH since).
     born: bool,
+    /// No longer configured (a reload): its DDEATH is due, then it goes.
+    removed: bool,
 }
 
 /// What the session and the feed share.
@@ -154,6 +156,7 @@ struct State {
     host_online: bool,
     /// Messages a second of data held while away, at most.
     historical_rate: f64,
+    primary_host: Option<String>,
 }
 
 /// The edge node's shared state.
@@ -212,6 +215,7 @@ impl Node {
                 rebirth_interval: sp.rebirth_interval,
                 host_online: sp.primary_host_id.is_none(),
                 historical_rate: f64::from(sp.historical_rate),
+                primary_host: sp.primary_host_id.clone(),
             }),
             ring,
             nudge,
@@ -227,6 +231,25 @@ impl Node {
             births: self.births.load(Relaxed),
             rebirth_requests: self.rebirth_requests.load(Relaxed),
         }
+    }
+
+    /// New `[sparkplug]` settings (a reload), before the node connects again with them.
+    pub fn configure(&self, sp: &Sparkplug) {
+        let mut st = self.lock();
+        st.group = sp.group_id.clone();
+        st.node = sp.edge_node_id.clone();
+        if sp.aliases != st.aliases.is_some() {
+            st.aliases = sp.aliases.then(Aliases::default);
+        }
+        st.rebirth_interval = sp.rebirth_interval;
+        st.historical_rate = f64::from(sp.historical_rate);
+        if sp.primary_host_id.is_none() {
+            st.host_online = true;
+        } else if st.primary_host != sp.primary_host_id {
+            // Another host: its STATE decides, once subscribed.
+            st.host_online = false;
+        }
+        st.primary_host = sp.primary_host_id.clone();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -255,11 +278,21 @@ impl Node {
                     latest: None,
                     online: false,
                     born: false,
+                    removed: false,
                 },
             };
             let mut dev = dev;
+            dev.removed = false;
             dev.names = dev_birth(&dev).into_iter().map(|m| m.name).collect();
             st.devices.insert(name, dev);
+        }
+        // A device gone that the host knows of stays until its DDEATH (the session's
+        // `devices`, right after this).
+        for (name, mut d) in old {
+            if d.born {
+                d.removed = true;
+                st.devices.insert(name, d);
+            }
         }
     }
 
@@ -427,9 +460,14 @@ impl State {
             now,
         );
         out.push_back(qos0(topic, nbirth));
+        // A new birth forgets the devices a reload removed: the host learns the node anew.
+        self.devices.retain(|_, d| !d.removed);
         let names: Vec<Arc<str>> = self.devices.keys().cloned().collect();
         for name in names {
-            let online = self.devices.get(&name).is_some_and(|d| d.online);
+            let online = self
+                .devices
+                .get(&name)
+                .is_some_and(|d| d.online && !d.removed);
             if online {
                 if let Some(c) = self.dbirth(&name, now) {
                     out.push_back(c);
@@ -490,11 +528,11 @@ impl Session for NodeSession {
         let listed: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
         let names: Vec<Arc<str>> = st.devices.keys().cloned().collect();
         for name in names {
-            let (online, born) = st
+            let (online, born, removed) = st
                 .devices
                 .get(&name)
-                .map_or((false, false), |d| (d.online, d.born));
-            if !listed.contains(&&*name) {
+                .map_or((false, false, true), |d| (d.online, d.born, d.removed));
+            if removed || !listed.contains(&&*name) {
                 if born {
                     out.push_back(st.ddeath(&name, now));
                 }
@@ -650,7 +688,7 @@ impl NodeFeed {
             // Not born on this connection (a primary host not online): nothing goes.
             return Encoded::NotNow;
         };
-        let Some(dev) = st.devices.get(&e.device) else {
+        let Some(dev) = st.devices.get(&e.device).filter(|d| !d.removed) else {
             return Encoded::Skip;
         };
         let now = now_ms();
@@ -734,7 +772,10 @@ impl NodeFeed {
                 let mut ring = self.ring.lock();
                 let (_, head) = ring.peek_next()?;
                 let born = matches!(head.body, EventBody::Telemetry(_))
-                    && st.devices.get(&head.device).is_some_and(|d| d.born);
+                    && st
+                        .devices
+                        .get(&head.device)
+                        .is_some_and(|d| d.born && !d.removed);
                 if born {
                     let mut events = Vec::new();
                     let flush = self.flushing.load(Relaxed);
@@ -1109,11 +1150,18 @@ pub async fn run_node(
                     break;
                 }
                 let new = settings.borrow_and_update().clone();
-                if new != current {
+                // The connection's own settings reconnect; the command table does not.
+                let reconnect = new.mqtt != current.mqtt
+                    || new.sparkplug != current.sparkplug
+                    || new.batching != current.batching;
+                if !reconnect {
+                    current = new;
+                } else {
                     info!("Sparkplug settings changed: the edge node reconnects");
                     if let Some(r) = running.take() {
                         r.end(|r| &r.handover, Duration::ZERO).await;
                     }
+                    run.parts.node.configure(&new.sparkplug);
                     current = new;
                     running = start(&current);
                 }
