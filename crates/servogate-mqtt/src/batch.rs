@@ -56,7 +56,7 @@ impl Batches {
     }
 
     /// Every id `id` stands for (itself unless it begins a batch).
-    pub fn take(&self, id: Id) -> Vec<Id> {
+    fn take(&self, id: Id) -> Vec<Id> {
         let mut m = self.lock();
         if m.is_empty() {
             return vec![id];
@@ -66,6 +66,20 @@ impl Batches {
 
     pub fn clear(&self) {
         self.lock().clear();
+    }
+
+    /// The broker acknowledged `id`: every entry it stands for goes from `ring`.
+    pub fn ack(&self, ring: &mut Ring<Event>, id: Id) {
+        for id in self.take(id) {
+            ring.ack(id);
+        }
+    }
+
+    /// `id` goes out again: every entry it stands for is unsent again in `ring`.
+    pub fn requeue(&self, ring: &mut Ring<Event>, id: Id) {
+        for id in self.take(id) {
+            ring.requeue(id);
+        }
     }
 }
 

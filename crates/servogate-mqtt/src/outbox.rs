@@ -122,19 +122,11 @@ impl Feed for Outbox {
     }
 
     fn ack(&self, id: u64) {
-        let ids = self.batches.take(id);
-        let mut ring = self.lock();
-        for id in ids {
-            ring.ack(id);
-        }
+        self.batches.ack(&mut self.lock(), id);
     }
 
     fn requeue(&self, id: u64) {
-        let ids = self.batches.take(id);
-        let mut ring = self.lock();
-        for id in ids {
-            ring.requeue(id);
-        }
+        self.batches.requeue(&mut self.lock(), id);
     }
 
     fn requeue_all(&self) -> usize {

@@ -281,13 +281,21 @@ impl MqttSettings {
         if let Some(c) = &self.credentials {
             opts.set_credentials(c.username.clone(), c.password.clone());
         }
-        if let Some(files) = &self.tls {
-            let config = tls_client_config(files)?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(config),
-            )));
+        if let Some(t) = self.transport()? {
+            opts.set_transport(t);
         }
         Ok(opts)
+    }
+
+    /// TLS with the configured files, or `None` for plain TCP. Reads the files.
+    fn transport(&self) -> Result<Option<Transport>, MqttError> {
+        let Some(files) = &self.tls else {
+            return Ok(None);
+        };
+        let config = tls_client_config(files)?;
+        Ok(Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        ))))
     }
 
     /// Options for a short-lived client of the same broker (`servogate cmd`): the same
@@ -306,11 +314,8 @@ impl MqttSettings {
         if let Some(c) = &self.credentials {
             opts.set_credentials(c.username.clone(), c.password.clone());
         }
-        if let Some(files) = &self.tls {
-            let config = tls_client_config(files)?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(config),
-            )));
+        if let Some(t) = self.transport()? {
+            opts.set_transport(t);
         }
         Ok(opts)
     }

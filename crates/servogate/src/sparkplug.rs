@@ -48,6 +48,7 @@ pub const COMMAND_REASON: &str = "Command/Reason";
 
 /// The metrics of a device: one per profile field, with its type, unit and scale.
 pub fn device_specs(cfg: &Config, d: &Device) -> Vec<MetricSpec> {
+    let int = |bits, signed| Raw::Int { bits, signed };
     if let Some(c) = &d.canopen {
         use servogate_canopen::objects::ObjType as T;
         return c
@@ -58,14 +59,8 @@ pub fn device_specs(cfg: &Config, d: &Device) -> Vec<MetricSpec> {
                 raw: match o.ty {
                     T::Bool => Raw::Bool,
                     T::F32 => Raw::Float,
-                    T::I8 | T::I16 | T::I32 | T::I64 => Raw::Int {
-                        bits: o.ty.bits(),
-                        signed: true,
-                    },
-                    T::U8 | T::U16 | T::U32 | T::U64 => Raw::Int {
-                        bits: o.ty.bits(),
-                        signed: false,
-                    },
+                    T::I8 | T::I16 | T::I32 | T::I64 => int(o.ty.bits(), true),
+                    T::U8 | T::U16 | T::U32 | T::U64 => int(o.ty.bits(), false),
                 },
                 scale: o.scale,
                 offset: o.offset,
@@ -82,30 +77,12 @@ pub fn device_specs(cfg: &Config, d: &Device) -> Vec<MetricSpec> {
             raw: match f.data_type {
                 T::Bool => Raw::Bool,
                 T::F32 | T::F64 => Raw::Float,
-                T::I16 => Raw::Int {
-                    bits: 16,
-                    signed: true,
-                },
-                T::U16 => Raw::Int {
-                    bits: 16,
-                    signed: false,
-                },
-                T::I32 => Raw::Int {
-                    bits: 32,
-                    signed: true,
-                },
-                T::U32 => Raw::Int {
-                    bits: 32,
-                    signed: false,
-                },
-                T::I64 => Raw::Int {
-                    bits: 64,
-                    signed: true,
-                },
-                T::U64 => Raw::Int {
-                    bits: 64,
-                    signed: false,
-                },
+                T::I16 => int(16, true),
+                T::U16 => int(16, false),
+                T::I32 => int(32, true),
+                T::U32 => int(32, false),
+                T::I64 => int(64, true),
+                T::U64 => int(64, false),
             },
             scale: f.scale,
             offset: f.offset,
@@ -966,21 +943,13 @@ impl Feed for NodeFeed {
 
     fn ack(&self, id: u64) {
         if id & OWN == 0 {
-            let ids = self.batches.take(id);
-            let mut ring = self.ring.lock();
-            for id in ids {
-                ring.ack(id);
-            }
+            self.batches.ack(&mut self.ring.lock(), id);
         }
     }
 
     fn requeue(&self, id: u64) {
         if id & OWN == 0 {
-            let ids = self.batches.take(id);
-            let mut ring = self.ring.lock();
-            for id in ids {
-                ring.requeue(id);
-            }
+            self.batches.requeue(&mut self.ring.lock(), id);
         }
     }
 
