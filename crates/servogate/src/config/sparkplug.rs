@@ -134,5 +134,13 @@ mod tests {
         );
         assert!(s.aliases);
         assert_eq!(s.primary_host_id.as_deref(), Some("scada"));
+        // `check` says what a host will see.
+        let summary = c.summary();
+        assert!(
+            summary.contains("sparkplug B edge node plant-1/")
+                && summary.contains("beside the JSON topics")
+                && summary.contains("waits for primary host scada (spBv1.0/STATE/scada)"),
+            "{summary}"
+        );
     }
 }
