@@ -127,7 +127,7 @@ mod tests {
         );
         let c = parse(&ok, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.mqtt.contract, Contract::Both);
-        let s = c.sparkplug.expect("sparkplug");
+        let s = c.sparkplug.clone().expect("sparkplug");
         assert_eq!(
             (s.group_id.as_str(), s.edge_node_id.as_str()),
             ("plant-1", c.gateway.id.as_str())
