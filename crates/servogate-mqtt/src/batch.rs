@@ -83,6 +83,38 @@ impl Batches {
     }
 }
 
+/// A feed's batching state: whether it flushes (no batch waits) and when a waiting batch
+/// is due ([`crate::Feed::wake_at`]).
+#[derive(Debug, Default)]
+pub struct Linger {
+    flushing: std::sync::atomic::AtomicBool,
+    wake: Mutex<Option<Instant>>,
+}
+
+impl Linger {
+    pub fn flushing(&self) -> bool {
+        self.flushing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_flushing(&self, on: bool) {
+        self.flushing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A batch waits until `at`.
+    pub fn wait_until(&self, at: Instant) {
+        *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+    }
+
+    /// When the waiting batch is due (taken: asked once).
+    pub fn wake_at(&self) -> Option<Instant> {
+        self.wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
 /// What the ring gives for the next message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Take {

@@ -1,14 +1,13 @@
 //! The delivery ring shared by the bus tasks (producers) and the forwarder (consumer).
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use servogate_core::{Event, EventSink, OnFull, Ring, RingStats};
 use tokio::sync::Notify;
 
-use crate::batch::{self, Batches, Batching, Take};
+use crate::batch::{self, Batches, Batching, Linger, Take};
 use crate::feed::{Feed, Prepared};
 use crate::payload;
 
@@ -31,8 +30,7 @@ pub struct Outbox {
     batching: Mutex<Batching>,
     /// Every id of a batch by its first (what the forwarder acknowledges).
     batches: Batches,
-    flushing: AtomicBool,
-    wake: Mutex<Option<Instant>>,
+    linger: Linger,
 }
 
 impl Outbox {
@@ -44,8 +42,7 @@ impl Outbox {
             thread: OnceLock::new(),
             batching: Mutex::default(),
             batches: Batches::default(),
-            flushing: AtomicBool::new(false),
-            wake: Mutex::new(None),
+            linger: Linger::default(),
         })
     }
 
@@ -89,7 +86,7 @@ impl Feed for Outbox {
         }
         let mut built: Option<Prepared> = None;
         let mut several = false;
-        let flush = self.flushing.load(Relaxed);
+        let flush = self.linger.flushing();
         let taken = batch::take(&mut ring, b, flush, SystemTime::now(), |_, e| {
             match built.as_mut() {
                 None => built = Some(Prepared::of_event(prefix, e)),
@@ -106,7 +103,7 @@ impl Feed for Outbox {
         match taken {
             Take::Empty => None,
             Take::WaitUntil(at) => {
-                *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                self.linger.wait_until(at);
                 None
             }
             Take::Taken(ids) => {
@@ -135,14 +132,11 @@ impl Feed for Outbox {
     }
 
     fn wake_at(&self) -> Option<Instant> {
-        self.wake
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        self.linger.wake_at()
     }
 
     fn flush(&self, on: bool) {
-        self.flushing.store(on, Relaxed);
+        self.linger.set_flushing(on);
     }
 
     fn unacked(&self) -> usize {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 use rumqttc::QoS;
 use servogate_core::{AvailabilityState, CommandReport, Event, EventBody, RingStats, Telemetry};
-use servogate_mqtt::batch::{self, Batches, Take};
+use servogate_mqtt::batch::{self, Batches, Linger, Take};
 use servogate_mqtt::wire::Will;
 use servogate_mqtt::{
     Batching, Control, DeviceMeta, Feed, Forwarder, Incoming, Kind, Outbox, Prepared, Session,
@@ -578,8 +578,7 @@ pub struct NodeFeed {
     /// Several samples of a device per DDATA (`[mqtt] batch_max`).
     batching: Mutex<Batching>,
     batches: Batches,
-    flushing: AtomicBool,
-    wake: Mutex<Option<std::time::Instant>>,
+    linger: Linger,
     pace: Mutex<Pace>,
 }
 
@@ -591,8 +590,7 @@ impl NodeFeed {
             held: Mutex::new(None),
             batching: Mutex::default(),
             batches: Batches::default(),
-            flushing: AtomicBool::new(false),
-            wake: Mutex::new(None),
+            linger: Linger::default(),
             pace: Mutex::new(Pace {
                 born_at: None,
                 live_from: 0,
@@ -648,6 +646,19 @@ impl NodeFeed {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// One DDATA of `e`'s device with `values`, acquired at `e`'s time (the node's seq
+    /// and aliases passed apart, so a device's borrowed values can go along).
+    fn ddata(
+        (seq, aliases): (&mut Sequence, Option<&mut Aliases>),
+        topic: String,
+        e: &Event,
+        values: &[(&str, Value)],
+        (now, historical): (u64, bool),
+    ) -> Prepared {
+        let payload = spb::ddata(seq, aliases, &e.device, values, ms(e.ts), now, historical);
+        Self::prepared(topic, payload, e)
+    }
+
     fn prepared(topic: String, payload: spb_proto::Payload, e: &Event) -> Prepared {
         Prepared {
             topic,
@@ -680,39 +691,16 @@ impl NodeFeed {
                 let mut values = sample_values(&dev.specs, t);
                 values.retain(|(n, _)| dev.names.contains(*n));
                 let topic = topic_device(st, MessageType::DData, &e.device);
-                let payload = spb::ddata(
-                    &mut st.seq,
-                    st.aliases.as_mut(),
-                    &e.device,
-                    &values,
-                    ms(e.ts),
-                    now,
-                    historical,
-                );
-                Encoded::Message(Self::prepared(topic, payload, e))
+                let node = (&mut st.seq, st.aliases.as_mut());
+                Encoded::Message(Self::ddata(node, topic, e, &values, (now, historical)))
             }
             EventBody::Availability(a) => match (a.state, dev.born) {
                 (AvailabilityState::Online, false) => match st.dbirth(&e.device, now) {
-                    Some(c) => Encoded::Message(Prepared {
-                        topic: c.topic,
-                        payload: c.payload,
-                        kind: Kind::Sparkplug,
-                        device: e.device.clone(),
-                        seq: e.seq,
-                        reply: None,
-                    }),
+                    Some(c) => Encoded::Message(of_control(c, e)),
                     None => Encoded::Skip,
                 },
                 (AvailabilityState::Offline, true) => {
-                    let c = st.ddeath(&e.device, now);
-                    Encoded::Message(Prepared {
-                        topic: c.topic,
-                        payload: c.payload,
-                        kind: Kind::Sparkplug,
-                        device: e.device.clone(),
-                        seq: e.seq,
-                        reply: None,
-                    })
+                    Encoded::Message(of_control(st.ddeath(&e.device, now), e))
                 }
                 _ => Encoded::Skip,
             },
@@ -720,20 +708,10 @@ impl NodeFeed {
                 if !dev.born {
                     return Encoded::Skip;
                 }
-                let values = command_values(r);
-                let values: Vec<(&str, Value)> =
-                    values.iter().map(|(n, v)| (*n, v.clone())).collect();
                 let topic = topic_device(st, MessageType::DData, &e.device);
-                let payload = spb::ddata(
-                    &mut st.seq,
-                    st.aliases.as_mut(),
-                    &e.device,
-                    &values,
-                    ms(e.ts),
-                    now,
-                    historical,
-                );
-                Encoded::Message(Self::prepared(topic, payload, e))
+                let node = (&mut st.seq, st.aliases.as_mut());
+                let values = command_values(r);
+                Encoded::Message(Self::ddata(node, topic, e, &values, (now, historical)))
             }
             _ => Encoded::Skip,
         }
@@ -755,7 +733,7 @@ impl NodeFeed {
                         .is_some_and(|d| d.born && !d.removed);
                 if born {
                     let mut events = Vec::new();
-                    let flush = self.flushing.load(Relaxed);
+                    let flush = self.linger.flushing();
                     let taken =
                         batch::take(&mut ring, batching, flush, SystemTime::now(), |_, e| {
                             events.push(e.clone())
@@ -764,7 +742,7 @@ impl NodeFeed {
                     return match taken {
                         Take::Empty => None,
                         Take::WaitUntil(at) => {
-                            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+                            self.linger.wait_until(at);
                             None
                         }
                         Take::Taken(ids) => {
@@ -811,14 +789,7 @@ impl NodeFeed {
                     return None;
                 };
                 debug!(device = %event.device, "DBIRTH before the device's first data");
-                let birth = Prepared {
-                    topic: c.topic,
-                    payload: c.payload,
-                    kind: Kind::Sparkplug,
-                    device: event.device.clone(),
-                    seq: event.seq,
-                    reply: None,
-                };
+                let birth = of_control(c, &event);
                 *held = Some(Held { id, event });
                 Some(Some((OWN, birth)))
             }
@@ -849,6 +820,18 @@ enum Encoded {
     Skip,
     /// Not now: the node is not born on this connection.
     NotNow,
+}
+
+/// A birth or death message made for `e` (it goes in `e`'s place in the feed).
+fn of_control(c: Control, e: &Event) -> Prepared {
+    Prepared {
+        topic: c.topic,
+        payload: c.payload,
+        kind: Kind::Sparkplug,
+        device: e.device.clone(),
+        seq: e.seq,
+        reply: None,
+    }
 }
 
 fn command_values(r: &CommandReport) -> Vec<(&'static str, Value)> {
@@ -931,9 +914,9 @@ impl Feed for NodeFeed {
         pace.tokens = (pace.tokens + now.duration_since(pace.refilled).as_secs_f64() * rate)
             .min(rate.max(1.0) / 10.0 + 1.0);
         pace.refilled = now;
-        if pace.tokens < 1.0 && !self.flushing.load(Relaxed) {
+        if pace.tokens < 1.0 && !self.linger.flushing() {
             let wait = Duration::from_secs_f64((1.0 - pace.tokens) / rate.max(1e-3));
-            *self.wake.lock().unwrap_or_else(PoisonError::into_inner) = Some(now + wait);
+            self.linger.wait_until(now + wait);
             return None;
         }
         pace.tokens -= 1.0;
@@ -961,14 +944,11 @@ impl Feed for NodeFeed {
     }
 
     fn wake_at(&self) -> Option<std::time::Instant> {
-        self.wake
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        self.linger.wake_at()
     }
 
     fn flush(&self, on: bool) {
-        self.flushing.store(on, Relaxed);
+        self.linger.set_flushing(on);
     }
 
     fn unacked(&self) -> usize {
