@@ -599,12 +599,11 @@ impl Publisher {
         let Some((id, prepared)) = self.shared.feed.take_next(&self.prefix) else {
             return false;
         };
-        lock(&self.session).handed(&prepared);
         let Prepared {
             topic,
             payload,
             kind,
-            device: _,
+            device,
             seq,
             reply,
         } = prepared;
@@ -619,6 +618,11 @@ impl Publisher {
             self.shared.stats.refused.fetch_add(1, Relaxed);
             self.shared.feed.ack(id);
             return true;
+        }
+        if retain {
+            // Only retained messages concern the session (and take its lock): not the
+            // telemetry that makes up nearly all of the traffic.
+            lock(&self.session).retained(&device, &topic, &payload);
         }
         if let Some(reply) = reply.filter(|_| self.version == Version::V5) {
             // After the result itself: a requester that also watches the result topic

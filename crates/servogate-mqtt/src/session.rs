@@ -9,7 +9,6 @@ use std::time::SystemTime;
 
 use rumqttc::QoS;
 
-use crate::feed::{Kind, Prepared};
 use crate::payload::{self, DeviceMeta, DeviceTopic};
 use crate::wire::Will;
 
@@ -46,8 +45,8 @@ pub trait Session: Send {
     fn opening(&mut self, closing: bool, out: &mut VecDeque<Control>);
     /// The device list changed (a reload): what that must say goes to `out`.
     fn devices(&mut self, list: &[DeviceMeta], out: &mut VecDeque<Control>);
-    /// A feed message was handed to the broker.
-    fn handed(&mut self, _message: &Prepared) {}
+    /// A retained feed message of `device` was handed to the broker.
+    fn retained(&mut self, _device: &str, _topic: &str, _payload: &[u8]) {}
     /// Asked after the forwarder's nudge was notified: what is due now (a rebirth).
     fn due(&mut self, _out: &mut VecDeque<Control>) {}
     /// The last message of a clean shutdown (the forwarder waits for its acknowledgement).
@@ -152,11 +151,10 @@ impl Session for JsonSession {
         self.metas = fresh;
     }
 
-    fn handed(&mut self, m: &Prepared) {
-        if m.kind == Kind::Availability {
-            self.availability
-                .insert(m.device.to_string(), (m.topic.clone(), m.payload.clone()));
-        }
+    /// The last availability, repeated at the next session.
+    fn retained(&mut self, device: &str, topic: &str, payload: &[u8]) {
+        self.availability
+            .insert(device.to_owned(), (topic.to_owned(), payload.to_vec()));
     }
 
     fn farewell(&mut self) -> Control {

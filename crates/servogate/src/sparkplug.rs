@@ -158,6 +158,12 @@ pub struct Figures {
     pub rebirth_requests: u64,
 }
 
+/// Acquired before the birth at `born_at`, at the millisecond resolution of Sparkplug
+/// timestamps (the NBIRTH carries `born_at` in milliseconds).
+fn held(ts: SystemTime, born_at: SystemTime) -> bool {
+    ms(ts) < ms(born_at)
+}
+
 fn now_ms() -> u64 {
     ms(SystemTime::now())
 }
@@ -427,7 +433,10 @@ impl State {
 
     /// NBIRTH and the DBIRTH of every device online.
     fn births(&mut self, own: Vec<BirthMetric>, out: &mut VecDeque<Control>) {
-        let now = now_ms();
+        // One instant for the NBIRTH's timestamp and the line between held and live data,
+        // so a host reading timestamps draws it where we did.
+        let born = SystemTime::now();
+        let now = ms(born);
         let topic = topic_node(self, MessageType::NBirth);
         let nbirth = spb::nbirth(
             &mut self.seq,
@@ -453,7 +462,7 @@ impl State {
                 d.born = false;
             }
         }
-        self.born_at = Some(SystemTime::now());
+        self.born_at = Some(born);
         self.rebirth_pending = false;
         self.last_rebirth = Some(Instant::now());
     }
@@ -628,7 +637,7 @@ impl NodeFeed {
                 &values,
                 ms(e.ts),
                 now,
-                e.ts < born_at,
+                held(e.ts, born_at),
             );
             metrics.extend(one.metrics);
         }
@@ -680,7 +689,7 @@ impl NodeFeed {
             return Encoded::Skip;
         };
         let now = now_ms();
-        let historical = e.ts < born_at;
+        let historical = held(e.ts, born_at);
         match &e.body {
             EventBody::Telemetry(t) => {
                 if !dev.born {
