@@ -33,3 +33,10 @@ fi
 if ! rustup target list --installed | grep -qx "$target"; then
     rustup target add "$target"
 fi
+
+# The emulated serial ports (scripts/emu-run.sh preloads it): the termios2 shim.
+shim=target/emu/termios2_shim-$arch.so
+if [ ! -e "$shim" ] || [ tests/emu/termios2_shim.c -nt "$shim" ]; then
+    mkdir -p target/emu
+    "$gnu-gcc" -shared -fPIC -O2 -Wall -o "$shim" tests/emu/termios2_shim.c -ldl
+fi

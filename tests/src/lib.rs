@@ -43,6 +43,31 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A command that starts a binary of this workspace ([`bin`]); under emulation (the arm64
+/// run of scripts/test.sh) through the runner scripts/emu-run.sh names in
+/// `SERVOGATE_RUNNER`, as cargo runs the test itself.
+pub fn program(name: &str) -> Command {
+    let path = bin(name);
+    match runner() {
+        Some(runner) => {
+            let mut cmd = Command::new(&runner[0]);
+            cmd.args(&runner[1..]).arg(path);
+            cmd
+        }
+        None => Command::new(path),
+    }
+}
+
+/// The words of `SERVOGATE_RUNNER`, if set.
+fn runner() -> Option<Vec<String>> {
+    let words: Vec<String> = std::env::var("SERVOGATE_RUNNER")
+        .ok()?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    (!words.is_empty()).then_some(words)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -324,7 +349,7 @@ impl Servosim {
 
     /// Starts `servosim ARGS EXTRA` and waits for its `servosim ready` line.
     fn spawn(args: &[&str], extra: &[&str]) -> Self {
-        let mut child = Command::new(bin("servosim"))
+        let mut child = program("servosim")
             .args(args)
             .args(extra)
             .stdin(Stdio::piped())
@@ -532,7 +557,7 @@ impl Servogate {
     /// As [`Servogate::start`], with extra environment variables (e.g. systemd's).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
         let (dir, path) = config_file(config);
-        let child = Command::new(bin("servogate"))
+        let child = program("servogate")
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -555,8 +580,9 @@ impl Servogate {
         let (dir, path) = config_file(config);
         // dash counts ulimit -f in 512-byte blocks; an ignored signal stays ignored
         // across exec.
+        let runner = runner().unwrap_or_default().join(" ");
         let script = format!(
-            "trap '' XFSZ; ulimit -f {}; exec \"$0\" run --config \"$1\"",
+            "trap '' XFSZ; ulimit -f {}; exec {runner} \"$0\" run --config \"$1\"",
             kib * 2
         );
         let child = Command::new("sh")

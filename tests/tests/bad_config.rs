@@ -1,14 +1,12 @@
 //! A bad config is refused before anything opens: exit 64 and a message naming the line.
 
-use std::process::Command;
-
 use servogate_e2e::*;
 
 fn run(args: &[&str], config: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(bin("servogate"))
+    let out = program("servogate")
         .args(args)
         .arg("--config")
         .arg(&path)
@@ -70,4 +68,33 @@ fn a_good_config_checks_clean() {
     );
     let (code, stderr) = run(&["check"], &good);
     assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_command_for_an_unknown_device_or_with_a_bad_parameter_exits_64_before_any_broker() {
+    // The broker address is closed: a usage error must be found before connecting.
+    let good = config(
+        "e2e-bad",
+        "mqtt://127.0.0.1:1",
+        "/nonexistent/pty".as_ref(),
+        &[1],
+        "",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, good).unwrap();
+    for (args, says) in [
+        (&["axis-9", "enable"][..], "no device named \"axis-9\""),
+        (&["axis-1", "move", "position"][..], "is not name=value"),
+    ] {
+        let out = program("servogate")
+            .args(["cmd", "--config"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
 }

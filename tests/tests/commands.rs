@@ -524,7 +524,7 @@ async fn servogate_cmd(config: &std::path::Path, args: &[&str]) -> std::process:
     let config = config.to_owned();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin("servogate"))
+        program("servogate")
             .args(["cmd", "--config"])
             .arg(&config)
             .args(&args)

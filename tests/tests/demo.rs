@@ -23,7 +23,7 @@ struct Axis {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_moves_six_axes_by_commands_and_shows_their_values_and_results() {
     let port = free_port();
-    let mut demo = Command::new(bin("servogate"))
+    let mut demo = program("servogate")
         .args(["demo", "--duration", "120s", "--port"])
         .arg(port.to_string())
         .stdout(Stdio::piped())
@@ -112,11 +112,11 @@ async fn the_demo_moves_six_axes_by_commands_and_shows_their_values_and_results(
 
     // `servogate cmd` as the demo printed it, against the demo's own config file.
     let mut args = cmd_line.split_whitespace();
-    let program = args.next().unwrap();
-    assert!(program.ends_with("servogate"), "{cmd_line}");
+    let printed_program = args.next().unwrap();
+    assert!(printed_program.ends_with("servogate"), "{cmd_line}");
     let out = tokio::task::spawn_blocking({
         let args: Vec<String> = args.map(str::to_owned).collect();
-        move || Command::new(bin("servogate")).args(args).output().unwrap()
+        move || program("servogate").args(args).output().unwrap()
     })
     .await
     .unwrap();

@@ -31,7 +31,7 @@ fn writes(sim: &mut Servosim, unit: u8) -> (u64, u64) {
 }
 
 struct Rig {
-    _broker: Mosquitto,
+    broker: Mosquitto,
     _pty: PtyPair,
     sim: Servosim,
     gw: Servogate,
@@ -63,7 +63,7 @@ async fn rig(broker_extra: &str, tables: &str, aliases: u16) -> Rig {
         }
     }
     Rig {
-        _broker: broker,
+        broker,
         _pty: pty,
         sim,
         gw,
@@ -157,6 +157,38 @@ async fn a_v5_command_is_answered_on_its_response_topic_with_its_correlation_dat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_v5_a_command_published_with_the_retain_flag_is_refused_even_when_it_arrives_live() {
+    // MQTT 3.1.1 brokers clear the flag on live delivery; the gateway subscribes with
+    // Retain As Published, so on MQTT 5 it sees the flag and refuses the command at once.
+    let mut r = rig("", "", 0).await;
+    let cmd = Commander::start(r.broker.port, &format!("servogate/{ID}")).await;
+    let deadline = humantime::format_rfc3339_millis(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(5),
+    );
+    let retained = json!({"id": "v5-r1", "action": "write", "values": {"speed_limit": 90},
+                          "deadline": deadline.to_string()});
+    cmd.send("axis-1", &retained.to_string(), true).await;
+    let result = command_result(&mut r.sub, "axis-1", Some("v5-r1")).await;
+    assert_eq!(
+        (result["status"].as_str(), result["reason"].as_str()),
+        (Some("rejected"), Some("retained")),
+        "{result}"
+    );
+    // The same command without the flag runs: the refusal was the flag's.
+    let live = json!({"id": "v5-r2", "action": "write", "values": {"speed_limit": 90},
+                      "deadline": deadline.to_string()});
+    cmd.send("axis-1", &live.to_string(), false).await;
+    let result = command_result(&mut r.sub, "axis-1", Some("v5-r2")).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert_eq!(
+        writes(&mut r.sim, 1),
+        (1, 1),
+        "only the command without the flag reached the drive"
+    );
+    assert!(r.gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v5_command_whose_message_expiry_runs_out_in_the_queue_is_never_executed() {
     let mut r = rig("", "", 0).await;
     let tel = r
@@ -235,7 +267,7 @@ async fn on_mqtt5_with_topic_aliases_the_birth_retained_availability_and_will_wo
     }
 
     // A newcomer gets the retained birth and every device's availability.
-    let port = r._broker.port;
+    let port = r.broker.port;
     let mut late = Subscriber::start(port, &format!("servogate/{ID}/#")).await;
     let status = format!("servogate/{ID}/status");
     let birth = late.until(|m| m.topic == status).await;

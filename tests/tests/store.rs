@@ -137,7 +137,7 @@ async fn events_a_killed_gateway_never_got_acknowledged_go_out_after_the_restart
 
 /// `servogate log` with `args`: (exit code, stdout, stderr).
 fn servogate_log(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bin("servogate"))
+    let out = program("servogate")
         .arg("log")
         .args(args)
         .output()

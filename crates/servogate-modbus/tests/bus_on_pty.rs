@@ -22,6 +22,18 @@ impl EventSink for Channel {
     }
 }
 
+/// `n` milliseconds, times `SERVOGATE_TIME_SCALE` (default 1): under emulation (the arm64
+/// run of scripts/test.sh, qemu-user) everything is about ten times slower, so every
+/// timeout, poll and injected delay of these tests grows alike and what they check (a
+/// late reply is late, a prompt one is not) keeps its meaning.
+fn ms(n: u64) -> Duration {
+    let scale: u64 = std::env::var("SERVOGATE_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    Duration::from_millis(n * scale)
+}
+
 fn profile() -> Arc<[Field]> {
     let scaled = |name: &str, addr, t, scale| {
         let mut f = Field::new(name, addr, t);
@@ -45,11 +57,11 @@ fn device(unit: u8, timeout: Duration) -> DeviceSettings {
     DeviceSettings {
         name: format!("axis-{unit}").into(),
         unit,
-        poll: Duration::from_millis(10),
-        late_after: Duration::from_millis(10),
+        poll: ms(10),
+        late_after: ms(10),
         timeout,
         offline_after: 3,
-        backoff_max: Duration::from_millis(200),
+        backoff_max: ms(200),
         fields: profile(),
         max_gap: 8,
         max_registers: 125,
@@ -127,7 +139,7 @@ fn value(t: &servogate_core::Telemetry, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_published_value_matches_the_simulator_model_and_seq_grows_by_one() {
-    let mut rig = rig(6, Duration::from_millis(50)).await;
+    let mut rig = rig(6, ms(50)).await;
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     let mut samples = 0;
     while samples < 600 {
@@ -153,7 +165,7 @@ async fn every_published_value_matches_the_simulator_model_and_seq_grows_by_one(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_unit_goes_offline_and_back_while_the_others_keep_polling() {
-    let mut rig = rig(3, Duration::from_millis(30)).await;
+    let mut rig = rig(3, ms(30)).await;
     // Wait until all three are online.
     let mut online = 0;
     while online < 3 {
@@ -203,7 +215,7 @@ async fn a_dead_unit_goes_offline_and_back_while_the_others_keep_polling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
-    let mut rig = rig(2, Duration::from_millis(30)).await;
+    let mut rig = rig(2, ms(30)).await;
     rig.sim.set_crc_noise(0.2);
     let mut samples = 0;
     let mut crc_events = 0;
@@ -248,16 +260,22 @@ async fn crc_noise_never_yields_a_wrong_value_and_is_counted_as_crc_errors() {
 async fn replies_later_than_the_timeout_are_never_taken_for_another_units_answer_and_the_unit_returns(
 ) {
     // Unit 2 answers 25 ms late with a 10 ms timeout: its replies land while the bus is
-    // already asking unit 1 or 3, the trap PITFALLS.md describes.
+    // already asking unit 1 or 3, the trap PITFALLS.md describes. It is asked every 50 ms
+    // and never declared offline, so the trap is set again and again; in between, units 1
+    // and 3 have time to answer. (servosim answers one request at a time, like a
+    // half-duplex line: while unit 2's late reply waits, every request behind it waits
+    // too, and asking unit 2 every cycle could starve the others in some phases, as it
+    // did under emulation.)
     let mut rig = rig_with(3, |u| {
-        let mut d = device(u, Duration::from_millis(10));
-        d.offline_after = 1_000_000; // keep polling it at full rate
+        let mut d = device(u, ms(10));
+        if u == 2 {
+            d.poll = ms(50);
+            d.offline_after = 1_000_000;
+        }
         d
     })
     .await;
-    rig.sim
-        .set_late(2, Some(Duration::from_millis(25)))
-        .unwrap();
+    rig.sim.set_late(2, Some(ms(25))).unwrap();
     let late_from = rig.sim.t_ms();
     let mut checked = 0;
     while checked < 300 {
@@ -304,7 +322,7 @@ async fn a_read_across_a_hole_is_split_once_and_both_fields_keep_their_values() 
     // servosim answers Illegal Data Address for 0x0100-0x010F; a gap of 40 lets the plan
     // merge 0x00F0 and 0x0110 into one read across it.
     let mut rig = rig_with(1, |u| {
-        let mut d = device(u, Duration::from_millis(50));
+        let mut d = device(u, ms(50));
         let mut t_ms = Field::new("t_ms", 0x000A, DataType::U32);
         t_ms.word_order = WordOrder::LowFirst;
         d.fields = vec![

@@ -184,14 +184,20 @@ impl Client {
         }
     }
 
+    /// Subscribes at QoS 1. On MQTT 5 with Retain As Published, so a command published
+    /// with the retain flag keeps it even when it reaches us live, and is refused as
+    /// retained; MQTT 3.1.1 brokers clear the flag on live delivery (only a message from
+    /// the retained store, at a new subscription, carries it there).
     pub fn try_subscribe(&self, filter: String) -> Result<(), String> {
         match self {
             Client::V4(c) => c
                 .try_subscribe(filter, QoS::AtLeastOnce)
                 .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe(filter, QoS5::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let mut f = p5::Filter::new(filter, QoS5::AtLeastOnce);
+                f.preserve_retain = true;
+                c.try_subscribe_many([f]).map_err(|e| e.to_string())
+            }
         }
     }
 

@@ -14,6 +14,7 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{Map, Value};
 
 use crate::config::Config;
+use crate::Usage;
 
 /// The command line of `servogate cmd`.
 #[derive(Debug, clap::Args)]
@@ -61,7 +62,7 @@ fn payload(args: &CmdArgs, id: &str, now: SystemTime) -> anyhow::Result<String> 
     let mut values = Map::new();
     for p in &args.params {
         let Some((k, v)) = p.split_once('=') else {
-            bail!("parameter {p:?} is not name=value");
+            return Err(Usage(format!("parameter {p:?} is not name=value")).into());
         };
         if args.action == "write" {
             values.insert(k.to_owned(), value(v));
@@ -83,11 +84,12 @@ fn payload(args: &CmdArgs, id: &str, now: SystemTime) -> anyhow::Result<String> 
 /// Sends the command and waits for its result; true when it is `done`.
 pub async fn run(cfg: Config, args: CmdArgs) -> anyhow::Result<bool> {
     if cfg.device(&args.device).is_none() {
-        bail!(
+        return Err(Usage(format!(
             "no device named {:?} in {}",
             args.device,
             cfg.file.display()
-        );
+        ))
+        .into());
     }
     let id = args
         .id
@@ -136,7 +138,8 @@ pub async fn run(cfg: Config, args: CmdArgs) -> anyhow::Result<bool> {
                         continue;
                     };
                     if v.get("id").and_then(Value::as_str) == Some(id.as_str()) {
-                        println!("{v}");
+                        // As published: the contract's key order, byte for byte.
+                        println!("{}", String::from_utf8_lossy(&p.payload));
                         let _ = client.disconnect().await;
                         return anyhow::Ok(v.get("status").and_then(Value::as_str) == Some("done"));
                     }

@@ -11,6 +11,7 @@ use servogate_log::{Entry, FsDir, Reader};
 use servogate_mqtt::Prepared;
 
 use crate::store::record;
+use crate::Usage;
 
 /// Logs at least this large get a progress bar on a terminal.
 const PROGRESS_FROM_BYTES: u64 = 8 << 20;
@@ -66,11 +67,6 @@ fn parse_time(s: &Option<String>, what: &str) -> anyhow::Result<Option<SystemTim
         })
         .transpose()
 }
-
-/// The usage error of a bad argument (exit 64), apart from an IO error (exit 70).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Usage(pub String);
 
 /// The log directory the arguments name.
 pub fn log_dir(args: &LogArgs) -> anyhow::Result<PathBuf> {
@@ -206,7 +202,7 @@ fn write_jsonl(out: &mut dyn Write, p: &Prepared, stream: &str) -> io::Result<()
     out.write_all(b"\n")
 }
 
-const CSV_COLUMNS: [&str; 17] = [
+const CSV_COLUMNS: [&str; 19] = [
     "ts",
     "device",
     "stream",
@@ -222,6 +218,8 @@ const CSV_COLUMNS: [&str; 17] = [
     "kind",
     "status",
     "id",
+    "action",
+    "reason",
     "message",
     "values",
 ];

@@ -24,3 +24,9 @@ pub mod replay;
 pub mod sparkplug;
 pub mod store;
 pub mod systemd;
+
+/// The error of a bad command-line argument (exit 64, EX_USAGE), apart from a failure at
+/// run time (exit 70): a subcommand returns it inside its `anyhow::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use servogate::{app, cmd, config, demo, flight, logging};
+use servogate::{app, cmd, config, demo, flight, logging, Usage};
 
 /// Exit status for a bad config or command line (sysexits.h EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -101,10 +101,7 @@ fn main() -> ExitCode {
                 Ok(true) => ExitCode::SUCCESS,
                 // The result was printed; its status says why.
                 Ok(false) => ExitCode::from(EX_FAILED),
-                Err(e) => {
-                    eprintln!("servogate: {e:#}");
-                    ExitCode::from(EX_SOFTWARE)
-                }
+                Err(e) => failed(e),
             }
         }
         Command::Log(args) => {
@@ -122,12 +119,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     drop(out);
-                    eprintln!("servogate: {e:#}");
-                    if e.downcast_ref::<flight::Usage>().is_some() {
-                        ExitCode::from(EX_USAGE)
-                    } else {
-                        ExitCode::from(EX_SOFTWARE)
-                    }
+                    failed(e)
                 }
             }
         }
@@ -135,6 +127,16 @@ fn main() -> ExitCode {
             logging::init(Some("warn,rumqttd=off"));
             finish(runtime().and_then(|rt| rt.block_on(demo::run(args))))
         }
+    }
+}
+
+/// Says why a subcommand failed: 64 for a bad argument ([`Usage`]), 70 otherwise.
+fn failed(e: anyhow::Error) -> ExitCode {
+    eprintln!("servogate: {e:#}");
+    if e.downcast_ref::<Usage>().is_some() {
+        ExitCode::from(EX_USAGE)
+    } else {
+        ExitCode::from(EX_SOFTWARE)
     }
 }
 
