@@ -559,7 +559,12 @@ pub async fn run_bus(
                     arrived = order;
                     continue;
                 }
-                _ = tokio::time::sleep_until(wake) => {}
+                woke = wire.timer.wake_at(wake) => {
+                    // The timer cannot fail once created; if it does, fall back to tokio's.
+                    if woke.is_err() {
+                        tokio::time::sleep_until(wake).await;
+                    }
+                }
             }
         }
         if job_due.is_some_and(|j| j <= Instant::now()) {

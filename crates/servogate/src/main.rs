@@ -141,9 +141,13 @@ fn failed(e: anyhow::Error) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        // Two workers are plenty: one task per bus and one forwarder.
-        .worker_threads(2)
+    // One thread for the daemon's tasks (the forwarders, the command desk, metrics,
+    // replay): every bus and the event log have threads of their own, and at a real
+    // line's rate the work here is a few microseconds per sample. A second worker only
+    // added wake-ups: tokio wakes a sibling to steal on every notify, and in a VM a
+    // cross-CPU wake costs more than the sample's own work (BENCHMARKS.md, "CPU per
+    // sample at a real line's rate").
+    Ok(tokio::runtime::Builder::new_current_thread()
         .thread_name("servogate")
         .enable_all()
         .build()?)

@@ -72,6 +72,22 @@ async fn socat_pair(a: &Path, b: &Path) -> Option<Child> {
     Some(child)
 }
 
+/// The servosim binary; under emulation (the arm64 run of scripts/test.sh) through the
+/// runner scripts/emu-run.sh names in `SERVOGATE_RUNNER`, as cargo runs this test.
+fn servosim() -> Command {
+    let bin = env!("CARGO_BIN_EXE_servosim");
+    let runner = std::env::var("SERVOGATE_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
 async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
     timeout(STEP, lines.next_line())
         .await
@@ -102,7 +118,7 @@ async fn the_binary_serves_takes_commands_and_outlives_its_stdin() {
     };
 
     // Given servosim on A with unit 3 dead and unit 2 faulted
-    let mut sim = Command::new(env!("CARGO_BIN_EXE_servosim"))
+    let mut sim = servosim()
         .args(["modbus-rtu", "--port"])
         .arg(&a)
         .args([
