@@ -45,11 +45,15 @@ if [ "$mode" = faithful ]; then
     profile="first = { address = 0, type = \"u16\" }
 last = { address = $last, type = \"u16\" }"
     # A real line: servogate keeps its own t3.5 (1.75 ms at 115200 baud).
-elif [ "$mode" = line ]; then
-    # Six drives on one RS-485 line as a plant polls them: servosim answers at the line's
-    # speed and servogate keeps t3.5 (its default for the baud rate).
-    units=$arg; simopts=(--timing-faithful --baud 115200); t35=""
-    POLL=${POLL:-50ms}
+else
+    units=$arg
+    if [ "$mode" = line ]; then
+        # Six drives on one RS-485 line as a plant polls them: servosim answers at the
+        # line's speed and servogate keeps t3.5 (its default for the baud rate).
+        simopts=(--timing-faithful --baud 115200); t35=""; POLL=${POLL:-50ms}
+    else
+        simopts=(); t35='t35 = "0ms"'
+    fi
     if [ -n "${FIELDS:-}" ]; then
         n=$FIELDS
         profile=$(for i in $(seq 0 $((FIELDS - 1))); do printf 'f%s = { address = %s, type = "u16" }\n' "$i" "$i"; done)
@@ -64,19 +68,6 @@ statusword = { address = 0x0007, type = "u16" }
 fault_code = { address = 0x0008, type = "u16" }
 mode = { address = 0x0009, type = "i16" }'
     fi
-elif [ -n "${FIELDS:-}" ]; then
-    units=$arg; n=$FIELDS; simopts=(); t35='t35 = "0ms"'
-    profile=$(for i in $(seq 0 $((FIELDS - 1))); do printf 'f%s = { address = %s, type = "u16" }\n' "$i" "$i"; done)
-else
-    units=$arg; n=10; simopts=(); t35='t35 = "0ms"'
-    profile='position = { address = 0x0000, type = "i32", scale = 0.001, unit = "mm" }
-velocity = { address = 0x0002, type = "i32", scale = 0.001, unit = "mm/s" }
-torque = { address = 0x0004, type = "i16", scale = 0.1, unit = "%" }
-current = { address = 0x0005, type = "i16", scale = 0.01, unit = "A" }
-temperature = { address = 0x0006, type = "i16", scale = 0.1, unit = "degC" }
-statusword = { address = 0x0007, type = "u16" }
-fault_code = { address = 0x0008, type = "u16" }
-mode = { address = 0x0009, type = "i16" }'
 fi
 
 mkfifo "$work/sim.in"

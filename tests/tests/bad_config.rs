@@ -2,6 +2,18 @@
 
 use servogate_e2e::*;
 
+/// A valid config whose broker and port are never reached: a bad command line or config
+/// must be refused before either is opened.
+fn good_config() -> String {
+    config(
+        "e2e-bad",
+        "mqtt://127.0.0.1:1",
+        "/nonexistent/pty".as_ref(),
+        &[1],
+        "",
+    )
+}
+
 fn run(args: &[&str], config: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
@@ -20,13 +32,7 @@ fn run(args: &[&str], config: &str) -> (i32, String) {
 
 #[test]
 fn a_device_naming_a_missing_bus_exits_64_naming_file_line_and_key() {
-    let good = config(
-        "e2e-bad",
-        "mqtt://127.0.0.1:1",
-        "/nonexistent/pty".as_ref(),
-        &[1],
-        "",
-    );
+    let good = good_config();
     let bad = good.replace("bus = \"rs485-a\"", "bus = \"rs485-b\"");
     let line = bad.lines().position(|l| l.contains("rs485-b")).unwrap() + 1;
     for cmd in ["check", "run"] {
@@ -42,13 +48,7 @@ fn a_device_naming_a_missing_bus_exits_64_naming_file_line_and_key() {
 
 #[test]
 fn an_unknown_key_exits_64_naming_its_line() {
-    let good = config(
-        "e2e-bad",
-        "mqtt://127.0.0.1:1",
-        "/nonexistent/pty".as_ref(),
-        &[1],
-        "",
-    );
+    let good = good_config();
     let bad = good.replace("baud = 115200", "baud = 115200\nbaudrate = 9600");
     let line = bad.lines().position(|l| l.starts_with("baudrate")).unwrap() + 1;
     let (code, stderr) = run(&["check"], &bad);
@@ -59,13 +59,7 @@ fn an_unknown_key_exits_64_naming_its_line() {
 
 #[test]
 fn a_good_config_checks_clean() {
-    let good = config(
-        "e2e-bad",
-        "mqtt://127.0.0.1:1",
-        "/nonexistent/pty".as_ref(),
-        &[1],
-        "",
-    );
+    let good = good_config();
     let (code, stderr) = run(&["check"], &good);
     assert_eq!(code, 0, "{stderr}");
 }
@@ -73,13 +67,7 @@ fn a_good_config_checks_clean() {
 #[test]
 fn a_command_for_an_unknown_device_or_with_a_bad_parameter_exits_64_before_any_broker() {
     // The broker address is closed: a usage error must be found before connecting.
-    let good = config(
-        "e2e-bad",
-        "mqtt://127.0.0.1:1",
-        "/nonexistent/pty".as_ref(),
-        &[1],
-        "",
-    );
+    let good = good_config();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("good.toml");
     std::fs::write(&path, good).unwrap();
