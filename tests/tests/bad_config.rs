@@ -86,3 +86,25 @@ fn a_command_for_an_unknown_device_or_with_a_bad_parameter_exits_64_before_any_b
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn check_into_a_pipe_nobody_reads_exits_0_without_a_panic() {
+    // `servogate check | head -1`: the reader is gone before the summary is written.
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    unsafe { libc::close(fds[0]) };
+    // SAFETY: fds[1] is a descriptor this test just opened and hands over here.
+    let write_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, good_config()).unwrap();
+    let out = program("servogate")
+        .args(["check", "--config"])
+        .arg(&path)
+        .stdout(write_end)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

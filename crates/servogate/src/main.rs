@@ -6,6 +6,7 @@
 //! - `servogate cmd --config FILE DEVICE ACTION ...`: one command, its result.
 //! - `servogate log --config FILE [filters]`: the event log, offline (the flight recorder).
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,7 +70,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match config::load(&config) {
             Ok(cfg) => {
-                println!("{} is valid\n{}", config.display(), cfg.summary());
+                // `servogate check | head` closes the pipe early: that is not an error, and
+                // println! would panic on it.
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{} is valid\n{}",
+                    config.display(),
+                    cfg.summary()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
