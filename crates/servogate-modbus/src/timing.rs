@@ -50,7 +50,7 @@ impl PreciseTimer {
         Ok(())
     }
 
-    /// Waits until `deadline` or a little after (the kernel's wake-up latency, tens of
+    /// Waits until `wake` or a little after (the kernel's wake-up latency, tens of
     /// microseconds), without spinning: for waits whose exact end matters less than the
     /// CPU, such as the next poll. One wake-up, where tokio's 1 ms timer wheel can take
     /// two or three for one sleep.
