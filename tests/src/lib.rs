@@ -58,6 +58,12 @@ pub fn program(name: &str) -> Command {
     }
 }
 
+/// True when the binaries run emulated (`SERVOGATE_RUNNER` set: the arm64 run of
+/// scripts/test.sh), where everything they do takes several times longer.
+pub fn emulated() -> bool {
+    runner().is_some()
+}
+
 /// The words of `SERVOGATE_RUNNER`, if set.
 fn runner() -> Option<Vec<String>> {
     let words: Vec<String> = std::env::var("SERVOGATE_RUNNER")

@@ -10,12 +10,15 @@ async fn crc_noise_at_five_percent_never_publishes_a_wrong_value_and_is_counted(
     let pty = PtyPair::start();
     let mut sim = Servosim::start(&pty.sim, "1-3", &["--crc-noise", "0.05", "--seed", "7"]);
     let mut sub = Subscriber::start(broker.port, "servogate/e2e-crc/#").await;
+    // Every error must come from a corrupted reply, so no reply may time out only because
+    // the gateway was slow to read it: emulated, 50 ms is not always enough.
+    let timeout = if emulated() { "250ms" } else { "50ms" };
     let mut gw = Servogate::start(&config(
         "e2e-crc",
         &broker.url(),
         &pty.gateway,
         &[1, 2, 3],
-        "offline_after = 50\n",
+        &format!("offline_after = 50\ntimeout = \"{timeout}\"\n"),
     ));
     let mut samples: HashMap<String, u64> = HashMap::new();
     let mut errors = 0u64;
