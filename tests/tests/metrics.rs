@@ -54,10 +54,12 @@ async fn a_scrape_reports_the_bus_the_devices_the_ring_and_the_broker_as_they_ar
     };
     let replies = bus("replies_total").unwrap();
     assert!(replies > 0.0);
-    assert_eq!(
-        bus("reply_seconds_count"),
-        Some(replies),
-        "every reply is timed"
+    // The two counters are read one after the other while the bus polls: a reply may
+    // land between the reads (seen under emulation). One apart at most, never drifting.
+    let timed = bus("reply_seconds_count").unwrap();
+    assert!(
+        (timed - replies).abs() <= 1.0,
+        "every reply is timed: {timed} timed, {replies} replies"
     );
     assert!(text.contains(r#"servogate_modbus_reply_seconds_bucket{bus="rs485-a",le="+Inf"}"#));
     assert_eq!(
