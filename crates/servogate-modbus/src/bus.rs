@@ -39,20 +39,63 @@ use crate::poll::{DevicePoller, DeviceSettings, Failure, ReadRequest};
 use crate::profile::RegisterKind;
 use crate::timing::{t35, PreciseTimer};
 
-/// How the port is opened (from the config).
+/// How the bus reaches its devices (from the config).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BusSettings {
     pub name: Arc<str>,
-    pub port: PathBuf,
+    pub link: Link,
+    /// The RS-485 line's baud rate (a serial port's, or the line behind a serial device
+    /// server): t3.5 and the guard after a timeout come from it. Unused on Modbus TCP.
     pub baud: u32,
-    pub parity: Parity,
-    pub data_bits: DataBits,
-    pub stop_bits: StopBits,
     /// Inter-frame silence; `None` computes t3.5 from the baud rate. A pty has no baud
-    /// rate, so tests and the demo may set zero.
+    /// rate, so tests and the demo may set zero. Unused on Modbus TCP.
     pub t35: Option<Duration>,
-    /// Longest wait between attempts to reopen a failed port.
+    /// Longest wait between attempts to reopen a failed port or connection.
     pub reopen_max: Duration,
+}
+
+/// The medium under a Modbus bus.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Link {
+    /// `modbus-rtu`: a serial port.
+    Serial {
+        port: PathBuf,
+        parity: Parity,
+        data_bits: DataBits,
+        stop_bits: StopBits,
+    },
+    /// `modbus-rtu-tcp`: RTU frames over a TCP stream to a serial device server; every
+    /// rule of the serial line holds (the line is still RS-485 behind the server).
+    RtuOverTcp {
+        /// `host:port`, resolved at each connect.
+        address: String,
+    },
+    /// `modbus-tcp`: MBAP frames with transaction ids ([`crate::tcp`]).
+    Tcp {
+        address: String,
+        /// Requests outstanding at once on the connection, at least 1.
+        max_in_flight: u16,
+    },
+}
+
+impl Link {
+    /// The protocol name of the config file.
+    pub fn protocol(&self) -> &'static str {
+        match self {
+            Self::Serial { .. } => "modbus-rtu",
+            Self::RtuOverTcp { .. } => "modbus-rtu-tcp",
+            Self::Tcp { .. } => "modbus-tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Serial { port, .. } => write!(f, "{}", port.display()),
+            Self::RtuOverTcp { address } | Self::Tcp { address, .. } => f.write_str(address),
+        }
+    }
 }
 
 /// Counters of one bus, shared with the daemon for logs and metrics.
@@ -66,6 +109,9 @@ pub struct BusStats {
     pub wrong_replies: AtomicU64,
     pub io_errors: AtomicU64,
     pub late_replies: AtomicU64,
+    /// Modbus TCP replies whose transaction id matched no outstanding request (answers
+    /// that came after their request's timeout), dropped.
+    pub stale_replies: AtomicU64,
     pub reopens: AtomicU64,
     /// Sum of reply times in microseconds (mean = this / replies).
     pub reply_micros: AtomicU64,
@@ -88,7 +134,7 @@ impl BusStats {
         codes.iter().map(|(&c, &n)| (c, n)).collect()
     }
 
-    fn count_exception(&self, code: u8) {
+    pub(crate) fn count_exception(&self, code: u8) {
         self.exceptions.fetch_add(1, Ordering::Relaxed);
         // A counter map insert cannot leave the map inconsistent: take over a poisoned lock.
         let mut codes = self
@@ -98,7 +144,7 @@ impl BusStats {
         *codes.entry(code).or_default() += 1;
     }
 
-    fn count(&self, failure: &Failure) {
+    pub(crate) fn count(&self, failure: &Failure) {
         let counter = match failure {
             Failure::Timeout => &self.timeouts,
             Failure::Crc => &self.crc_errors,
@@ -162,10 +208,10 @@ pub fn no_orders() -> Orders {
 
 /// Where each job's outcome goes, by (device, id).
 #[derive(Default)]
-struct Waiting(HashMap<(Arc<str>, CommandId), oneshot::Sender<CmdOutcome>>);
+pub(crate) struct Waiting(HashMap<(Arc<str>, CommandId), oneshot::Sender<CmdOutcome>>);
 
 impl Waiting {
-    fn finish(&mut self, job: &Job, outcome: CmdOutcome) {
+    pub(crate) fn finish(&mut self, job: &Job, outcome: CmdOutcome) {
         debug!(device = %job.device(), id = job.id().as_str(), status = outcome.status.as_str(),
                "command ended on the bus");
         if let Some(tx) = self.0.remove(&(job.device().clone(), job.id().clone())) {
@@ -174,7 +220,7 @@ impl Waiting {
         }
     }
 
-    fn finish_all(&mut self, ended: Vec<(Job, CmdOutcome)>) {
+    pub(crate) fn finish_all(&mut self, ended: Vec<(Job, CmdOutcome)>) {
         for (job, outcome) in ended {
             self.finish(&job, outcome);
         }
@@ -183,7 +229,7 @@ impl Waiting {
 
 /// Moves orders from the inbox into the executor while it has room: each becomes a job
 /// planned against its device's profile, or is answered at once.
-fn take_orders(
+pub(crate) fn take_orders(
     orders: &mut Orders,
     mut first: Option<BusOrder>,
     exec: &mut Executor,
@@ -261,11 +307,11 @@ impl Wire {
 }
 
 /// The pollers of a bus and, per poller, whether its next request is a probe.
-struct Pollers {
-    pollers: Vec<DevicePoller>,
+pub(crate) struct Pollers {
+    pub(crate) pollers: Vec<DevicePoller>,
     /// Its last request timed out or was cut off, so an answer to it may still be on its
     /// way: the unit is probed (see [`probe_of`]) before it is read again.
-    suspect: Vec<bool>,
+    pub(crate) suspect: Vec<bool>,
 }
 
 impl Pollers {
@@ -273,7 +319,12 @@ impl Pollers {
     /// (schedule, availability, plan splits, all of it); a changed or new device gets a
     /// new poller that continues its sequences from `book`; a device no longer listed is
     /// dropped.
-    fn update(&mut self, list: &[DeviceSettings], book: &SeqBook, now: std::time::Instant) {
+    pub(crate) fn update(
+        &mut self,
+        list: &[DeviceSettings],
+        book: &SeqBook,
+        now: std::time::Instant,
+    ) {
         let mut old: Vec<(DevicePoller, bool)> =
             self.pollers.drain(..).zip(self.suspect.drain(..)).collect();
         for settings in list {
@@ -312,6 +363,18 @@ pub async fn run_bus(
     book: SeqBook,
     cancel: CancellationToken,
 ) -> Result<(), BusError> {
+    if let Link::Tcp {
+        address,
+        max_in_flight,
+    } = &settings.link
+    {
+        let (address, max) = (address.clone(), usize::from(*max_in_flight).max(1));
+        let (sink, stats, book, cancel) = (sink, stats, book, cancel);
+        return crate::tcp::run(
+            settings, address, max, devices, orders, sink, stats, book, cancel,
+        )
+        .await;
+    }
     let timer = PreciseTimer::new().map_err(|source| BusError::Timer {
         bus: settings.name.clone(),
         source,
@@ -381,7 +444,7 @@ pub async fn run_bus(
         let job_tx = exec.poll(Instant::now().into_std(), &mut ended);
         waiting.finish_all(ended);
         if let Some((ji, tx)) = job_tx {
-            port.try_open(&settings, &stats, &mut wire);
+            port.try_open(&settings, &stats, &mut wire).await;
             let Some(l) = port.line.as_mut() else {
                 if let Some((job, outcome)) =
                     exec.on_result(ji, Instant::now().into_std(), TxResult::Io)
@@ -390,7 +453,7 @@ pub async fn run_bus(
                 }
                 continue;
             };
-            let unit = tx_unit(&tx);
+            let unit = tx.unit();
             let device = set.pollers.iter().position(|p| p.settings().unit == unit);
             let timeout = device.map_or(DEFAULT_TIMEOUT, |i| set.pollers[i].settings().timeout);
             // A frame to a suspect unit is preceded by a probe, as a poll would be: a
@@ -571,7 +634,7 @@ pub async fn run_bus(
             continue;
         }
 
-        port.try_open(&settings, &stats, &mut wire);
+        port.try_open(&settings, &stats, &mut wire).await;
         let poller = &mut set.pollers[index];
         let Some(l) = port.line.as_mut() else {
             // No port: the device's poll fails, so it goes offline and backs off.
@@ -703,7 +766,7 @@ pub async fn run_bus(
 }
 
 /// The bus stops: every job and every order still in the inbox gets its outcome.
-fn finish(
+pub(crate) fn finish(
     mut exec: Executor,
     mut waiting: Waiting,
     mut orders: Orders,
@@ -748,14 +811,7 @@ fn count_probe(stats: &BusStats, outcome: &Outcome, elapsed: Duration) -> bool {
 
 /// A command's transaction timeout when its unit has no poller (cannot happen: jobs are
 /// planned only for listed devices).
-const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
-
-fn tx_unit(tx: &Transaction) -> u8 {
-    match tx {
-        Transaction::Write { unit, .. } => *unit,
-        Transaction::Read(r) => r.unit,
-    }
-}
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The serial port, and when to try opening it again.
 struct Port {
@@ -766,19 +822,19 @@ struct Port {
 
 impl Port {
     /// Opens the port if it is closed and its back-off has passed.
-    fn try_open(&mut self, settings: &BusSettings, stats: &BusStats, wire: &mut Wire) {
+    async fn try_open(&mut self, settings: &BusSettings, stats: &BusStats, wire: &mut Wire) {
         if self.line.is_some() || Instant::now() < self.reopen_at {
             return;
         }
-        match open(settings) {
+        match open(settings).await {
             Ok(l) => {
-                info!(bus = %settings.name, port = %settings.port.display(), "port open");
+                info!(bus = %settings.name, port = %settings.link, "port open");
                 self.line = Some(l);
                 self.reopen_wait = Duration::from_millis(100);
                 wire.quiet_since = Instant::now();
             }
             Err(e) => {
-                warn!(bus = %settings.name, port = %settings.port.display(),
+                warn!(bus = %settings.name, port = %settings.link,
                       retry_in = ?self.reopen_wait, "cannot open port: {e}");
                 self.reopen_at = Instant::now() + self.reopen_wait;
                 self.reopen_wait = (self.reopen_wait * 2).min(settings.reopen_max);
@@ -795,22 +851,40 @@ impl Port {
     }
 }
 
-fn open(settings: &BusSettings) -> io::Result<Line> {
+async fn open(settings: &BusSettings) -> io::Result<Line> {
     use tokio_serial::SerialPort;
-    let port: SerialStream = tokio_serial::new(settings.port.to_string_lossy(), settings.baud)
-        .parity(settings.parity)
-        .data_bits(settings.data_bits)
-        .stop_bits(settings.stop_bits)
-        .open_native_async()
-        .map_err(io::Error::other)?;
-    // Bytes from before we opened (or from before a reopen) belong to nobody.
-    port.clear(tokio_serial::ClearBuffer::All)
-        .map_err(io::Error::other)?;
     let monitor = Arc::new(LineMonitor::default());
-    let ctx =
-        tokio_modbus::client::rtu::attach_slave(RtuLine::new(port, monitor.clone()), Slave(1));
+    let ctx = match &settings.link {
+        Link::Serial {
+            port,
+            parity,
+            data_bits,
+            stop_bits,
+        } => {
+            let port: SerialStream = tokio_serial::new(port.to_string_lossy(), settings.baud)
+                .parity(*parity)
+                .data_bits(*data_bits)
+                .stop_bits(*stop_bits)
+                .open_native_async()
+                .map_err(io::Error::other)?;
+            // Bytes from before we opened (or from before a reopen) belong to nobody.
+            port.clear(tokio_serial::ClearBuffer::All)
+                .map_err(io::Error::other)?;
+            tokio_modbus::client::rtu::attach_slave(RtuLine::new(port, monitor.clone()), Slave(1))
+        }
+        Link::RtuOverTcp { address } => {
+            // A new connection carries nothing old: the server's buffer went with the last.
+            let stream = crate::tcp::connect(address, CONNECT_TIMEOUT).await?;
+            tokio_modbus::client::rtu::attach_slave(RtuLine::new(stream, monitor.clone()), Slave(1))
+        }
+        Link::Tcp { .. } => unreachable!("modbus-tcp buses run in crate::tcp"),
+    };
     Ok(Line { ctx, monitor })
 }
+
+/// How long a TCP connect may take before the attempt counts as failed (and backs off).
+/// Not the kernel's: a silent address would hold the bus for two minutes of SYN retries.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The probe sent to a unit suspected of a late answer instead of `req`: a read at the
 /// same address of a different number of registers (1, or 2 when `req` reads 1), whose

@@ -48,6 +48,16 @@ pub enum Transaction {
     Read(ReadRequest),
 }
 
+impl Transaction {
+    /// The unit the frame is addressed to.
+    pub fn unit(&self) -> u8 {
+        match self {
+            Self::Write { unit, .. } => *unit,
+            Self::Read(r) => r.unit,
+        }
+    }
+}
+
 /// What became of a job's transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxResult {

@@ -40,6 +40,24 @@ impl DiscardInput for tokio_serial::SerialStream {
     }
 }
 
+/// A serial device server's stream: what the kernel holds now is read and dropped.
+/// Bytes still on their way (in the server, or on the wire) are not; the bus's guard
+/// after a timeout and its probe deal with those, as on a serial line.
+impl DiscardInput for tokio::net::TcpStream {
+    fn discard_input(&mut self) -> io::Result<()> {
+        let mut sink = [0u8; 256];
+        loop {
+            match self.try_read(&mut sink) {
+                // The server closed the connection: the request cannot be answered.
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// What the line saw wrong with a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineFault {

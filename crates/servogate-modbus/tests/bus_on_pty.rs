@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use servogate_core::{AvailabilityState, Event, EventBody, EventSink, SeqBook};
-use servogate_modbus::bus::{fixed_devices, no_orders, run_bus, BusSettings, BusStats};
+use servogate_modbus::bus::{fixed_devices, no_orders, run_bus, BusSettings, BusStats, Link};
 use servogate_modbus::poll::DeviceSettings;
 use servogate_modbus::profile::{DataType, Field, WordOrder};
 use servosim::model;
@@ -94,11 +94,13 @@ async fn rig_with(units: u8, device: impl Fn(u8) -> DeviceSettings) -> Rig {
     let cancel = CancellationToken::new();
     let settings = BusSettings {
         name: "rs485-test".into(),
-        port: path.into(),
+        link: Link::Serial {
+            port: path.into(),
+            parity: tokio_serial::Parity::None,
+            data_bits: tokio_serial::DataBits::Eight,
+            stop_bits: tokio_serial::StopBits::One,
+        },
         baud: 115_200,
-        parity: tokio_serial::Parity::None,
-        data_bits: tokio_serial::DataBits::Eight,
-        stop_bits: tokio_serial::StopBits::One,
         t35: Some(Duration::ZERO),
         reopen_max: Duration::from_secs(1),
     };

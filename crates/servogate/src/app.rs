@@ -538,7 +538,7 @@ impl Buses {
                     }
                 }
             }
-            info!(bus = %name, port = %settings.port.display(), devices = devices.len(), "starting bus");
+            info!(bus = %name, protocol = settings.link.protocol(), link = %settings.link, devices = devices.len(), "starting bus");
             let stats = self.metrics.rtu_stats(&name);
             let (list, devices) = watch::channel(devices);
             let (orders, inbox) = mpsc::channel(commands::BUS_QUEUE);

@@ -540,10 +540,13 @@ mod tests {
         let text = demo_config("/dev/pts/9", "mqtt://127.0.0.1:1999", 3);
         let cfg = config::parse(&text, "demo.toml".as_ref()).unwrap();
         assert_eq!(cfg.mqtt.url, "mqtt://127.0.0.1:1999");
-        let config::BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
+        let config::BusKind::Modbus(rtu) = &cfg.buses[0].kind else {
             panic!("not modbus-rtu")
         };
-        assert_eq!(rtu.port, std::path::Path::new("/dev/pts/9"));
+        let config::Link::Serial { port, .. } = &rtu.link else {
+            panic!("not a serial port")
+        };
+        assert_eq!(port, std::path::Path::new("/dev/pts/9"));
         let names: Vec<&str> = cfg.devices.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["axis-1", "axis-2", "axis-3"]);
         for (i, d) in cfg.devices.iter().enumerate() {

@@ -41,10 +41,10 @@ fn the_demo_config_is_six_axes_on_one_pty_bus_polled_every_10ms() {
     assert_eq!(cfg.gateway.id, "demo-cell");
     assert_eq!(cfg.mqtt.topic_prefix, "servogate/demo-cell");
     assert_eq!(cfg.buses.len(), 1);
-    let BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
+    let BusKind::Modbus(rtu) = &cfg.buses[0].kind else {
         panic!("not modbus-rtu")
     };
-    assert_eq!(rtu.port, Path::new("/tmp/servogate-demo.pty"));
+    assert_eq!(rtu.link.to_string(), "/tmp/servogate-demo.pty");
     assert_eq!(rtu.baud, 115_200);
     assert_eq!(
         rtu.t35,
@@ -70,7 +70,7 @@ fn the_demo_config_is_six_axes_on_one_pty_bus_polled_every_10ms() {
 fn the_demo_profile_decodes_servosims_registers_and_command_registers_in_two_reads() {
     let cfg = load("demo.toml");
     let fields = cfg.fields(&cfg.devices[0]).unwrap();
-    let BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
+    let BusKind::Modbus(rtu) = &cfg.buses[0].kind else {
         panic!("not modbus-rtu")
     };
     let plan = ReadPlan::new(&fields, rtu.max_gap, rtu.max_registers);
@@ -154,10 +154,10 @@ fn the_example_config_shows_a_modbus_bus_on_tty_usb0_and_a_canopen_bus_on_can0()
     let cfg = load("example.toml");
     let kinds: Vec<&str> = cfg.buses.iter().map(|b| b.kind.protocol()).collect();
     assert_eq!(kinds, ["modbus-rtu", "canopen"]);
-    let BusKind::ModbusRtu(rtu) = &cfg.buses[0].kind else {
+    let BusKind::Modbus(rtu) = &cfg.buses[0].kind else {
         panic!()
     };
-    assert_eq!(rtu.port, Path::new("/dev/ttyUSB0"));
+    assert_eq!(rtu.link.to_string(), "/dev/ttyUSB0");
     let BusKind::Canopen(can) = &cfg.buses[1].kind else {
         panic!()
     };

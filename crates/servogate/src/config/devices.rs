@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use servogate_modbus::profile::Field;
 
-use super::model::{Bus, BusKind, Device, DeviceAddress, CIA402};
+use super::model::{Bus, BusKind, Device, DeviceAddress, Link, CIA402};
 use super::raw::{RawDevice, S};
 use super::source::{topic_safe, Source, TOPIC_SAFE};
 use super::ConfigError;
@@ -78,36 +78,52 @@ impl Source<'_> {
         };
         let profile = d.profile.get_ref().clone();
         let address = match &bus.kind {
-            BusKind::ModbusRtu(_) => {
+            BusKind::Modbus(_) => {
                 if let Some(n) = &d.node {
                     return Err(self.at(
                         n,
                         key("node"),
                         format!(
-                            "`node` is for canopen buses; bus \"{}\" is modbus-rtu, so give `unit`",
-                            bus.name
+                            "`node` is for canopen buses; bus \"{}\" is {}, so give `unit`",
+                            bus.name,
+                            bus.kind.protocol()
                         ),
                     ));
                 }
+                // Modbus TCP carries a unit id of 0-255 (a drive of its own often wants 255
+                // or 0, one behind a gateway its RS-485 id); on a serial line 0 is the
+                // broadcast and 248-255 are reserved.
+                let (tcp, range) = match &bus.kind {
+                    BusKind::Modbus(m) if matches!(m.link, Link::Tcp { .. }) => (true, "0 to 255"),
+                    _ => (false, "1 to 247"),
+                };
                 let Some(u) = &d.unit else {
                     return Err(self.error(
                         table,
                         Some(key("unit")),
-                        "a device on a modbus-rtu bus needs `unit` (1-247)".into(),
+                        format!(
+                            "a device on a {} bus needs `unit` ({range})",
+                            bus.kind.protocol()
+                        ),
                     ));
                 };
-                if !(1..=247).contains(u.get_ref()) {
+                let ok = if tcp {
+                    (0..=255).contains(u.get_ref())
+                } else {
+                    (1..=247).contains(u.get_ref())
+                };
+                if !ok {
                     return Err(self.at(
                         u,
                         key("unit"),
-                        format!("{} is not a Modbus unit id: must be 1 to 247", u.get_ref()),
+                        format!("{} is not a Modbus unit id: must be {range}", u.get_ref()),
                     ));
                 }
                 if profile == CIA402 {
                     return Err(self.at(
                         &d.profile,
                         key("profile"),
-                        "\"cia402\" is the built-in CANopen profile; a modbus-rtu device needs a [profiles.NAME] register map",
+                        "\"cia402\" is the built-in CANopen profile; a Modbus device needs a [profiles.NAME] register map",
                     ));
                 }
                 if !profiles.contains_key(&profile) {
@@ -133,7 +149,7 @@ impl Source<'_> {
                         u,
                         key("unit"),
                         format!(
-                            "`unit` is for modbus-rtu buses; bus \"{}\" is canopen, so give `node`",
+                            "`unit` is for Modbus buses; bus \"{}\" is canopen, so give `node`",
                             bus.name
                         ),
                     ));
@@ -160,13 +176,13 @@ impl Source<'_> {
                     ));
                 }
                 if let Some(t) = &d.timeout {
-                    return Err(self.at(t, key("timeout"), "`timeout` is for modbus-rtu devices"));
+                    return Err(self.at(t, key("timeout"), "`timeout` is for Modbus devices"));
                 }
                 if let Some(p) = &d.poll {
                     return Err(self.at(
                         p,
                         key("poll"),
-                        "a CANopen drive pushes its TPDOs; `poll` is for modbus-rtu devices \
+                        "a CANopen drive pushes its TPDOs; `poll` is for Modbus devices \
                          (give objects[].every to read an object over SDO on a schedule)",
                     ));
                 }
@@ -197,7 +213,7 @@ impl Source<'_> {
         }
         let canopen = match &bus.kind {
             BusKind::Canopen(_) => Some(self.can_device(&d, &key)?),
-            BusKind::ModbusRtu(_) => {
+            BusKind::Modbus(_) => {
                 let can_only = [
                     ("heartbeat", d.heartbeat.as_ref().map(|v| v.span())),
                     (
@@ -219,8 +235,9 @@ impl Source<'_> {
                         span,
                         Some(key(k)),
                         format!(
-                            "`{k}` is for devices on canopen buses; bus \"{}\" is modbus-rtu",
-                            bus.name
+                            "`{k}` is for devices on canopen buses; bus \"{}\" is {}",
+                            bus.name,
+                            bus.kind.protocol()
                         ),
                     ));
                 }

@@ -19,12 +19,12 @@ impl Config {
         self.profiles.get(&device.profile).cloned()
     }
 
-    /// Every modbus-rtu bus with the settings of its devices, ready for
+    /// Every Modbus bus (RTU, RTU over TCP, TCP) with the settings of its devices, ready for
     /// `servogate_modbus::bus::run_bus`. A bus with no devices is left out.
     pub fn rtu_buses(&self) -> Vec<(BusSettings, Vec<DeviceSettings>)> {
         let mut out = Vec::new();
         for bus in &self.buses {
-            let BusKind::ModbusRtu(rtu) = &bus.kind else {
+            let BusKind::Modbus(rtu) = &bus.kind else {
                 continue;
             };
             let devices: Vec<DeviceSettings> = self
@@ -50,11 +50,8 @@ impl Config {
             out.push((
                 BusSettings {
                     name: bus.name.as_str().into(),
-                    port: rtu.port.clone(),
+                    link: rtu.link.clone(),
                     baud: rtu.baud,
-                    parity: rtu.parity,
-                    data_bits: rtu.data_bits,
-                    stop_bits: rtu.stop_bits,
                     t35: rtu.t35,
                     reopen_max: rtu.backoff_max,
                 },

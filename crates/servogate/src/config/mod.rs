@@ -58,7 +58,7 @@ pub use commands::Commands;
 pub use error::ConfigError;
 pub use model::{
     Buffer, Bus, BusKind, CanBus, CanDevice, Config, Contract, Device, DeviceAddress, Gateway,
-    LogSettings, Metrics, MqttConfig, RtuBus, Sparkplug, CIA402,
+    Link, LogSettings, Metrics, ModbusBus, MqttConfig, Sparkplug, CIA402,
 };
 
 use error::friendly;
@@ -144,7 +144,7 @@ mod tests {
     use tokio_serial::{DataBits, Parity, StopBits};
 
     use super::fixture::good;
-    use super::{load, read_credentials, BusKind, DeviceAddress};
+    use super::{load, read_credentials, BusKind, DeviceAddress, Link};
 
     #[test]
     fn a_good_config_has_its_defaults_filled_in() {
@@ -167,13 +167,19 @@ mod tests {
         assert_eq!(d.late_after, Duration::from_millis(10));
         assert_eq!(d.timeout, None);
         assert_eq!(d.offline_after, 3);
-        let BusKind::ModbusRtu(r) = &c.buses[0].kind else {
+        let BusKind::Modbus(r) = &c.buses[0].kind else {
             panic!("not rtu")
         };
         assert_eq!(r.baud, 115_200);
-        assert_eq!(r.parity, Parity::None);
-        assert_eq!(r.data_bits, DataBits::Eight);
-        assert_eq!(r.stop_bits, StopBits::One);
+        assert_eq!(
+            r.link,
+            Link::Serial {
+                port: "/dev/ttyUSB0".into(),
+                parity: Parity::None,
+                data_bits: DataBits::Eight,
+                stop_bits: StopBits::One
+            }
+        );
         assert_eq!(r.timeout, Duration::from_millis(100));
         assert_eq!(r.t35, None);
         assert_eq!(r.t35(), Duration::from_micros(1_750));

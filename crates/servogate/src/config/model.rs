@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use servogate_canopen::pdo::TpdoMapping;
 use servogate_canopen::{ObjectTable, SdoPoll};
 use servogate_core::OnFull;
+pub use servogate_modbus::bus::Link;
 use servogate_modbus::profile::Field;
-use tokio_serial::{DataBits, Parity, StopBits};
+use std::path::PathBuf;
 
 /// A whole, validated config file.
 #[derive(Debug, Clone)]
@@ -156,29 +156,30 @@ pub struct Bus {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BusKind {
-    ModbusRtu(RtuBus),
+    /// Modbus RTU on a serial port or over TCP, or Modbus TCP: one link, one task.
+    Modbus(ModbusBus),
     /// CiA 402 drives on a SocketCAN interface.
     Canopen(CanBus),
 }
 
 impl BusKind {
-    /// `"modbus-rtu"` or `"canopen"`, as written in the file.
+    /// `"modbus-rtu"`, `"modbus-rtu-tcp"`, `"modbus-tcp"` or `"canopen"`, as written in
+    /// the file.
     pub fn protocol(&self) -> &'static str {
         match self {
-            Self::ModbusRtu(_) => "modbus-rtu",
+            Self::Modbus(m) => m.link.protocol(),
             Self::Canopen(_) => "canopen",
         }
     }
 }
 
-/// A Modbus RTU bus: one serial port, owned by one task.
+/// A Modbus bus: one serial port or one TCP connection, owned by one task.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RtuBus {
-    pub port: PathBuf,
+pub struct ModbusBus {
+    /// The port and its serial settings, or the address (and `max_in_flight`).
+    pub link: Link,
+    /// The RS-485 line's baud rate (modbus-rtu and modbus-rtu-tcp).
     pub baud: u32,
-    pub parity: Parity,
-    pub data_bits: DataBits,
-    pub stop_bits: StopBits,
     /// Per-request timeout (a device may override it).
     pub timeout: Duration,
     /// Inter-frame silence override; `None` = 3.5 characters at `baud` (1.75 ms above
@@ -192,7 +193,7 @@ pub struct RtuBus {
     pub backoff_max: Duration,
 }
 
-impl RtuBus {
+impl ModbusBus {
     /// The effective inter-frame silence.
     pub fn t35(&self) -> Duration {
         self.t35

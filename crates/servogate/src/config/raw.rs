@@ -156,8 +156,10 @@ pub(super) struct RawField {
 pub(super) struct RawBus {
     pub(super) name: S<String>,
     pub(super) protocol: S<String>,
-    // modbus-rtu
+    // modbus-rtu, modbus-rtu-tcp, modbus-tcp
     pub(super) port: Option<S<PathBuf>>,
+    pub(super) address: Option<S<String>>,
+    pub(super) max_in_flight: Option<S<i64>>,
     pub(super) baud: Option<S<u32>>,
     pub(super) parity: Option<S<String>>,
     pub(super) data_bits: Option<S<u8>>,

@@ -8,7 +8,7 @@ use servogate_core::OnFull;
 use servogate_modbus::plan::ReadPlan;
 use tokio_serial::{DataBits, Parity, StopBits};
 
-use super::model::{BusKind, Config};
+use super::model::{BusKind, Config, Link};
 
 impl Config {
     /// What `servogate check` prints: the gateway, the broker (the url never holds
@@ -114,30 +114,48 @@ impl Config {
         }
         for bus in &self.buses {
             match &bus.kind {
-                BusKind::ModbusRtu(r) => {
-                    let _ = writeln!(
-                        s,
-                        "bus {} modbus-rtu {} {} baud {}{}{}, timeout {}, t3.5 {}{}",
-                        bus.name,
-                        r.port.display(),
-                        r.baud,
-                        match r.data_bits {
-                            DataBits::Seven => 7,
-                            _ => 8,
-                        },
-                        match r.parity {
-                            Parity::Even => 'E',
-                            Parity::Odd => 'O',
-                            Parity::None => 'N',
-                        },
-                        match r.stop_bits {
-                            StopBits::Two => 2,
-                            StopBits::One => 1,
-                        },
-                        d(r.timeout),
-                        d(r.t35()),
-                        if r.t35.is_some() { " (set)" } else { "" },
-                    );
+                BusKind::Modbus(r) => {
+                    let link = match &r.link {
+                        Link::Serial {
+                            port,
+                            parity,
+                            data_bits,
+                            stop_bits,
+                        } => format!(
+                            "modbus-rtu {} {} baud {}{}{}",
+                            port.display(),
+                            r.baud,
+                            match data_bits {
+                                DataBits::Seven => 7,
+                                _ => 8,
+                            },
+                            match parity {
+                                Parity::Even => 'E',
+                                Parity::Odd => 'O',
+                                Parity::None => 'N',
+                            },
+                            match stop_bits {
+                                StopBits::Two => 2,
+                                StopBits::One => 1,
+                            },
+                        ),
+                        Link::RtuOverTcp { address } => {
+                            format!("modbus-rtu-tcp {address} (line {} baud)", r.baud)
+                        }
+                        Link::Tcp {
+                            address,
+                            max_in_flight,
+                        } => format!("modbus-tcp {address}, {max_in_flight} in flight"),
+                    };
+                    let t35 = match r.link {
+                        Link::Tcp { .. } => String::new(),
+                        _ => format!(
+                            ", t3.5 {}{}",
+                            d(r.t35()),
+                            if r.t35.is_some() { " (set)" } else { "" }
+                        ),
+                    };
+                    let _ = writeln!(s, "bus {} {link}, timeout {}{t35}", bus.name, d(r.timeout),);
                 }
                 BusKind::Canopen(c) => {
                     let _ = writeln!(
@@ -156,7 +174,7 @@ impl Config {
             for dev in self.devices_on(&bus.name) {
                 any = true;
                 let reads = match (&bus.kind, self.fields(dev)) {
-                    (BusKind::ModbusRtu(r), Some(fields)) => {
+                    (BusKind::Modbus(r), Some(fields)) => {
                         let n = ReadPlan::new(&fields, r.max_gap, r.max_registers)
                             .blocks
                             .len();
