@@ -540,6 +540,8 @@ impl Buses {
             }
             info!(bus = %name, protocol = settings.link.protocol(), link = %settings.link, devices = devices.len(), "starting bus");
             let stats = self.metrics.rtu_stats(&name);
+            self.metrics
+                .set_bus_info(&name, settings.link.protocol(), settings.link.to_string());
             let (list, devices) = watch::channel(devices);
             let (orders, inbox) = mpsc::channel(commands::BUS_QUEUE);
             let (sink, book) = (self.sink.clone(), self.book.clone());
@@ -582,6 +584,8 @@ impl Buses {
             let producer = sync.map(|p| SyncProducer::new(p, None, now));
             let master = Master::with_seq_book(nodes.clone(), producer, now, &self.book);
             let stats = self.metrics.can_stats(&name);
+            self.metrics
+                .set_bus_info(&name, "canopen", settings.interface.clone());
             let sink = self.sink.clone();
             let (list, nodes) = watch::channel(nodes);
             let (orders, inbox) = mpsc::channel(commands::BUS_QUEUE);

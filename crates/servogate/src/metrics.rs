@@ -47,6 +47,8 @@ pub struct Metrics {
     can: Mutex<BTreeMap<String, Arc<CanStats>>>,
     /// Buses running now (a bus removed by a reload keeps its counters but is not listed).
     running: Mutex<Vec<String>>,
+    /// Per bus: its protocol and what it is attached to (port, address, interface).
+    bus_info: Mutex<BTreeMap<String, (&'static str, String)>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     commands: Arc<CommandStats>,
@@ -84,6 +86,7 @@ impl Metrics {
             rtu: Mutex::default(),
             can: Mutex::default(),
             running: Mutex::default(),
+            bus_info: Mutex::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             commands: Arc::default(),
@@ -273,6 +276,11 @@ impl Metrics {
     /// The counters of CAN bus `name`: the same ones across restarts of the bus.
     pub fn can_stats(&self, name: &str) -> Arc<CanStats> {
         lock(&self.can).entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Bus `name` speaks `protocol` over `link` (`servogate_bus_info`).
+    pub fn set_bus_info(&self, name: &str, protocol: &'static str, link: String) {
+        lock(&self.bus_info).insert(name.to_owned(), (protocol, link));
     }
 
     /// The buses running now, by name.
@@ -503,6 +511,27 @@ impl Metrics {
         )
     }
 
+    fn encode_buses(&self, e: &mut DescriptorEncoder, running: &[String]) -> fmt::Result {
+        let info = lock(&self.bus_info);
+        let rows = info
+            .iter()
+            .filter(|(name, _)| running.contains(name))
+            .map(|(name, (protocol, link))| {
+                let labels = vec![
+                    ("bus", name.clone()),
+                    ("protocol", (*protocol).to_owned()),
+                    ("link", link.clone()),
+                ];
+                (labels, 1)
+            });
+        gauges(
+            e,
+            "bus_info",
+            "1 for each running bus: its protocol (modbus-rtu, modbus-rtu-tcp, modbus-tcp, canopen) and its port, address or interface.",
+            rows,
+        )
+    }
+
     fn encode_rtu(&self, e: &mut DescriptorEncoder, running: &[String]) -> fmt::Result {
         let buses: Vec<(String, Arc<BusStats>)> = lock(&self.rtu)
             .iter()
@@ -554,8 +583,14 @@ impl Metrics {
         counters(
             e,
             "modbus_port_reopens",
-            "Times the serial port failed and was reopened.",
+            "Times the serial port or TCP connection failed and was reopened.",
             per_bus(|s| &s.reopens),
+        )?;
+        counters(
+            e,
+            "modbus_stale_replies",
+            "Modbus TCP replies whose transaction id matched no outstanding request (they came after their request's timeout), dropped.",
+            per_bus(|s| &s.stale_replies),
         )?;
         histograms(
             e,
@@ -650,6 +685,7 @@ impl Collector for Metrics {
         self.encode_mqtt(&mut e)?;
         self.encode_sparkplug(&mut e)?;
         self.encode_devices(&mut e)?;
+        self.encode_buses(&mut e, &running)?;
         self.encode_rtu(&mut e, &running)?;
         self.encode_can(&mut e, &running)
     }
