@@ -344,6 +344,8 @@ pub struct Servosim {
     child: Child,
     stdin: ChildStdin,
     stdout: std_mpsc::Receiver<String>,
+    /// Its `servosim ready ...` line.
+    ready: String,
 }
 
 impl Servosim {
@@ -351,6 +353,23 @@ impl Servosim {
     pub fn start(port: &Path, units: &str, extra: &[&str]) -> Self {
         let port = port.to_str().expect("a UTF-8 pty path");
         Self::spawn(&["modbus-rtu", "--port", port, "--units", units], extra)
+    }
+
+    /// `servosim SUBCOMMAND --listen 127.0.0.1:0` (`modbus-tcp` or `modbus-rtu-tcp`)
+    /// answering `units`; returns it and the port it listens on.
+    pub fn start_tcp(subcommand: &str, units: &str, extra: &[&str]) -> (Self, u16) {
+        let sim = Self::spawn(
+            &[subcommand, "--listen", "127.0.0.1:0", "--units", units],
+            extra,
+        );
+        let port = sim
+            .ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .and_then(|addr| addr.parse::<std::net::SocketAddr>().ok())
+            .map(|addr| addr.port())
+            .unwrap_or_else(|| panic!("no listen=IP:PORT in {:?}", sim.ready));
+        (sim, port)
     }
 
     /// Starts `servosim ARGS EXTRA` and waits for its `servosim ready` line.
@@ -371,6 +390,7 @@ impl Servosim {
             child,
             stdin,
             stdout,
+            ready,
         }
     }
 

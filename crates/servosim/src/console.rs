@@ -20,6 +20,15 @@ pub fn execute(sim: &Simulator, line: &str) -> Option<String> {
     })
 }
 
+/// [`execute`] for `servosim modbus-tcp`: every command but `crc`, refused because a
+/// Modbus TCP reply has no CRC to corrupt (TCP delivers the bytes intact or not at all).
+pub fn execute_tcp(sim: &Simulator, line: &str) -> Option<String> {
+    match line.split_whitespace().next() {
+        Some("crc") => Some("error crc: Modbus TCP has no CRC to corrupt".to_string()),
+        _ => execute(sim, line),
+    }
+}
+
 fn run(sim: &Simulator, command: &str, args: &[&str]) -> Result<String, String> {
     let unit = || -> Result<u8, String> {
         let arg = args
@@ -145,13 +154,13 @@ fn run(sim: &Simulator, command: &str, args: &[&str]) -> Result<String, String> 
     }
 }
 
-/// `stats corrupted=N dropped_bytes=N served=1:N,2:N ignored=1:N,2:N writes=1:N,2:N
-/// applied=1:N,2:N`.
+/// `stats corrupted=N dropped_bytes=N bad_mbap=N served=1:N,2:N ignored=1:N,2:N
+/// writes=1:N,2:N applied=1:N,2:N`.
 fn format_stats(sim: &Simulator) -> String {
     let stats = sim.stats();
     let mut out = format!(
-        "stats corrupted={} dropped_bytes={} served=",
-        stats.corrupted, stats.dropped_bytes
+        "stats corrupted={} dropped_bytes={} bad_mbap={} served=",
+        stats.corrupted, stats.dropped_bytes, stats.bad_mbap
     );
     let per_unit = |out: &mut String, f: &dyn Fn(&crate::UnitStats) -> u64| {
         for (i, (unit, s)) in stats.units.iter().enumerate() {
@@ -230,7 +239,7 @@ mod tests {
         assert_eq!(execute(&s, "alive 2").unwrap(), "ok alive 2");
         assert_eq!(
             execute(&s, "stats").unwrap(),
-            "ok stats corrupted=0 dropped_bytes=0 served=1:0,2:0,3:0 ignored=1:0,2:0,3:0 \
+            "ok stats corrupted=0 dropped_bytes=0 bad_mbap=0 served=1:0,2:0,3:0 ignored=1:0,2:0,3:0 \
              writes=1:0,2:0,3:0 applied=1:0,2:0,3:0"
         );
         let truth = execute(&s, "truth 1").unwrap();
@@ -338,5 +347,16 @@ mod tests {
             assert!(answer.starts_with("error "), "{bad:?} -> {answer}");
         }
         assert_eq!(execute(&s, "   "), None);
+    }
+
+    #[test]
+    fn the_tcp_console_refuses_crc_noise_and_runs_the_rest() {
+        let s = sim();
+        let answer = execute_tcp(&s, "crc 0.5").unwrap();
+        assert!(answer.starts_with("error "), "{answer}");
+        assert_eq!(s.crc_noise(), 0.0);
+        assert_eq!(execute_tcp(&s, "late 2 200ms").unwrap(), "ok late 2 200ms");
+        assert!(execute_tcp(&s, "stats").unwrap().starts_with("ok stats "));
+        assert_eq!(execute_tcp(&s, ""), None);
     }
 }

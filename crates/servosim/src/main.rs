@@ -3,14 +3,20 @@
 //!
 //! `servosim modbus-rtu --port PATH --units 1-6` answers every listed unit on PATH, prints
 //! `servosim ready port=PATH units=LIST` once it serves, then takes fault-injection
-//! commands on stdin (see `servosim::console`). `servosim canopen --interface vcan0
+//! commands on stdin (see `servosim::console`). `servosim modbus-tcp --listen ADDR
+//! --units 1-6` answers them as Modbus TCP units to any number of clients, and `servosim
+//! modbus-rtu-tcp --listen ADDR --units 1-6` as RTU units behind a serial device server
+//! (RTU frames over TCP, the latest client only); both print `servosim ready
+//! listen=IP:PORT units=LIST` once listening (the port bound, also for port 0) and take
+//! the same commands (`crc` excepted on Modbus TCP). `servosim canopen --interface vcan0
 //! --nodes 1-4` runs CiA 402 nodes on a SocketCAN interface, prints `servosim ready
 //! interface=vcan0 nodes=1-4` once the socket is open, and takes the commands of
-//! `servosim::canopen::console`. Both run until SIGTERM or SIGINT; the end of stdin does
+//! `servosim::canopen::console`. All run until SIGTERM or SIGINT; the end of stdin does
 //! not stop them.
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::num::NonZeroU8;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +26,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use servosim::canopen::{self, CanOptions, CanSim, ConsoleRequest, NodeDefaults, TpdoMode};
-use servosim::{console, serve_rtu, SimOptions, Simulator, Timing, UnitList};
+use servosim::{
+    console, serve_rtu, serve_rtu_tcp, serve_tcp, SimOptions, Simulator, Timing, UnitList,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt, SerialStream};
@@ -40,6 +48,11 @@ struct Cli {
 enum Command {
     /// Answer Modbus RTU requests for several units on one serial port.
     ModbusRtu(RtuArgs),
+    /// Answer Modbus TCP requests for several units, to any number of clients.
+    ModbusTcp(TcpArgs),
+    /// Answer Modbus RTU frames over TCP for several units, as a serial device server
+    /// (one client at a time: a new connection drops the older one).
+    ModbusRtuTcp(RtuTcpArgs),
     /// Run CiA 402 servo drives as CANopen nodes on a SocketCAN interface.
     Canopen(CanArgs),
 }
@@ -106,6 +119,22 @@ struct RtuArgs {
     /// Serial port to serve, e.g. one end of a socat pty pair.
     #[arg(long)]
     port: PathBuf,
+    #[command(flatten)]
+    rtu: RtuSimArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct RtuTcpArgs {
+    /// Address to listen on, e.g. 127.0.0.1:4001; port 0 picks a free one.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    rtu: RtuSimArgs,
+}
+
+/// The simulator of `modbus-rtu` and `modbus-rtu-tcp`: RTU units on a line.
+#[derive(Debug, clap::Args)]
+struct RtuSimArgs {
     /// Unit ids to answer: `1-6`, `1,3,5`, `1-3,7`.
     #[arg(long)]
     units: UnitList,
@@ -118,21 +147,47 @@ struct RtuArgs {
     /// Drive processing time between request and reply in timing-faithful mode.
     #[arg(long, value_parser = console::parse_duration, default_value = "0s", requires = "timing_faithful")]
     turnaround: Duration,
+    /// Fraction (0-1) of replies sent with a corrupted byte, so their CRC fails.
+    #[arg(long, value_parser = console::parse_rate, default_value_t = 0.0)]
+    crc_noise: f64,
+    /// Seed for the CRC-noise RNG, for reproducible runs.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    faults: FaultArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct TcpArgs {
+    /// Address to listen on, e.g. 127.0.0.1:1502; port 0 picks a free one.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Unit ids to answer: `1-6`, `1,3,5`, `1-3,7`.
+    #[arg(long)]
+    units: UnitList,
+    /// Drive processing time between request and reply.
+    #[arg(long, value_parser = console::parse_duration, default_value = "0s")]
+    turnaround: Duration,
+    /// Seed of the simulator's RNG. Nothing is random over Modbus TCP (no CRC noise);
+    /// taken so that a command line carries over from modbus-rtu.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    faults: FaultArgs,
+}
+
+/// Per-unit fault injection at start, on any Modbus transport.
+#[derive(Debug, clap::Args)]
+struct FaultArgs {
     /// Delay one unit's replies: `UNIT:DURATION`, e.g. `3:30ms`. Repeatable.
     #[arg(long, value_parser = parse_late)]
     late: Vec<(u8, Duration)>,
     /// A unit that never answers. Repeatable.
     #[arg(long)]
     dead: Vec<u8>,
-    /// Fraction (0-1) of replies sent with a corrupted byte, so their CRC fails.
-    #[arg(long, value_parser = console::parse_rate, default_value_t = 0.0)]
-    crc_noise: f64,
     /// Start a unit in CiA 402 Fault: `UNIT:CODE`, e.g. `2:0x2310`. Repeatable.
     #[arg(long, value_parser = parse_fault)]
     fault: Vec<(u8, u16)>,
-    /// Seed for the CRC-noise RNG, for reproducible runs.
-    #[arg(long)]
-    seed: Option<u64>,
     /// A unit that answers every write with a Modbus exception and applies nothing:
     /// `UNIT:CODE`, e.g. `2:4` (server device failure). Repeatable.
     #[arg(long, value_parser = parse_reject)]
@@ -182,7 +237,9 @@ fn main() -> ExitCode {
         )
         .init();
     let runtime = match cli.command {
-        Command::ModbusRtu(_) => tokio::runtime::Runtime::new(),
+        Command::ModbusRtu(_) | Command::ModbusTcp(_) | Command::ModbusRtuTcp(_) => {
+            tokio::runtime::Runtime::new()
+        }
         // One task owns the socket and the simulator, so worker threads have nothing to
         // do; on one thread its timers and the socket's readiness are handled in one place.
         // (Measured in the TCG test VM: SDO round trips the same with either runtime.)
@@ -195,6 +252,8 @@ fn main() -> ExitCode {
         .and_then(|runtime| {
             let result = match cli.command {
                 Command::ModbusRtu(args) => runtime.block_on(modbus_rtu(args)),
+                Command::ModbusTcp(args) => runtime.block_on(modbus_tcp(args)),
+                Command::ModbusRtuTcp(args) => runtime.block_on(modbus_rtu_tcp(args)),
                 Command::Canopen(args) => runtime.block_on(canopen_nodes(args)),
             };
             // A stop signal means stop now: do not wait for the serving task to wind down. (The
@@ -212,66 +271,128 @@ fn main() -> ExitCode {
     }
 }
 
-async fn modbus_rtu(args: RtuArgs) -> anyhow::Result<()> {
-    let options = SimOptions {
-        baud: args.baud,
-        timing: if args.timing_faithful {
-            Timing::Faithful {
-                turnaround: args.turnaround,
-            }
-        } else {
-            Timing::Instant
-        },
-        seed: args.seed,
-        crc_noise: args.crc_noise,
-    };
-    let sim = Arc::new(Simulator::new(args.units.clone(), options));
-    for &unit in &args.dead {
+impl RtuSimArgs {
+    fn options(&self) -> SimOptions {
+        SimOptions {
+            baud: self.baud,
+            timing: if self.timing_faithful {
+                Timing::Faithful {
+                    turnaround: self.turnaround,
+                }
+            } else {
+                Timing::Instant
+            },
+            seed: self.seed,
+            crc_noise: self.crc_noise,
+        }
+    }
+}
+
+/// The simulator for `units`, with the faults of the command line injected.
+fn simulator(
+    units: &UnitList,
+    options: SimOptions,
+    faults: &FaultArgs,
+) -> anyhow::Result<Arc<Simulator>> {
+    let sim = Arc::new(Simulator::new(units.clone(), options));
+    for &unit in &faults.dead {
         sim.set_dead(unit, true).context("--dead")?;
     }
-    for &(unit, late) in &args.late {
+    for &(unit, late) in &faults.late {
         sim.set_late(unit, Some(late)).context("--late")?;
     }
-    for &(unit, code) in &args.fault {
+    for &(unit, code) in &faults.fault {
         if code == 0 {
             bail!("--fault {unit}:0: error code 0 means no fault");
         }
         sim.inject_fault(unit, code).context("--fault")?;
     }
-    for &(unit, code) in &args.reject {
+    for &(unit, code) in &faults.reject {
         sim.set_reject(unit, Some(code)).context("--reject")?;
     }
-    for &unit in &args.mute_writes {
+    for &unit in &faults.mute_writes {
         sim.set_mute_writes(unit, true).context("--mute-writes")?;
     }
+    Ok(sim)
+}
+
+async fn modbus_rtu(args: RtuArgs) -> anyhow::Result<()> {
+    let units = &args.rtu.units;
+    let sim = simulator(units, args.rtu.options(), &args.rtu.faults)?;
 
     // The first open must work: a wrong path is a usage error, not something to retry.
-    let port = open_port(&args.port, args.baud)?;
+    let port = open_port(&args.port, args.rtu.baud)?;
     tokio::spawn(serve_forever(
         port,
         args.port.clone(),
-        args.baud,
+        args.rtu.baud,
         Arc::clone(&sim),
     ));
 
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "servosim ready port={} units={}",
-            args.port.display(),
-            args.units
-        )?;
-        out.flush()?;
-    }
-    tracing::info!(port = %args.port.display(), units = %args.units, "serving");
+    ready(&format!("port={} units={units}", args.port.display()))?;
+    tracing::info!(port = %args.port.display(), %units, "serving");
+    run_console(sim, console::execute).await
+}
 
+async fn modbus_tcp(args: TcpArgs) -> anyhow::Result<()> {
+    let options = SimOptions {
+        timing: if args.turnaround.is_zero() {
+            Timing::Instant
+        } else {
+            Timing::Network {
+                turnaround: args.turnaround,
+            }
+        },
+        seed: args.seed,
+        crc_noise: 0.0,
+        ..SimOptions::default()
+    };
+    let sim = simulator(&args.units, options, &args.faults)?;
+    let listener = listen(args.listen).await?;
+    let local = listener.local_addr().context("the listening address")?;
+    tokio::spawn(serve_tcp(listener, Arc::clone(&sim)));
+
+    ready(&format!("listen={local} units={}", args.units))?;
+    tracing::info!(listen = %local, units = %args.units, "serving Modbus TCP");
+    run_console(sim, console::execute_tcp).await
+}
+
+async fn modbus_rtu_tcp(args: RtuTcpArgs) -> anyhow::Result<()> {
+    let units = &args.rtu.units;
+    let sim = simulator(units, args.rtu.options(), &args.rtu.faults)?;
+    let listener = listen(args.listen).await?;
+    let local = listener.local_addr().context("the listening address")?;
+    tokio::spawn(serve_rtu_tcp(listener, Arc::clone(&sim)));
+
+    ready(&format!("listen={local} units={units}"))?;
+    tracing::info!(listen = %local, %units, "serving Modbus RTU over TCP");
+    run_console(sim, console::execute).await
+}
+
+async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))
+}
+
+/// Prints the one `servosim ready ...` line and flushes it.
+fn ready(what: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "servosim ready {what}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs the stdin console (`execute` answers each line) until SIGTERM or SIGINT.
+async fn run_console(
+    sim: Arc<Simulator>,
+    execute: fn(&Simulator, &str) -> Option<String>,
+) -> anyhow::Result<()> {
     // A plain thread, not tokio's blocking pool: a read blocked on stdin must not keep the
     // runtime from shutting down on a signal.
-    let console_sim = Arc::clone(&sim);
     std::thread::Builder::new()
         .name("console".into())
-        .spawn(move || console_loop(&console_sim))
+        .spawn(move || console_loop(&sim, execute))
         .context("starting the console thread")?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -397,10 +518,10 @@ async fn serve_forever(port: SerialStream, path: PathBuf, baud: u32, sim: Arc<Si
 }
 
 /// Answers stdin commands until stdin ends; the simulator keeps serving after that.
-fn console_loop(sim: &Simulator) {
+fn console_loop(sim: &Simulator, execute: fn(&Simulator, &str) -> Option<String>) {
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
-        if let Some(answer) = console::execute(sim, &line) {
+        if let Some(answer) = execute(sim, &line) {
             let mut out = std::io::stdout().lock();
             // A closed stdout only loses answers nobody reads; keep serving.
             let _ = writeln!(out, "{answer}").and_then(|()| out.flush());
@@ -445,23 +566,143 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let Command::ModbusRtu(a) = cli.command else {
+        let Command::ModbusRtu(RtuArgs { port, rtu: a }) = cli.command else {
             panic!("not modbus-rtu: {:?}", cli.command);
         };
+        assert_eq!(port, PathBuf::from("/tmp/A"));
         assert_eq!(a.units.to_string(), "1-3,7");
         assert_eq!(a.turnaround, Duration::from_micros(100));
         assert_eq!(
-            a.late,
+            a.faults.late,
             vec![(3, Duration::from_millis(30)), (2, Duration::from_secs(1))]
         );
         assert_eq!(
-            (a.dead, a.fault, a.seed),
+            (a.faults.dead, a.faults.fault, a.seed),
             (vec![7], vec![(2, 0x2310)], Some(9))
         );
         assert!(a.timing_faithful && a.crc_noise == 0.05);
         let code = |c| NonZeroU8::new(c).unwrap();
-        assert_eq!(a.reject, vec![(1, code(4)), (3, code(11))]);
-        assert_eq!(a.mute_writes, vec![2]);
+        assert_eq!(a.faults.reject, vec![(1, code(4)), (3, code(11))]);
+        assert_eq!(a.faults.mute_writes, vec![2]);
+    }
+
+    #[test]
+    fn the_documented_modbus_tcp_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "servosim",
+            "modbus-tcp",
+            "--listen",
+            "127.0.0.1:0",
+            "--units",
+            "1-3",
+            "--turnaround",
+            "300us",
+            "--late",
+            "3:200ms",
+            "--dead",
+            "2",
+            "--fault",
+            "1:0x2310",
+            "--seed",
+            "4",
+            "--reject",
+            "1:4",
+            "--mute-writes",
+            "3",
+        ])
+        .unwrap();
+        let Command::ModbusTcp(a) = cli.command else {
+            panic!("not modbus-tcp: {:?}", cli.command);
+        };
+        assert_eq!(a.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(
+            (a.units.to_string(), a.turnaround, a.seed),
+            ("1-3".into(), Duration::from_micros(300), Some(4))
+        );
+        assert_eq!(a.faults.late, vec![(3, Duration::from_millis(200))]);
+        assert_eq!(
+            (a.faults.dead, a.faults.fault, a.faults.mute_writes),
+            (vec![2], vec![(1, 0x2310)], vec![3])
+        );
+        assert_eq!(a.faults.reject, vec![(1, NonZeroU8::new(4).unwrap())]);
+    }
+
+    #[test]
+    fn the_documented_rtu_over_tcp_command_line_takes_every_rtu_option() {
+        let cli = Cli::try_parse_from([
+            "servosim",
+            "modbus-rtu-tcp",
+            "--listen",
+            "[::1]:4001",
+            "--units",
+            "1-2",
+            "--baud",
+            "19200",
+            "--timing-faithful",
+            "--turnaround",
+            "1ms",
+            "--crc-noise",
+            "0.1",
+            "--seed",
+            "5",
+            "--late",
+            "2:30ms",
+            "--dead",
+            "1",
+        ])
+        .unwrap();
+        let Command::ModbusRtuTcp(RtuTcpArgs { listen, rtu: a }) = cli.command else {
+            panic!("not modbus-rtu-tcp: {:?}", cli.command);
+        };
+        assert_eq!(listen, "[::1]:4001".parse().unwrap());
+        assert_eq!(
+            a.options(),
+            SimOptions {
+                baud: 19_200,
+                timing: Timing::Faithful {
+                    turnaround: Duration::from_millis(1)
+                },
+                seed: Some(5),
+                crc_noise: 0.1,
+            }
+        );
+        assert_eq!(
+            (a.faults.late, a.faults.dead),
+            (vec![(2, Duration::from_millis(30))], vec![1])
+        );
+    }
+
+    #[test]
+    fn modbus_tcp_refuses_the_serial_line_options() {
+        for extra in [
+            &["--crc-noise", "0.1"][..],
+            &["--baud", "9600"],
+            &["--timing-faithful"],
+            &["--port", "/tmp/A"],
+            &["--turnaround", "soon"],
+        ] {
+            let mut argv = vec![
+                "servosim",
+                "modbus-tcp",
+                "--listen",
+                "127.0.0.1:0",
+                "--units",
+                "1",
+            ];
+            argv.extend_from_slice(extra);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{extra:?}");
+        }
+        for bad_listen in ["localhost", "127.0.0.1", "1502"] {
+            let argv = [
+                "servosim",
+                "modbus-tcp",
+                "--listen",
+                bad_listen,
+                "--units",
+                "1",
+            ];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad_listen}");
+        }
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub enum Timing {
         /// The drive's processing time between request and reply.
         turnaround: Duration,
     },
+    /// No wire time, only the drive's processing time: a drive on Ethernet
+    /// (`servosim modbus-tcp --turnaround`).
+    Network {
+        /// The drive's processing time between request and reply.
+        turnaround: Duration,
+    },
 }
 
 /// How a [`Simulator`] behaves; fault injection comes later through its methods.
@@ -105,6 +111,9 @@ pub struct Stats {
     /// Bytes dropped from the line because no valid frame started with them (bad CRC,
     /// garbage, truncated frames).
     pub dropped_bytes: u64,
+    /// Modbus TCP connections closed because a request's MBAP header broke the framing
+    /// (protocol id not 0, length outside 2-254).
+    pub bad_mbap: u64,
 }
 
 /// What the simulator knows at one instant about one unit: for `truth` and tests.
@@ -159,6 +168,7 @@ struct Inner {
     crc_noise: f64,
     corrupted: u64,
     dropped_bytes: u64,
+    bad_mbap: u64,
     /// The last requests to simulated units, oldest first.
     journal: std::collections::VecDeque<JournalEntry>,
 }
@@ -187,6 +197,7 @@ impl Simulator {
             crc_noise: clamp_rate(options.crc_noise),
             corrupted: 0,
             dropped_bytes: 0,
+            bad_mbap: 0,
             journal: std::collections::VecDeque::with_capacity(JOURNAL_LEN),
         };
         Self {
@@ -298,6 +309,7 @@ impl Simulator {
             units: inner.units.iter().map(|(&u, c)| (u, c.stats)).collect(),
             corrupted: inner.corrupted,
             dropped_bytes: inner.dropped_bytes,
+            bad_mbap: inner.bad_mbap,
         }
     }
 
@@ -309,6 +321,12 @@ impl Simulator {
     /// Adds bytes the line dropped to the counters (called by the serving loop).
     pub fn count_dropped_bytes(&self, n: u64) {
         self.lock().dropped_bytes += n;
+    }
+
+    /// Counts a Modbus TCP connection closed on a bad MBAP header (called by the
+    /// serving loop).
+    pub fn count_bad_mbap(&self) {
+        self.lock().bad_mbap += 1;
     }
 
     /// `unit`'s drive state at model time `t_ms`.
@@ -405,6 +423,7 @@ impl Simulator {
             Timing::Faithful { turnaround } => {
                 faithful_delay(frame.wire_len, bytes.len(), self.options.baud, turnaround)
             }
+            Timing::Network { turnaround } => turnaround,
         };
         Some(Reply {
             bytes,
@@ -783,6 +802,26 @@ mod tests {
         let reply = s.handle(&read_holding(1, 0, 10), 0).unwrap();
         assert_eq!(reply.bytes.len(), 25);
         assert_eq!(reply.delay.as_micros(), 4_901 + 100 + 2_000);
+    }
+
+    #[test]
+    fn network_timing_charges_the_turnaround_and_no_wire_time() {
+        let options = SimOptions {
+            timing: Timing::Network {
+                turnaround: Duration::from_micros(300),
+            },
+            ..SimOptions::default()
+        };
+        let s = sim("1", options);
+        assert_eq!(
+            s.handle(&read_holding(1, 0, 10), 0).unwrap().delay,
+            Duration::from_micros(300)
+        );
+        s.set_late(1, Some(Duration::from_millis(2))).unwrap();
+        assert_eq!(
+            s.handle(&read_holding(1, 0, 10), 0).unwrap().delay,
+            Duration::from_micros(2_300)
+        );
     }
 
     #[test]
