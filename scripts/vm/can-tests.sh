@@ -24,7 +24,7 @@ cargo build --workspace --bins --locked
 tests=()
 while IFS= read -r exe; do tests+=("$exe"); done < <(
     cargo test --locked --no-run --message-format=json \
-        -p servogate-e2e --test canopen --test canopen_commands -p servosim --test canopen_vcan 2>/dev/null |
+        -p servogate-e2e --test canopen --test canopen_commands --test mixed_buses -p servosim --test canopen_vcan 2>/dev/null |
         sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
 [ ${#tests[@]} -ge 1 ] || { echo "can-tests: no test executable found" >&2; exit 2; }
 

@@ -355,8 +355,14 @@ impl Servosim {
         Self::spawn(&["modbus-rtu", "--port", port, "--units", units], extra)
     }
 
-    /// `servosim SUBCOMMAND --listen 127.0.0.1:0` (`modbus-tcp` or `modbus-rtu-tcp`)
-    /// answering `units`; returns it and the port it listens on.
+    /// `servosim SUBCOMMAND --listen LISTEN` (`modbus-tcp` or `modbus-rtu-tcp`) answering
+    /// `units`: for a server that must come back on the same port.
+    pub fn start_tcp_on(subcommand: &str, listen: &str, units: &str, extra: &[&str]) -> Self {
+        Self::spawn(&[subcommand, "--listen", listen, "--units", units], extra)
+    }
+
+    /// `servosim SUBCOMMAND --listen 127.0.0.1:0` answering `units`; returns it and the
+    /// port it listens on.
     pub fn start_tcp(subcommand: &str, units: &str, extra: &[&str]) -> (Self, u16) {
         let sim = Self::spawn(
             &[subcommand, "--listen", "127.0.0.1:0", "--units", units],

@@ -513,17 +513,16 @@ impl Metrics {
 
     fn encode_buses(&self, e: &mut DescriptorEncoder, running: &[String]) -> fmt::Result {
         let info = lock(&self.bus_info);
-        let rows = info
-            .iter()
-            .filter(|(name, _)| running.contains(name))
-            .map(|(name, (protocol, link))| {
+        let rows = info.iter().filter(|(name, _)| running.contains(name)).map(
+            |(name, (protocol, link))| {
                 let labels = vec![
                     ("bus", name.clone()),
                     ("protocol", (*protocol).to_owned()),
                     ("link", link.clone()),
                 ];
                 (labels, 1)
-            });
+            },
+        );
         gauges(
             e,
             "bus_info",
