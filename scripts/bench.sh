@@ -28,6 +28,12 @@
 # interval, default 1us: flat out), BATCH=N (up to N samples of a device per message,
 # [mqtt] batch_max): it then prints points/s, a point being one field of one
 # sample.
+#
+# LINK=tcp runs the bus as Modbus TCP (servosim modbus-tcp on a free loopback port,
+# IN_FLIGHT=N requests outstanding, default 1), LINK=rtu-tcp as RTU over TCP (servosim
+# modbus-rtu-tcp, a serial device server), instead of RTU on a socat pty. TURNAROUND=D
+# gives every servosim reply a processing time (a device that takes D to answer; on a
+# pty that is timing-faithful mode at 115200 baud with D of turnaround).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: bench.sh faithful N | instant UNITS | line UNITS}
@@ -36,8 +42,11 @@ duration=${DURATION:-10}
 
 . scripts/bench-common.sh   # from the repository root (the cd above)
 start_broker
-socat pty,raw,echo=0,link="$work/sim.pty" pty,raw,echo=0,link="$work/gw.pty" 2>/dev/null & pids+=($!)
-for _ in $(seq 100); do [ -e "$work/gw.pty" ] && [ -e "$work/sim.pty" ] && break; sleep 0.05; done
+link=${LINK:-pty}
+if [ "$link" = pty ]; then
+    socat pty,raw,echo=0,link="$work/sim.pty" pty,raw,echo=0,link="$work/gw.pty" 2>/dev/null & pids+=($!)
+    for _ in $(seq 100); do [ -e "$work/gw.pty" ] && [ -e "$work/sim.pty" ] && break; sleep 0.05; done
+fi
 
 if [ "$mode" = faithful ]; then
     units=1; n=$arg; simopts=(--timing-faithful --baud 115200); t35=""
@@ -72,8 +81,30 @@ fi
 
 mkfifo "$work/sim.in"
 exec 3<>"$work/sim.in"
-target/release/servosim modbus-rtu --port "$work/sim.pty" --units "1-$units" "${simopts[@]}" <&3 >"$work/sim.out" 2>/dev/null & pids+=($!)
+if [ -n "${TURNAROUND:-}" ]; then
+    case $link in
+        tcp) simopts+=(--turnaround "$TURNAROUND") ;;
+        *) [ ${#simopts[@]} -gt 0 ] || simopts=(--timing-faithful --baud 115200)
+           simopts+=(--turnaround "$TURNAROUND") ;;
+    esac
+fi
+case $link in
+    pty) simcmd=(modbus-rtu --port "$work/sim.pty") ;;
+    # Modbus TCP has no baud rate or wire time: only the turnaround stays.
+    tcp) simcmd=(modbus-tcp --listen 127.0.0.1:0)
+         simopts=($(printf '%s\n' "${simopts[@]}" | grep -v -e '^--timing-faithful$' -e '^--baud$' -e '^115200$' || true)) ;;
+    rtu-tcp) simcmd=(modbus-rtu-tcp --listen 127.0.0.1:0) ;;
+    *) echo "LINK must be pty, tcp or rtu-tcp" >&2; exit 2 ;;
+esac
+target/release/servosim "${simcmd[@]}" --units "1-$units" "${simopts[@]}" <&3 >"$work/sim.out" 2>/dev/null & pids+=($!)
 for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && break; sleep 0.05; done
+case $link in
+    pty) busdef=$(printf 'protocol = "modbus-rtu"\nport = "%s"\nbaud = 115200\n%s' "$work/gw.pty" "$t35") ;;
+    tcp) busdef=$(printf 'protocol = "modbus-tcp"\naddress = "%s"\nmax_in_flight = %s' \
+             "$(sed -n 's/.*listen=\([^ ]*\).*/\1/p' "$work/sim.out" | head -1)" "${IN_FLIGHT:-1}") ;;
+    rtu-tcp) busdef=$(printf 'protocol = "modbus-rtu-tcp"\naddress = "%s"\nbaud = 115200\n%s' \
+             "$(sed -n 's/.*listen=\([^ ]*\).*/\1/p' "$work/sim.out" | head -1)" "$t35") ;;
+esac
 
 {
     printf '[gateway]\nid = "bench"\nlog = "warn"\n[mqtt]\nurl = "mqtt://127.0.0.1:%s"\n' "$port"
@@ -83,7 +114,7 @@ for _ in $(seq 100); do grep -q "servosim ready" "$work/sim.out" 2>/dev/null && 
     if [ "${CONTRACT:-json}" != json ]; then printf '[sparkplug]\ngroup_id = "bench"\n'; fi
     if [ -n "${DURABLE:-}" ]; then printf '[buffer]\npath = "%s/log"\n' "$work"; fi
     printf '[profiles.p]\n%s\n' "$profile"
-    printf '[[buses]]\nname = "b"\nprotocol = "modbus-rtu"\nport = "%s"\nbaud = 115200\ntimeout = "100ms"\nmax_gap = 125\n%s\n' "$work/gw.pty" "$t35"
+    printf '[[buses]]\nname = "b"\n%s\ntimeout = "100ms"\nmax_gap = 125\n' "$busdef"
     for u in $(seq "$units"); do
         printf '[[devices]]\nname = "axis-%s"\nbus = "b"\nunit = %s\nprofile = "p"\npoll = "%s"\nlate_after = "1s"\n' "$u" "$u" "${POLL:-1us}"
     done
@@ -137,8 +168,9 @@ fi
 hz=$(getconf CLK_TCK)
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$gw/status")
 fields=$(printf '%s\n' "$profile" | grep -c '=')
-python3 - "$mode" "$n" "$units" "$s0" "$s1" "$t0" "$t1" "$c0" "$c1" "$hz" "$rss" "$fields" "${CONTRACT:-json}" "$task_ms" "$switches" "$instr" <<'PY'
-import sys
+LINK_NAME="$link${IN_FLIGHT:+ in_flight=$IN_FLIGHT}${TURNAROUND:+ turnaround=$TURNAROUND}" python3 - "$mode" "$n" "$units" "$s0" "$s1" "$t0" "$t1" "$c0" "$c1" "$hz" "$rss" "$fields" "${CONTRACT:-json}" "$task_ms" "$switches" "$instr" <<'PY'
+import os, sys
+link = os.environ["LINK_NAME"]
 mode, n, units = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 s0, s1, t0, t1, c0, c1, hz, rss, fields = map(float, sys.argv[4:13])
 contract = sys.argv[13]
@@ -146,7 +178,7 @@ task_ms, switches, instr = (float(x or 0) for x in sys.argv[14:17])
 tx = s1 - s0; secs = t1 - t0; rate = tx / secs
 # perf's task-clock (ns resolution) over the same window when it ran; /proc ticks else.
 cpu_ms = task_ms if task_ms > 0 else (c1 - c0) / hz * 1000
-print(f"mode={mode} units={units} registers={n} transactions={tx:.0f} seconds={secs:.2f}")
+print(f"mode={mode} link={link} units={units} registers={n} transactions={tx:.0f} seconds={secs:.2f}")
 print(f"transactions/s = {rate:.1f}")
 if mode == "faithful":
     baud = 115200; t35 = 0.00175
