@@ -87,7 +87,7 @@ cargo test "${arm[@]}" -p servogate-e2e -- \
 # kernel has vcan0 they run directly.
 if [ -e /sys/class/net/vcan0 ]; then
     echo "==> CANopen tests on this machine's vcan0"
-    SERVOGATE_REQUIRE_VCAN=1 cargo test --locked -p servogate-e2e --test canopen -p servosim --test canopen_vcan -- --test-threads=1
+    SERVOGATE_REQUIRE_VCAN=1 cargo test --locked -p servogate-e2e --test canopen --test canopen_commands --test mixed_buses -p servosim --test canopen_vcan -- --test-threads=1
 else
     echo "==> CANopen tests in a VM with vcan0 (no CAN in this kernel)"
     scripts/vm/can-tests.sh

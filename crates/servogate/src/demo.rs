@@ -56,20 +56,52 @@ pub struct DemoArgs {
     /// Stop after this long (e.g. "10s"); default: until Ctrl-C.
     #[arg(long)]
     pub duration: Option<humantime::Duration>,
+    /// How the simulated drives are reached: `rtu` (a pty, as RS-485), `tcp` (Modbus TCP
+    /// on a loopback port) or `rtu-tcp` (RTU frames over TCP, as a serial device server).
+    #[arg(long, value_enum, default_value_t = DemoLink::Rtu)]
+    pub link: DemoLink,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoLink {
+    Rtu,
+    Tcp,
+    RtuTcp,
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.axes == 0 || args.axes > 247 {
         bail!("--axes must be 1-247");
     }
-    // The simulated bus: a pty pair, servosim on the master end.
-    let (master, slave) = SerialStream::pair().context("cannot open a pty pair")?;
-    let path = tokio_serial::SerialPort::name(&slave).context("the pty has no name")?;
     let sim = Arc::new(Simulator::new(
         UnitList::new(1..=args.axes).map_err(|e| anyhow::anyhow!("{e}"))?,
         SimOptions::default(),
     ));
-    tokio::spawn(servosim::serve_rtu(master, sim));
+    // The simulated bus: a pty pair with servosim on the master end, or servosim
+    // listening on a loopback port.
+    let mut slave = None;
+    let (link, path) = match args.link {
+        DemoLink::Rtu => {
+            let (master, s) = SerialStream::pair().context("cannot open a pty pair")?;
+            let path = tokio_serial::SerialPort::name(&s).context("the pty has no name")?;
+            tokio::spawn(servosim::serve_rtu(master, sim));
+            slave = Some(s);
+            (Link::Serial, path)
+        }
+        DemoLink::Tcp | DemoLink::RtuTcp => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .context("cannot listen on a loopback port")?;
+            let addr = listener.local_addr()?.to_string();
+            if args.link == DemoLink::Tcp {
+                tokio::spawn(servosim::serve_tcp(listener, sim));
+                (Link::Tcp, addr)
+            } else {
+                tokio::spawn(servosim::serve_rtu_tcp(listener, sim));
+                (Link::RtuOverTcp, addr)
+            }
+        }
+    };
 
     let url = match &args.broker {
         Some(url) => url.clone(),
@@ -80,7 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
 
     // The config the gateway runs, on disk so that `servogate cmd --config` can use it.
-    let text = demo_config(&path, &url, args.axes);
+    let text = demo_config(&path, &url, args.axes, link);
     let file = ConfigFile::write(&text)?;
     let cfg = config::parse(&text, &file.0)
         .map_err(|e| anyhow::anyhow!("the built-in demo config is invalid: {e}"))?;
@@ -89,8 +121,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The header stays on top of every redraw of the table: the broker's address is what
     // a user needs to watch the raw messages, and the two lines that move an axis.
     let mut header = format!(
-        "servogate demo: {} simulated axes on {path}\nMQTT broker: {url}   topics: {prefix}/#\n",
-        args.axes
+        "servogate demo: {} simulated axes on {} {path}\nMQTT broker: {url}   topics: {prefix}/#\n",
+        args.axes,
+        link.protocol(),
     );
     if let Some(port) = url.strip_prefix("mqtt://127.0.0.1:") {
         header.push_str(&format!(
@@ -136,7 +169,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let result = app::run(cfg, options).await;
     shutdown.cancel();
     let shown = table.await.unwrap_or(0);
-    drop(slave);
+    drop(slave.take());
     drop(file);
     result?;
     if shown == 0 {
@@ -145,16 +178,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo config's text for `axes` axes on the in-process pty and the chosen broker:
-/// configs/demo.toml with its broker URL and port replaced, and its first device (with its
-/// command policy) repeated for each axis.
-fn demo_config(port: &str, url: &str, axes: u8) -> String {
-    let text = DEMO_CONFIG
+/// How the demo's bus reaches servosim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Serial,
+    Tcp,
+    RtuOverTcp,
+}
+
+impl Link {
+    fn protocol(self) -> &'static str {
+        match self {
+            Self::Serial => "modbus-rtu",
+            Self::Tcp => "modbus-tcp",
+            Self::RtuOverTcp => "modbus-rtu-tcp",
+        }
+    }
+}
+
+/// The demo config's text for `axes` axes at `at` (the in-process pty, or servosim's
+/// address) and the chosen broker: configs/demo.toml with its broker URL and port
+/// replaced, and its first device (with its command policy) repeated for each axis.
+fn demo_config(at: &str, url: &str, axes: u8, link: Link) -> String {
+    let bus = match link {
+        Link::Serial => format!("port = {at:?}"),
+        Link::Tcp => format!("address = {at:?}"),
+        Link::RtuOverTcp => format!("address = {at:?}"),
+    };
+    let mut text = DEMO_CONFIG
         .replace("url = \"mqtt://127.0.0.1:1883\"", &format!("url = {url:?}"))
+        .replace("port = \"/tmp/servogate-demo.pty\"", &bus)
         .replace(
-            "port = \"/tmp/servogate-demo.pty\"",
-            &format!("port = {port:?}"),
+            "protocol = \"modbus-rtu\"",
+            &format!("protocol = {:?}", link.protocol()),
         );
+    if link == Link::Tcp {
+        // No line under Modbus TCP: no baud rate, no inter-frame silence.
+        text = text
+            .replace("baud = 115200\n", "")
+            .replace("t35 = \"0ms\"\n", "");
+    }
     let Some(first) = text.find("[[devices]]") else {
         return text;
     };
@@ -537,7 +600,7 @@ mod tests {
 
     #[test]
     fn the_demo_config_has_one_commandable_axis_per_unit_on_the_given_port_and_broker() {
-        let text = demo_config("/dev/pts/9", "mqtt://127.0.0.1:1999", 3);
+        let text = demo_config("/dev/pts/9", "mqtt://127.0.0.1:1999", 3, Link::Serial);
         let cfg = config::parse(&text, "demo.toml".as_ref()).unwrap();
         assert_eq!(cfg.mqtt.url, "mqtt://127.0.0.1:1999");
         let config::BusKind::Modbus(rtu) = &cfg.buses[0].kind else {
@@ -552,6 +615,33 @@ mod tests {
         for (i, d) in cfg.devices.iter().enumerate() {
             assert_eq!(d.address, config::DeviceAddress::Unit(i as u8 + 1));
             assert!(d.commands.is_some(), "{} takes commands", d.name);
+        }
+    }
+
+    #[test]
+    fn the_demo_config_over_tcp_names_the_address_and_the_protocol() {
+        for (link, want) in [
+            (
+                Link::Tcp,
+                config::Link::Tcp {
+                    address: "127.0.0.1:5020".into(),
+                    max_in_flight: 1,
+                },
+            ),
+            (
+                Link::RtuOverTcp,
+                config::Link::RtuOverTcp {
+                    address: "127.0.0.1:5020".into(),
+                },
+            ),
+        ] {
+            let text = demo_config("127.0.0.1:5020", "mqtt://127.0.0.1:1999", 2, link);
+            let cfg = config::parse(&text, "demo.toml".as_ref()).unwrap_or_else(|e| panic!("{e}"));
+            let config::BusKind::Modbus(m) = &cfg.buses[0].kind else {
+                panic!("not modbus")
+            };
+            assert_eq!(m.link, want);
+            assert_eq!(cfg.devices.len(), 2);
         }
     }
 

@@ -208,7 +208,12 @@ fn the_commented_out_options_of_the_example_are_valid_too() {
     );
     assert!(cfg.mqtt.credentials_file.is_some());
     assert!(cfg.metrics.is_some());
-    let BusKind::Canopen(can) = &cfg.buses[1].kind else {
+    let protocols: Vec<&str> = cfg.buses.iter().map(|b| b.kind.protocol()).collect();
+    assert_eq!(
+        protocols,
+        ["modbus-rtu", "modbus-tcp", "modbus-rtu-tcp", "canopen"]
+    );
+    let BusKind::Canopen(can) = &cfg.buses[3].kind else {
         panic!()
     };
     assert_eq!(can.sync_period, Some(Duration::from_millis(10)));

@@ -281,4 +281,30 @@ mod tests {
         assert!(s.contains("2 reads per poll"), "{s}");
         assert!(s.contains("commands: 0 devices take commands"), "{s}");
     }
+
+    #[test]
+    fn the_summary_names_a_tcp_bus_by_protocol_and_address() {
+        use crate::config::fixture::GOOD;
+        use crate::config::parse;
+        let tcp = GOOD
+            .replace("protocol = \"modbus-rtu\"", "protocol = \"modbus-tcp\"")
+            .replace(
+                "port = \"/dev/ttyUSB0\"",
+                "address = \"10.0.0.7:502\"\nmax_in_flight = 4",
+            )
+            .replace("baud = 115200\n", "");
+        let s = parse(&tcp, "t.toml".as_ref()).unwrap().summary();
+        assert!(
+            s.contains("bus rs485-a modbus-tcp 10.0.0.7:502, 4 in flight, timeout 100ms\n"),
+            "{s}"
+        );
+        let rtu_tcp = GOOD
+            .replace("protocol = \"modbus-rtu\"", "protocol = \"modbus-rtu-tcp\"")
+            .replace("port = \"/dev/ttyUSB0\"", "address = \"nport:4001\"");
+        let s = parse(&rtu_tcp, "t.toml".as_ref()).unwrap().summary();
+        assert!(
+            s.contains("bus rs485-a modbus-rtu-tcp nport:4001 (line 115200 baud), timeout 100ms, t3.5 1ms 750us"),
+            "{s}"
+        );
+    }
 }
