@@ -357,6 +357,9 @@ impl Bus {
     fn send_due(&mut self, now: Instant) {
         let now_std = now.into_std();
         if !self.job_in_flight && self.pending.len() < self.max_in_flight {
+            // Whether the due job (if it still is one) waits for its device is decided
+            // afresh: a job that expired must not hold its device back.
+            self.job_waits_for = None;
             let mut ended = Vec::new();
             let job = self.exec.poll(now_std, &mut ended);
             self.waiting.finish_all(ended);
@@ -380,7 +383,6 @@ impl Bus {
                     }
                     _ => {
                         let d = device.unwrap_or(usize::MAX);
-                        self.job_waits_for = None;
                         self.send(d, tx, Some(ji), now);
                     }
                 }
@@ -419,8 +421,13 @@ impl Bus {
             .pollers
             .get(device)
             .map_or(DEFAULT_TIMEOUT, |p| p.settings().timeout);
-        let tid = self.next_tid;
-        self.next_tid = self.next_tid.wrapping_add(1);
+        // Ids wrap after 65,536 requests (under a second flat out): never hand out one
+        // that an outstanding request still holds.
+        let mut tid = self.next_tid;
+        while self.pending.iter().any(|p| p.tid == tid) {
+            tid = tid.wrapping_add(1);
+        }
+        self.next_tid = tid.wrapping_add(1);
         self.frame.clear();
         mbap::encode(&tx, tid, &mut self.frame);
         self.stats.transactions.fetch_add(1, Ordering::Relaxed);
