@@ -218,6 +218,22 @@ async fn neighbours_keep_their_rate(sub: &mut Subscriber) {
     assert!(n > floor, "the serial bus slowed down: {n} samples/s");
 }
 
+/// Waits for axis-2 to go offline after `what` happened (now): within offline_after x
+/// (poll + timeout) = 3 x 60 ms, plus the slack of a loaded machine (not checked when
+/// emulated).
+async fn offline_within_the_bound(sub: &mut Subscriber, what: &str) {
+    let since = Instant::now();
+    let took = availability(sub, "axis-2", "offline").await - since;
+    let bound = 3 * (Duration::from_millis(10) + Duration::from_millis(50));
+    println!("offline {took:?} after {what} (bound {bound:?})");
+    if !emulated() {
+        assert!(
+            took < bound + Duration::from_millis(150),
+            "offline after {took:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_takes_its_drives_offline_in_time_and_they_return_with_it() {
     let broker = Mosquitto::start();
@@ -243,18 +259,8 @@ async fn a_killed_server_takes_its_drives_offline_in_time_and_they_return_with_i
     .await;
 
     drop(sim); // SIGKILL: the kernel resets the connection
-    let killed = Instant::now();
-    let took = availability(&mut sub, "axis-2", "offline").await - killed;
-    // Three failed polls: refused connections fail at once, so well inside three
-    // timeouts of a silent server.
-    let bound = 3 * (Duration::from_millis(10) + Duration::from_millis(50));
-    println!("offline {took:?} after the kill (bound {bound:?})");
-    if !emulated() {
-        assert!(
-            took < bound + Duration::from_millis(150),
-            "offline after {took:?}"
-        );
-    }
+               // Refused connections fail each poll at once, well inside the bound of a silent server.
+    offline_within_the_bound(&mut sub, "the kill").await;
     neighbours_keep_their_rate(&mut sub).await;
 
     let _sim = Servosim::start_tcp_on("modbus-tcp", &listen, "1-3", &[]);
@@ -294,16 +300,7 @@ async fn a_frozen_path_without_a_reset_is_noticed_within_the_timeouts_and_heals(
     .await;
 
     gate.freeze();
-    let frozen = Instant::now();
-    let took = availability(&mut sub, "axis-2", "offline").await - frozen;
-    let bound = 3 * (Duration::from_millis(10) + Duration::from_millis(50));
-    println!("offline {took:?} after the freeze (bound {bound:?})");
-    if !emulated() {
-        assert!(
-            took < bound + Duration::from_millis(150),
-            "offline after {took:?}"
-        );
-    }
+    offline_within_the_bound(&mut sub, "the freeze").await;
     neighbours_keep_their_rate(&mut sub).await;
     // The silent connection was closed and opened again (not left to the kernel's
     // retransmission timeout).
