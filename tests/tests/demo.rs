@@ -160,3 +160,49 @@ async fn the_demo_moves_six_axes_by_commands_and_shows_their_values_and_results(
         assert!(samples > 10, "axis-{axis}: {samples} samples\n{stdout}");
     }
 }
+
+/// `demo --link tcp --port 0`: the drives over Modbus TCP on loopback, the embedded broker
+/// on a port the demo picks and prints; the demo ends by itself after `--duration`.
+#[test]
+fn the_demo_over_modbus_tcp_on_a_broker_port_it_picks_moves_every_axis_and_ends_cleanly() {
+    let out = program("servogate")
+        .args(["demo", "--link", "tcp", "--port", "0", "--duration"])
+        .arg(if emulated() { "40s" } else { "6s" })
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("on modbus-tcp 127.0.0.1:"), "{stdout}");
+    let port: u16 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("MQTT broker: mqtt://127.0.0.1:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no broker address in\n{stdout}"));
+    assert_ne!(port, 0, "the printed port is the one the broker listens on");
+    assert!(
+        stdout.contains(&format!("mosquitto_sub -h 127.0.0.1 -p {port} ")),
+        "{stdout}"
+    );
+    let table = stdout.rsplit("\ndevice ").next().unwrap();
+    for axis in 1..=6 {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("axis-{axis} ")))
+            .unwrap_or_else(|| panic!("no row for axis-{axis} in\n{stdout}"));
+        assert!(row.contains("online"), "{row}");
+        assert!(row.contains(" move "), "{row}");
+        let samples: u64 = row.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(samples > 10, "axis-{axis}: {samples} samples\n{stdout}");
+    }
+    let summary = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("commands: "))
+        .unwrap();
+    assert!(summary.contains("done; step"), "{summary}");
+}

@@ -47,7 +47,8 @@ pub struct DemoArgs {
     /// Publish to this broker (mqtt://host:port) instead of an embedded one.
     #[arg(long)]
     pub broker: Option<String>,
-    /// Port of the embedded broker (default 1883, or a free port if 1883 is taken).
+    /// Port of the embedded broker (default 1883, or a free port if 1883 is taken; 0: a
+    /// free port).
     #[arg(long)]
     pub port: Option<u16>,
     /// Number of simulated axes (1-247).
@@ -273,6 +274,9 @@ fn own_name() -> String {
 /// Starts rumqttd on 127.0.0.1 (in its own threads) and returns its address.
 fn start_broker(port: Option<u16>) -> anyhow::Result<SocketAddr> {
     let addr = match port {
+        // rumqttd binds in its own thread and does not say where: port 0 is resolved
+        // here, to a port that was free a moment ago.
+        Some(0) => TcpListener::bind("127.0.0.1:0")?.local_addr()?,
         Some(p) => SocketAddr::from(([127, 0, 0, 1], p)),
         None => {
             let preferred = SocketAddr::from(([127, 0, 0, 1], 1883));
