@@ -11,7 +11,8 @@
 #          "online":false;
 #   policy: a device node outside DeviceAllow= is refused (DevicePolicy=closed works);
 #   USB:   a real /dev/ttyUSB0 (qemu's emulated FTDI adapter, kernel ftdi_sio driver)
-#          wired to the VM's /dev/ttyS1, servosim on ttyS1: online with no drop-in,
+#          wired to the VM's second UART ($SIM_UART: ttyS1, arm64 ttyAMA1), servosim
+#          on it: online with no drop-in,
 #          restarted after a kill and online again;
 #   operate: `systemctl reload` switches the metrics endpoint on (scraped: axis-1 online,
 #          transactions, broker connected); a bad edit is refused, counted and logged
@@ -20,7 +21,8 @@
 #   a bad config fails the start in ExecStartPre with file, line and key.
 set -u
 
-. /mnt/payload/env      # NONCE, DEB_TEST_NOTIFY
+. /mnt/payload/env      # NONCE, DEB_TEST_NOTIFY, SIM_UART
+SIM_UART="${SIM_UART:-/dev/ttyS1}"
 failures=0
 passes=0
 t0=$(cut -d' ' -f1 /proc/uptime)
@@ -253,15 +255,16 @@ systemctl stop servogate
 rm -f /dev/servogate-test-misc
 
 # --- USB: a real /dev/ttyUSB0 --------------------------------------------------------
-# qemu's usb-serial (an FTDI FT232 to the guest) and the guest's second UART (ttyS1) are
+# qemu's usb-serial (an FTDI FT232 to the guest) and the guest's second UART ($SIM_UART) are
 # the two ends of one virtual cable. udev makes /dev/ttyUSB0 root:dialout 0660, as for a
 # real USB-RS485 adapter; the unit opens it through DeviceAllow=char-ttyUSB and dialout.
 check "/dev/ttyUSB0 exists, root:dialout 0660 ($(stat -c '%U:%G %a' /dev/ttyUSB0 2>&1))" \
     wait_for 30 sh -c "[ \"\$(stat -c '%U:%G %a' /dev/ttyUSB0 2>/dev/null)\" = 'root:dialout 660' ]"
 note "ttyUSB0 driver: $(basename "$(readlink -f /sys/class/tty/ttyUSB0/device/driver 2>/dev/null)" 2>/dev/null)"
-servosim modbus-rtu --port /dev/ttyS1 --units 1-2 >"$work/servosim-usb.out" 2>"$work/servosim-usb.err" &
+servosim modbus-rtu --port "$SIM_UART" --units 1-2 >"$work/servosim-usb.out" 2>"$work/servosim-usb.err" &
 sim_pid=$!
-check "servosim answers units 1-2 on /dev/ttyS1" wait_for 30 grep -q '^servosim ready' "$work/servosim-usb.out"
+check "servosim answers units 1-2 on $SIM_UART" wait_for 30 grep -q '^servosim ready' "$work/servosim-usb.out" \
+    || sed 's/^/  servosim: /' "$work/servosim-usb.err" | tail -3
 write_config /dev/ttyUSB0
 m=$(mark)
 if systemctl start servogate 2>"$work/start-usb.err"; then
