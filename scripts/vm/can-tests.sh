@@ -11,9 +11,8 @@
 # --arch arm64: the same tests cross-built for aarch64 (scripts/cross.sh), in the emulated
 # arm64 Debian VM of scripts/vm/deb-test.sh --arch arm64 (its cached image, booted under
 # systemd; hil/vm/can-tests-guest.sh runs the executables there, natively arm64, against
-# the image's mosquitto and socat and its kernel's vcan and sch_tbf). About 10 minutes on
-# a 2-core machine with the image cached, 5 more to build the image the first time: not
-# part of scripts/test.sh (whose arm64 stage runs every other test under qemu-user).
+# the image's mosquitto and socat and its kernel's vcan and sch_tbf). The VM run takes
+# about a minute on a 2-core machine; building the image the first time about 5 more.
 #
 # Prints the guest's output and one verdict line; exits 0 only if every test passed.
 # On a box whose kernel has vcan (scripts/vcan-setup.sh), run the tests directly instead:
