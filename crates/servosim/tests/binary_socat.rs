@@ -1,20 +1,22 @@
 //! The `servosim` binary on one end of a socat pty pair, as the end-to-end tests and the
 //! README use it: ready line, stdin commands, surviving the end of stdin, SIGTERM.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::*;
 use servosim::model::{self, addr, DriveState};
 use servosim::words;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::time::timeout;
 use tokio_modbus::client::Context;
 use tokio_modbus::prelude::*;
 use tokio_serial::{ClearBuffer, SerialPort, SerialPortBuilderExt};
 
-const STEP: Duration = Duration::from_secs(5);
 const SILENT: Duration = Duration::from_millis(150);
 
 /// A scratch directory for the pty links, removed on drop.
@@ -70,30 +72,6 @@ async fn socat_pair(a: &Path, b: &Path) -> Option<Child> {
     // Keep draining socat's stderr so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Some(child)
-}
-
-/// The servosim binary; under emulation (the arm64 run of scripts/test.sh) through the
-/// runner scripts/emu-run.sh names in `SERVOGATE_RUNNER`, as cargo runs this test.
-fn servosim() -> Command {
-    let bin = env!("CARGO_BIN_EXE_servosim");
-    let runner = std::env::var("SERVOGATE_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.args(words).arg(bin);
-            cmd
-        }
-        None => Command::new(bin),
-    }
-}
-
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
-    timeout(STEP, lines.next_line())
-        .await
-        .expect("servosim answered in time")
-        .unwrap()
-        .expect("servosim still running")
 }
 
 async fn read_holding(

@@ -2,9 +2,12 @@
 //! (`tokio_serial::SerialStream::pair()`), with tokio-modbus's RTU client, the gateway's
 //! own library, on the other end.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::*;
 use servosim::model::{self, addr, DriveState};
 use servosim::rtu::{crc_ok, encode_frame};
 use servosim::{serve_rtu, words, SimOptions, Simulator, Timing};
@@ -16,7 +19,6 @@ use tokio_modbus::prelude::*;
 use tokio_serial::SerialStream;
 
 /// Bound on a reply that must come; generous because the test machine is shared.
-const REPLY: Duration = Duration::from_secs(2);
 /// How long we wait to conclude that no reply comes.
 const SILENT: Duration = Duration::from_millis(150);
 
@@ -34,23 +36,6 @@ fn serve(units: &str, options: SimOptions) -> (Rig, SerialStream) {
 
 fn client(port: SerialStream, unit: u8) -> Context {
     rtu::attach_slave(port, Slave(unit))
-}
-
-async fn read_holding(
-    ctx: &mut Context,
-    address: u16,
-    quantity: u16,
-) -> Result<Vec<u16>, ExceptionCode> {
-    timeout(REPLY, ctx.read_holding_registers(address, quantity))
-        .await
-        .expect("reply within the timeout")
-        .expect("a valid frame")
-}
-
-/// Model time of a snapshot that includes registers 0x000A-0x000B.
-fn model_time(regs: &[u16]) -> u32 {
-    let at = usize::from(addr::MODEL_TIME);
-    words::u32_from_low_first([regs[at], regs[at + 1]])
 }
 
 #[tokio::test]

@@ -3,24 +3,25 @@
 //! ([`serve_rtu_tcp`]) with tokio-modbus's RTU client on a `TcpStream`, and the binary's
 //! ready line and console.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::*;
 use servosim::model::{self, addr, DriveState};
 use servosim::tcp::{encode_reply, parse_request};
-use servosim::{serve_rtu_tcp, serve_tcp, words, SimOptions, Simulator};
+use servosim::{serve_rtu_tcp, serve_tcp, SimOptions, Simulator};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
-use tokio_modbus::client::Context;
 use tokio_modbus::prelude::*;
 
 /// Bound on a reply that must come; generous because the test machine is shared.
-const REPLY: Duration = Duration::from_secs(2);
 /// How long we wait to conclude that no reply comes.
 const SILENT: Duration = Duration::from_millis(150);
 
@@ -62,23 +63,6 @@ async fn rtu_over_tcp(units: &str) -> Rig {
     ));
     let server = tokio::spawn(serve_rtu_tcp(listener, Arc::clone(&sim)));
     Rig { sim, addr, server }
-}
-
-async fn read_holding(
-    ctx: &mut Context,
-    address: u16,
-    quantity: u16,
-) -> Result<Vec<u16>, ExceptionCode> {
-    timeout(REPLY, ctx.read_holding_registers(address, quantity))
-        .await
-        .expect("reply within the timeout")
-        .expect("a valid frame")
-}
-
-/// Model time of a snapshot that includes registers 0x000A-0x000B.
-fn model_time(regs: &[u16]) -> u32 {
-    let at = usize::from(addr::MODEL_TIME);
-    words::u32_from_low_first([regs[at], regs[at + 1]])
 }
 
 /// A read holding registers request in its MBAP header.
@@ -332,32 +316,6 @@ async fn a_new_rtu_over_tcp_client_drops_the_older_connection() {
         .await
         .expect("old connection closed");
     assert!(rest.is_empty(), "{rest:02X?}");
-}
-
-/// The servosim binary; under emulation through `SERVOGATE_RUNNER`, as binary_socat.rs.
-fn servosim() -> Command {
-    let bin = env!("CARGO_BIN_EXE_servosim");
-    let runner = std::env::var("SERVOGATE_RUNNER").unwrap_or_default();
-    let mut words = runner.split_whitespace();
-    match words.next() {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.args(words).arg(bin);
-            cmd
-        }
-        None => Command::new(bin),
-    }
-}
-
-/// Bound on each step of the binary's test (a process start under emulation is slow).
-const STEP: Duration = Duration::from_secs(5);
-
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> String {
-    timeout(STEP, lines.next_line())
-        .await
-        .expect("servosim answered in time")
-        .unwrap()
-        .expect("servosim still running")
 }
 
 /// The binary started with `args`, its stdin, its stdout's lines, and the address of its
