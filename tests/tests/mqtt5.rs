@@ -191,26 +191,18 @@ async fn on_v5_a_command_published_with_the_retain_flag_is_refused_even_when_it_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v5_command_whose_message_expiry_runs_out_in_the_queue_is_never_executed() {
     let mut r = rig("", "", 0).await;
-    let tel = r
-        .sub
-        .until(|m| m.device_stream() == Some(("axis-2", "telemetry")))
-        .await;
-    let home = tel.json["position"].as_f64().unwrap();
-    let mv = |id: &str, to: f64| {
-        json!({"id": id, "action": "move", "position": to, "velocity": 20.0,
-               "wait": "target_reached"})
+    // Relative moves: servosim's axes move on their own, and the step an absolute target
+    // makes from a position read a moment earlier grows with the delay (under emulation
+    // past max_step 50); a relative step is what it says.
+    let mv = |id: &str, by: f64| {
+        json!({"id": id, "action": "move", "position": by, "relative": true,
+               "velocity": 20.0, "wait": "target_reached"})
     };
 
     // What one 40 mm move at 20 mm/s (2 s) writes to the drive.
     let before = writes(&mut r.sim, 2);
     let out = r
-        .ask(
-            "axis-2",
-            mv("m-1", home + 40.0),
-            "app/replies/m",
-            b"m1",
-            Some(30),
-        )
+        .ask("axis-2", mv("m-1", 40.0), "app/replies/m", b"m1", Some(30))
         .await;
     assert_eq!(out.json["status"], "done", "{}", out.json);
     let one_move = writes(&mut r.sim, 2).0 - before.0;
@@ -222,7 +214,7 @@ async fn a_v5_command_whose_message_expiry_runs_out_in_the_queue_is_never_execut
     r.req
         .send(
             &cmd_topic("axis-2"),
-            &mv("m-2", home).to_string(),
+            &mv("m-2", -40.0).to_string(),
             Some("app/replies/m"),
             Some(b"m2"),
             Some(30),
