@@ -258,8 +258,9 @@ async fn a_killed_server_takes_its_drives_offline_in_time_and_they_return_with_i
     )
     .await;
 
-    drop(sim); // SIGKILL: the kernel resets the connection
-               // Refused connections fail each poll at once, well inside the bound of a silent server.
+    // SIGKILL: the kernel resets the connection. Refused connections then fail each poll
+    // at once, well inside the bound of a silent server.
+    drop(sim);
     offline_within_the_bound(&mut sub, "the kill").await;
     neighbours_keep_their_rate(&mut sub).await;
 

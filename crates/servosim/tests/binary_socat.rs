@@ -159,16 +159,5 @@ async fn the_binary_serves_takes_commands_and_outlives_its_stdin() {
     assert_eq!(status, [model::STATUSWORD_OPERATION_ENABLED, 0]);
 
     // SIGTERM does
-    let pid = sim.id().unwrap().to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(kill.success());
-    let exit = timeout(STEP, sim.wait())
-        .await
-        .expect("exits on SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    sigterm_ends(sim).await;
 }

@@ -16,7 +16,7 @@ use servosim::tcp::{encode_reply, parse_request};
 use servosim::{serve_rtu_tcp, serve_tcp, SimOptions, Simulator};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_modbus::prelude::*;
@@ -340,18 +340,6 @@ async fn start_binary(
         .unwrap_or_else(|| panic!("{ready}"));
     let addr: SocketAddr = listen.parse().unwrap();
     (child, stdin, out, addr)
-}
-
-async fn sigterm_ends(mut child: Child) {
-    let pid = child.id().unwrap().to_string();
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(kill.success());
-    let exit = timeout(STEP, child.wait()).await.unwrap().unwrap();
-    assert!(exit.success(), "{exit:?}");
 }
 
 #[tokio::test]

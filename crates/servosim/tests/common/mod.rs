@@ -7,7 +7,7 @@ use std::time::Duration;
 use servosim::model::addr;
 use servosim::words;
 use tokio::io::{BufReader, Lines};
-use tokio::process::{ChildStdout, Command};
+use tokio::process::{Child, ChildStdout, Command};
 use tokio::time::timeout;
 use tokio_modbus::client::Context;
 use tokio_modbus::prelude::*;
@@ -58,4 +58,20 @@ pub async fn read_holding(
 pub fn model_time(regs: &[u16]) -> u32 {
     let at = usize::from(addr::MODEL_TIME);
     words::u32_from_low_first([regs[at], regs[at + 1]])
+}
+
+/// SIGTERM ends the binary, within [`STEP`] and with status 0.
+pub async fn sigterm_ends(mut child: Child) {
+    let pid = child.id().unwrap().to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let exit = timeout(STEP, child.wait())
+        .await
+        .expect("exits on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
