@@ -219,7 +219,7 @@ where
         let next = queue.next_at();
         tokio::select! {
             // Both futures are cancellation-safe: a lost race consumes no byte and no expiry.
-            woke = timer.wake_at(next.unwrap_or_else(Instant::now)), if next.is_some() => woke?,
+            woke = timer.wake_at(next.unwrap_or_else(Instant::now)), if next.is_some() => { woke?; }
             read = stream.read(&mut chunk), if reading && queue.len() < MAX_PENDING => {
                 let n = read?;
                 if n == 0 {
