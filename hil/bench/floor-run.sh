@@ -6,13 +6,14 @@
 #
 #   GW_BIN=hil/bench/floor-run.sh FLOOR_MQTT=lazy POLL=50ms scripts/bench.sh line 6
 #
-# FLOOR_MQTT: none (the bus alone), lazy (PUBACKs read when the next sample goes out) or
-# prompt (a wake-up for every PUBACK). Default prompt.
+# FLOOR_MQTT: none (the bus alone), lazy (PUBACKs read when the next sample goes out),
+# prompt (a wake-up for every PUBACK) or threads (servogate's shape: the bus on a thread
+# of its own, a publishing thread woken for each sample and its PUBACK). Default prompt.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${FLOOR_BIN:-$here/../../target/floor}
 if [ ! -x "$bin" ] || [ "$here/floor.c" -nt "$bin" ]; then
-    mkdir -p "$(dirname "$bin")"; cc -O2 -Wall -o "$bin" "$here/floor.c"
+    mkdir -p "$(dirname "$bin")"; cc -O2 -Wall -pthread -o "$bin" "$here/floor.c"
 fi
 [ "${1:-}" = run ] && [ "${2:-}" = --config ] || { echo "usage: floor-run.sh run --config FILE" >&2; exit 2; }
 cfg=$3
@@ -28,6 +29,6 @@ t35=1750 # servogate's default at 115200 baud
 if grep -q '^t35 = "0ms"' "$cfg"; then t35=0; fi
 case ${FLOOR_MQTT:-prompt} in
     none) exec "$bin" "$port" "$units" "$poll" "$t35" ;;
-    lazy|prompt) exec "$bin" "$port" "$units" "$poll" "$t35" "$mqtt_port" "${FLOOR_MQTT:-prompt}" ;;
-    *) echo "FLOOR_MQTT must be none, lazy or prompt" >&2; exit 2 ;;
+    lazy|prompt|threads) exec "$bin" "$port" "$units" "$poll" "$t35" "$mqtt_port" "${FLOOR_MQTT:-prompt}" ;;
+    *) echo "FLOOR_MQTT must be none, lazy, prompt or threads" >&2; exit 2 ;;
 esac

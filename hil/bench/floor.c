@@ -11,7 +11,11 @@
  * MODE: "prompt" reads every PUBACK as it arrives (a reader that sleeps on the socket:
  * one more wake-up per sample, as any client that notices a lost broker at once);
  * "lazy" reads the PUBACKs that are there when the next sample goes out (no wake-up:
- * the cheapest a QoS 1 publisher can be). Without MQTT: the bus alone.
+ * the cheapest a QoS 1 publisher can be); "threads" is servogate's shape (DESIGN.md
+ * section 1: the bus on a thread of its own): the bus thread hands each sample to a
+ * publishing thread through a lock-free ring and an eventfd, and that thread publishes
+ * it and sleeps on the eventfd and the socket (so it wakes for the sample and for its
+ * PUBACK). Without MQTT: the bus alone.
  *
  * It is not a gateway (no timeouts worth the name, no events, no quality): a measuring
  * stick. Run it through hil/bench/floor-run.sh as bench.sh's GW_BIN so the rig and the
@@ -23,6 +27,9 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/eventfd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +108,32 @@ static void publish(unsigned unit, uint16_t id, const uint8_t *regs) {
     pending_acks++;
 }
 
+/* "threads": a single-producer single-consumer ring of samples and the eventfd that
+ * wakes the publishing thread. */
+#define RING 1024
+static struct { unsigned unit; uint16_t id; uint8_t regs[20]; } ring[RING];
+static _Atomic unsigned head, tail;
+static int wake_fd = -1;
+
+static void *publisher(void *arg) {
+    (void)arg;
+    for (;;) {
+        struct pollfd p[2] = {{.fd = wake_fd, .events = POLLIN}, {.fd = mqtt, .events = POLLIN}};
+        if (poll(p, pending_acks ? 2 : 1, -1) <= 0) continue;
+        if (p[0].revents) {
+            uint64_t n;
+            if (read(wake_fd, &n, sizeof n) < 0) { perror("eventfd"); exit(1); }
+            unsigned t = atomic_load_explicit(&tail, memory_order_relaxed);
+            while (t != atomic_load_explicit(&head, memory_order_acquire)) {
+                publish(ring[t % RING].unit, ring[t % RING].id, ring[t % RING].regs);
+                atomic_store_explicit(&tail, ++t, memory_order_release);
+            }
+        }
+        if (p[1].revents) drain_acks(1);
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc != 5 && argc != 7) {
         fprintf(stderr, "usage: floor PORT UNITS POLL_US T35_US [MQTT_PORT prompt|lazy]\n");
@@ -118,6 +151,11 @@ int main(int argc, char **argv) {
     if (argc == 7) {
         mqtt_connect(atoi(argv[5]));
         prompt = strcmp(argv[6], "prompt") == 0;
+        if (strcmp(argv[6], "threads") == 0) {
+            wake_fd = eventfd(0, 0);
+            pthread_t t;
+            pthread_create(&t, NULL, publisher, NULL);
+        }
     }
     int64_t next_poll = now_ns(), quiet_from = 0;
     uint16_t id = 1;
@@ -139,7 +177,18 @@ int main(int argc, char **argv) {
             }
             quiet_from = now_ns();
             if (got < 25 || crc16(rep, 25) != 0) continue;
-            if (mqtt >= 0) {
+            if (wake_fd >= 0) {
+                unsigned h = atomic_load_explicit(&head, memory_order_relaxed);
+                if (h - atomic_load_explicit(&tail, memory_order_acquire) < RING) {
+                    ring[h % RING].unit = u;
+                    ring[h % RING].id = id;
+                    memcpy(ring[h % RING].regs, rep + 3, 20);
+                    atomic_store_explicit(&head, h + 1, memory_order_release);
+                    id = id == 0xFFFF ? 1 : id + 1;
+                    uint64_t one = 1;
+                    if (write(wake_fd, &one, sizeof one) < 0) { perror("eventfd"); return 1; }
+                }
+            } else if (mqtt >= 0) {
                 if (!prompt) drain_acks(0);
                 publish(u, id, rep + 3);
                 id = id == 0xFFFF ? 1 : id + 1;

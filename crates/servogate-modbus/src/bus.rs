@@ -15,10 +15,12 @@
 //!   devices on it count failures and go offline.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use servogate_command::{CommandId, Order, Outcome as CmdOutcome, QueuedJob};
@@ -422,6 +424,9 @@ pub async fn run_bus(
 
     // Set when a wait ended on a new device list: `changed()` marked it seen already.
     let mut new_list = false;
+    // One wait for cancellation for the task's life: a `cancel.cancelled()` made for
+    // each select registers with the token and leaves it again, every transaction.
+    let mut cancelled = std::pin::pin!(cancel.cancelled());
     loop {
         // A new device list (reload) is applied between transactions, never during one.
         if std::mem::take(&mut new_list) || devices.has_changed().unwrap_or(false) {
@@ -478,8 +483,8 @@ pub async fn run_bus(
                 let sent = Instant::now();
                 let outcome = tokio::select! {
                     biased;
-                    _ = cancel.cancelled() => break,
-                    outcome = transact(l, probe, timeout) => outcome,
+                    _ = cancelled.as_mut() => break,
+                    outcome = transact(l, &mut wire.timer, probe, timeout) => outcome,
                 };
                 let now = Instant::now();
                 last_read.insert(unit, probe);
@@ -505,7 +510,7 @@ pub async fn run_bus(
             let sent = Instant::now();
             let outcome = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                _ = cancelled.as_mut() => {
                     // The frame may be out: its outcome is unknown.
                     let now = Instant::now().into_std();
                     if let Some((job, o)) = exec.on_result(ji, now, TxResult::Timeout) {
@@ -516,9 +521,9 @@ pub async fn run_bus(
                 outcome = async {
                     match &tx {
                         Transaction::Write { unit, start, values } => {
-                            transact_write(l, *unit, *start, values, timeout).await
+                            transact_write(l, &mut wire.timer, *unit, *start, values, timeout).await
                         }
-                        Transaction::Read(req) => transact(l, *req, timeout).await,
+                        Transaction::Read(req) => transact(l, &mut wire.timer, *req, timeout).await,
                     }
                 } => outcome,
             };
@@ -595,7 +600,7 @@ pub async fn run_bus(
         let Some((index, due)) = next else {
             // No devices (all removed by a reload): wait for some, an order, or the stop.
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = cancelled.as_mut() => break,
                 _ = updates => {
                     new_list = true;
                     continue;
@@ -612,7 +617,7 @@ pub async fn run_bus(
         if wake > Instant::now() {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
+                _ = cancelled.as_mut() => break,
                 _ = updates => {
                     new_list = true;
                     continue;
@@ -683,8 +688,8 @@ pub async fn run_bus(
             let sent = Instant::now();
             let outcome = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return finish(exec, waiting, orders, &settings),
-                outcome = transact(l, asked, timeout) => outcome,
+                _ = cancelled.as_mut() => return finish(exec, waiting, orders, &settings),
+                outcome = transact(l, &mut wire.timer, asked, timeout) => outcome,
             };
             let now = Instant::now();
             last_read.insert(req.unit, asked);
@@ -897,10 +902,65 @@ fn probe_of(req: ReadRequest) -> ReadRequest {
     }
 }
 
+/// How a request's wait ended.
+enum Ended<T> {
+    /// tokio-modbus returned (a reply, an exception, or its own error).
+    Done(T),
+    /// The line saw a bad CRC, another unit or a reply that does not answer: at once,
+    /// where tokio-modbus would wait for the timeout.
+    Fault(LineFault),
+    TimedOut,
+}
+
+/// Drives a request's future until it returns, the line raises a fault, or `timeout`
+/// has passed.
+///
+/// The timeout is the bus's own timerfd, free during a transaction: a tokio timer here
+/// also cost a self-wake of the runtime per request (registering a deadline earlier than
+/// the driver's next one writes its eventfd) and the timer wheel's work. A fault is
+/// raised only inside a poll of `request` (see [`LineMonitor`]), so it is looked at
+/// right after each one. A reply and a fault seen in the same poll: the reply counts, as
+/// it did with a biased `select!`.
+async fn until_ended<T>(
+    monitor: &LineMonitor,
+    timer: &mut PreciseTimer,
+    timeout: Duration,
+    request: impl Future<Output = T>,
+) -> Ended<T> {
+    let deadline = Instant::now() + timeout;
+    let mut request = std::pin::pin!(request);
+    let mut expiry = std::pin::pin!(timer.wake_at(deadline));
+    // The timer cannot fail once created; if it does, tokio's takes over.
+    let mut fallback: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = request.as_mut().poll(cx) {
+            return Poll::Ready(Ended::Done(r));
+        }
+        if let Some(fault) = monitor.take() {
+            return Poll::Ready(Ended::Fault(fault));
+        }
+        if let Some(sleep) = fallback.as_mut() {
+            return sleep.as_mut().poll(cx).map(|()| Ended::TimedOut);
+        }
+        match expiry.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(_)) => Poll::Ready(Ended::TimedOut),
+            Poll::Ready(Err(_)) => {
+                let mut sleep = Box::pin(tokio::time::sleep_until(deadline));
+                let polled = sleep.as_mut().poll(cx).map(|()| Ended::TimedOut);
+                fallback = Some(sleep);
+                polled
+            }
+        }
+    })
+    .await
+}
+
 /// One write (06 for one register, 16 for more) with its timeout; the line checks the
 /// echo as it arrives and a fault ends the write at once.
 async fn transact_write(
     line: &mut Line,
+    timer: &mut PreciseTimer,
     unit: u8,
     start: u16,
     values: &[u16],
@@ -915,19 +975,15 @@ async fn transact_write(
             many => ctx.write_multiple_registers(start, many).await,
         }
     };
-    let result = tokio::select! {
-        biased;
-        fault = monitor.fault() => {
-            return match fault {
-                LineFault::Crc => Outcome::Failed(Failure::Crc),
-                // The rest was withheld from tokio-modbus; its half frame is cleared
-                // with its buffer at the next call.
-                LineFault::Mismatch | LineFault::WrongUnit { .. } => {
-                    Outcome::Failed(Failure::WrongReply)
-                }
-            };
+    let result = match until_ended(monitor, timer, timeout, write).await {
+        Ended::Fault(LineFault::Crc) => return Outcome::Failed(Failure::Crc),
+        // The rest was withheld from tokio-modbus; its half frame is cleared with its
+        // buffer at the next call.
+        Ended::Fault(LineFault::Mismatch | LineFault::WrongUnit { .. }) => {
+            return Outcome::Failed(Failure::WrongReply)
         }
-        r = tokio::time::timeout(timeout, write) => r,
+        Ended::TimedOut => Err(()),
+        Ended::Done(r) => Ok(r),
     };
     match result {
         Err(_) => Outcome::Failed(Failure::Timeout),
@@ -942,7 +998,12 @@ async fn transact_write(
 }
 
 /// One read with its timeout; a fault the line sees ends it at once.
-async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outcome {
+async fn transact(
+    line: &mut Line,
+    timer: &mut PreciseTimer,
+    req: ReadRequest,
+    timeout: Duration,
+) -> Outcome {
     let Line { ctx, monitor } = line;
     ctx.set_slave(Slave(req.unit));
     monitor.reset();
@@ -952,15 +1013,13 @@ async fn transact(line: &mut Line, req: ReadRequest, timeout: Duration) -> Outco
             RegisterKind::Input => ctx.read_input_registers(req.start, req.count).await,
         }
     };
-    let result = tokio::select! {
-        biased;
-        fault = monitor.fault() => {
-            return Outcome::Failed(match fault {
-                LineFault::Crc => Failure::Crc,
-                LineFault::WrongUnit { .. } | LineFault::Mismatch => Failure::WrongReply,
-            });
+    let result = match until_ended(monitor, timer, timeout, read).await {
+        Ended::Fault(LineFault::Crc) => return Outcome::Failed(Failure::Crc),
+        Ended::Fault(LineFault::WrongUnit { .. } | LineFault::Mismatch) => {
+            return Outcome::Failed(Failure::WrongReply)
         }
-        r = tokio::time::timeout(timeout, read) => r,
+        Ended::TimedOut => Err(()),
+        Ended::Done(r) => Ok(r),
     };
     match result {
         Err(_) => Outcome::Failed(Failure::Timeout),
