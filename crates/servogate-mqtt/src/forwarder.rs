@@ -377,10 +377,12 @@ async fn drive(
 ) -> LoopExit {
     let mut was_connected = false;
     let mut failures = 0u64;
+    // One wait for the task's life (see `Forwarder::run`).
+    let mut stopped = std::pin::pin!(stop.cancelled());
     loop {
         let polled = tokio::select! {
             biased;
-            _ = stop.cancelled() => return LoopExit::Stopped,
+            _ = stopped.as_mut() => return LoopExit::Stopped,
             polled = conn.poll() => polled,
         };
         match polled {
@@ -445,7 +447,7 @@ async fn drive(
                 // The session's Will for the next attempt (a Sparkplug node's bdSeq moves on).
                 conn.set_will(lock(&session).will());
                 tokio::select! {
-                    _ = stop.cancelled() => return LoopExit::Stopped,
+                    _ = stopped.as_mut() => return LoopExit::Stopped,
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
             }
@@ -946,6 +948,11 @@ impl Forwarder {
         // until it takes the new list.
         let mut meta_wake = publisher.meta_updates.clone();
         let mut deadline: Option<Instant> = None;
+        // One wait for each token for the forwarder's life: a `cancelled()` made for each
+        // `select!` below registers with its token and leaves it again, every event.
+        let handover = self.handover.clone();
+        let mut handed_over = std::pin::pin!(handover.cancelled());
+        let mut shut_down = std::pin::pin!(shutdown.cancelled());
         loop {
             if deadline.is_none() && self.handover.is_cancelled() {
                 // A reload moves us to other broker settings: no drain, the next
@@ -984,20 +991,22 @@ impl Forwarder {
             // A batch filling in the feed: ask again when it is due, if no push comes first.
             let batch_due = self.feed.wake_at();
             tokio::select! {
-                _ = tokio::time::sleep_until(batch_due.map_or_else(Instant::now, Instant::from_std)),
+                // In async blocks: a disabled branch's future is still built, and a
+                // `Sleep` built is a timer entry made and dropped for nothing, every event.
+                _ = async { tokio::time::sleep_until(batch_due.map_or_else(Instant::now, Instant::from_std)).await },
                     if batch_due.is_some() => {}
                 _ = self.feed.notify().notified() => {}
                 _ = shared.wake.notified() => {}
                 _ = self.nudge.notified() => publisher.nudged = true,
-                _ = shutdown.cancelled(), if deadline.is_none() => {}
-                _ = self.handover.cancelled(), if deadline.is_none() => {}
+                _ = shut_down.as_mut(), if deadline.is_none() => {}
+                _ = handed_over.as_mut(), if deadline.is_none() => {}
                 changed = async { meta_wake.as_mut()?.changed().await.ok() },
                     if meta_wake.is_some() => {
                     if changed.is_none() {
                         meta_wake = None;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await },
                     if deadline.is_some() => {}
                 ended = &mut event_loop.0 => {
                     let why = match ended {
