@@ -837,19 +837,14 @@ async fn a_hundred_thousand_hostile_payloads_get_answers_and_never_a_frame_on_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_move_runs_on_every_axis_or_on_none() {
     let mut r = rig(POLICY).await;
-    // Where each axis is now: the targets are 10 mm from there.
+    // 10 mm from where each axis is when the move starts. Relative steps: servosim's
+    // untouched axes move on their own (up to 175 mm/s), so an absolute target computed
+    // from a position read a moment earlier is a step that grows with the delay.
     let mut targets = serde_json::Map::new();
     for unit in 1..=3u8 {
-        let truth: Value = serde_json::from_str(
-            r.sim
-                .cmd(&format!("truth {unit}"))
-                .trim_start_matches("ok "),
-        )
-        .unwrap();
-        let p = truth["position_mm"].as_f64().unwrap();
         targets.insert(
             format!("axis-{unit}"),
-            json!({"position": (p * 1000.0).round() / 1000.0 + 10.0}),
+            json!({"position": 10.0, "relative": true}),
         );
     }
     // One target out of its limits: nobody moves.
@@ -918,9 +913,8 @@ async fn a_group_move_runs_on_every_axis_or_on_none() {
                 .trim_start_matches("ok "),
         )
         .unwrap();
-        let want = targets[&format!("axis-{unit}")]["position"]
-            .as_f64()
-            .unwrap();
+        // The drive took the move and stands on its set point.
+        let want = truth["target_position_mm"].as_f64().expect("a set point");
         assert!(
             (truth["position_mm"].as_f64().unwrap() - want).abs() < 1e-6,
             "{truth}"

@@ -342,19 +342,27 @@ async fn a_command_over_modbus_tcp_moves_the_drive_and_a_refused_one_writes_noth
         port,
         "max_in_flight = 3\n",
     ));
-    let tel = sub
-        .until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
+    sub.until(|m| m.device_stream() == Some(("axis-1", "telemetry")))
         .await;
-    let target = tel.json["position"].as_f64().unwrap() + 20.0;
     let (before, _) = sim.stats_pair("writes", "applied", 1);
+    assert_eq!(
+        sim.truth_json(1)["commanded"],
+        false,
+        "untouched before the move"
+    );
 
-    // No deadline in the commands: each gets receipt + the policy's max_age.
-    let mv = serde_json::json!({"id": "mv-1", "action": "move", "position": target,
-        "velocity": 100.0, "wait": "target_reached"});
+    // A relative step: servosim's untouched axes move on their own, so an absolute target
+    // computed from a sample read a moment earlier is a step that grows with the delay
+    // (it passed max_step 50 once on a loaded CI machine). No deadline in the commands:
+    // each gets receipt + the policy's max_age.
+    let mv = serde_json::json!({"id": "mv-1", "action": "move", "position": 20.0,
+        "relative": true, "velocity": 100.0, "wait": "target_reached"});
     cmd.send("axis-1", &mv.to_string(), false).await;
     let res = command_result(&mut sub, "axis-1", Some("mv-1")).await;
     assert_eq!(res["status"], "done", "{res}");
+    // The drive took the move and stands on its set point.
     let truth = sim.truth_json(1);
+    let target = truth["target_position_mm"].as_f64().expect("a set point");
     assert!(
         (truth["position_mm"].as_f64().unwrap() - target).abs() < 1e-6,
         "{truth}"
