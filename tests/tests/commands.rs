@@ -989,6 +989,15 @@ async fn a_command_during_flat_out_polling_goes_out_ahead_of_the_polls() {
     }
     let offset = best.1;
     println!("clock offset {offset} ms, read within {} ms", best.0);
+    // One write first, not measured: under qemu-user the first command's path through
+    // the gateway is translated as it runs (about 70 ms more, measured: two or three
+    // polls go out meanwhile), which says nothing of the order on the line.
+    let warm = cmd("warm-up", "write", json!({"values": {"speed_limit": 99}}));
+    cmd_client.send("axis-3", &warm, false).await;
+    assert_eq!(
+        result(&mut sub, "axis-3", Some("warm-up")).await["status"],
+        "done"
+    );
     let mut worst = 0;
     for i in 0..5 {
         let id = format!("ahead-{i}");
@@ -1025,7 +1034,7 @@ async fn a_command_during_flat_out_polling_goes_out_ahead_of_the_polls() {
     // loaded machine's scheduling between the receipt and the bus. Waiting its turn as a
     // device due would put up to five polls of the round of six before it.
     assert!(worst <= 2, "a command waited behind {worst} polls");
-    assert_eq!(writes(&mut sim, 3), (5, 5));
+    assert_eq!(writes(&mut sim, 3), (6, 6), "the warm-up and the five");
     gw.stop();
 }
 
