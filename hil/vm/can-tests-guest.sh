@@ -42,7 +42,8 @@ while read -r t; do
     else
         fail "$name"
         # The failing tests and their last words, on lines deb-test.sh shows.
-        grep -E '^test .* FAILED$|panicked at|^---- ' "$out" | head -20 | sed 's/^/  log: /'
+        # (The line after "panicked at" is the assertion's message.)
+        grep -E -A1 '^test .* FAILED$|panicked at|^---- ' "$out" | head -30 | sed 's/^/  log: /'
         tail -n 15 "$out" | sed 's/^/  log: /'
     fi
 done <"$files/tests"
