@@ -42,8 +42,8 @@ while read -r t; do
     else
         fail "$name"
         # The failing tests and their last words, on lines deb-test.sh shows.
-        # (The line after "panicked at" is the assertion's message.)
-        grep -E -A1 '^test .* FAILED$|panicked at|^---- ' "$out" | head -30 | sed 's/^/  log: /'
+        # (The lines after "panicked at" are the assertion's message, left and right.)
+        grep -E -A3 '^test .* FAILED$|panicked at|^---- ' "$out" | head -40 | sed 's/^/  log: /'
         tail -n 15 "$out" | sed 's/^/  log: /'
     fi
 done <"$files/tests"

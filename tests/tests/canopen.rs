@@ -397,15 +397,21 @@ async fn a_reload_that_adds_a_drive_starts_only_that_drive_and_every_seq_goes_on
 
     // Every telemetry seq grows by exactly 1, before, across and after the reload.
     let mut seq: HashMap<String, u64> = HashMap::new();
-    let mut availability: Vec<String> = Vec::new();
-    let mut see = |m: &Msg, availability: &mut Vec<String>| match m.device_stream() {
+    // (device, state, reason) of each availability message.
+    type Announced = Vec<(String, String, String)>;
+    let mut availability: Announced = Vec::new();
+    let mut see = |m: &Msg, availability: &mut Announced| match m.device_stream() {
         Some((device, "telemetry")) => {
             let s = m.json["seq"].as_u64().unwrap();
             if let Some(prev) = seq.insert(device.to_owned(), s) {
                 assert_eq!(s, prev + 1, "{device}: seq {prev} then {s}");
             }
         }
-        Some((device, "availability")) => availability.push(device.to_owned()),
+        Some((device, "availability")) => availability.push((
+            device.to_owned(),
+            m.json["state"].as_str().unwrap_or("?").to_owned(),
+            m.json["reason"].as_str().unwrap_or("").to_owned(),
+        )),
         _ => {}
     };
     let start = Instant::now();
@@ -426,7 +432,9 @@ async fn a_reload_that_adds_a_drive_starts_only_that_drive_and_every_seq_goes_on
     // drive-3 comes online at its first heartbeat (300 ms), maybe after its telemetry.
     while after.len() < 4
         || after.values().any(|&n| n < 10)
-        || !availability.iter().any(|d| d == "drive-3")
+        || !availability
+            .iter()
+            .any(|(d, state, _)| d == "drive-3" && state == "online")
     {
         assert!(
             start.elapsed() < STEP,
@@ -442,11 +450,26 @@ async fn a_reload_that_adds_a_drive_starts_only_that_drive_and_every_seq_goes_on
         }
     }
     // Neither bus restarted: the Modbus device and the unchanged drives kept their state
-    // and never announced themselves again; only the new drive did.
+    // and never announced themselves online afresh (a restarted bus adds its devices anew,
+    // and each comes online again with no offline before); only the new drive did. A
+    // heartbeat or reply missed on a starved machine (the emulated arm64 VM, once) is
+    // reported offline first, then online: that is the gateway doing its job, not a
+    // restart.
+    println!("availability since the reload: {availability:?}");
+    for device in ["axis-1", "drive-1", "drive-2"] {
+        let first = availability.iter().find(|(d, _, _)| d == device);
+        assert!(
+            first.is_none_or(|(_, state, _)| state == "offline"),
+            "{device} announced afresh since the reload: {availability:?}"
+        );
+    }
     assert_eq!(
-        availability,
-        vec!["drive-3".to_owned()],
-        "availability since the reload"
+        availability
+            .iter()
+            .find(|(d, _, _)| d == "drive-3")
+            .map(|(_, state, _)| state.as_str()),
+        Some("online"),
+        "drive-3's first announcement: {availability:?}"
     );
     assert!(gw.stop().success());
 }
